@@ -1,0 +1,166 @@
+"""The FaithDiff alignment module: fuses LQ-encoder features with the noisy latent right after the UNet's conv_in."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+class ConditionEmbedding(nn.Module):
+    """Maps LQ features (``lq_channels``) to the UNet's conv_in width: GroupNorm, conv, SiLU, conv."""
+
+    def __init__(self, lq_channels: int, out_channels: int, norm_num_groups: int = 32) -> None:
+        super().__init__()
+        self.norm_in = nn.GroupNorm(num_groups=norm_num_groups, num_channels=lq_channels, eps=1e-6)
+        self.conv_in = nn.Conv2d(lq_channels, lq_channels, kernel_size=3, padding=1)
+        self.conv_out = nn.Conv2d(lq_channels, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, lq_features: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.conv_in(self.norm_in(lq_features))))
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class AlignmentMLP(nn.Sequential):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = QuickGELU()
+        self.c_proj = nn.Linear(hidden, width)
+
+
+class AlignmentBlock(nn.Module):
+    """Pre-norm residual block: ``x + Attn(LN1(x))`` then ``x + MLP(LN2(x))`` on channel-last features.
+
+    The released weights were trained with ``nn.MultiheadAttention`` applied to a ``[B, H*W, C]`` tensor with
+    ``batch_first=False``: the "sequence" it attends over is the batch, at each pixel. At inference every sequence
+    element is the same sample (the two CFG halves are identical), so the softmax is uniform over equal values and
+    the layer reduces exactly to ``out_proj(v_proj(x))``. That is what is computed here, per sample and per pixel,
+    so that batching different images or tiles never mixes them. The query and key projections stay in
+    ``attn.in_proj_weight`` so checkpoints round-trip unchanged.
+    """
+
+    def __init__(self, width: int, num_attention_heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, num_attention_heads)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = AlignmentMLP(width, width * mlp_ratio)
+        self.ln_2 = nn.LayerNorm(width)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        width = x.shape[-1]
+        value = F.linear(x, self.attn.in_proj_weight[2 * width :], self.attn.in_proj_bias[2 * width :])
+        return self.attn.out_proj(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class FaithDiffAlignmentModel(ModelMixin, ConfigMixin):
+    r"""
+    FaithDiff's alignment module. Given the output ``h`` of the UNet's ``conv_in`` (``latent_channels`` wide) and the
+    LQ encoder's penultimate features ``f`` at the same resolution, it returns ``h + proj_out(blocks([h, embed(f)]))``,
+    every operation after the condition embedding being per pixel and per sample.
+
+    Parameters:
+        lq_channels (`int`, defaults to 512): Channels of the LQ features (the VAE encoder's mid-block width).
+        latent_channels (`int`, defaults to 320): Channels of the UNet's ``conv_in`` output.
+        num_layers (`int`, defaults to 2): Number of residual alignment blocks.
+        num_attention_heads (`int`, defaults to 8): Heads of the attention layers (kept for the checkpoint layout;
+            the per-sample computation does not depend on it).
+        mlp_ratio (`int`, defaults to 2): Hidden width of each MLP as a multiple of the block width ``2 * latent_channels``.
+        norm_num_groups (`int`, defaults to 32): Groups of the condition embedding's GroupNorm.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        lq_channels: int = 512,
+        latent_channels: int = 320,
+        num_layers: int = 2,
+        num_attention_heads: int = 8,
+        mlp_ratio: int = 2,
+        norm_num_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        width = 2 * latent_channels
+        self.condition_embedding = ConditionEmbedding(lq_channels, latent_channels, norm_num_groups)
+        self.blocks = nn.ModuleList(
+            [AlignmentBlock(width, num_attention_heads, mlp_ratio) for _ in range(num_layers)]
+        )
+        self.proj_out = nn.Linear(width, latent_channels)
+
+    def zero_init_output(self) -> None:
+        """Zero the output projection, so that a freshly initialised module leaves the UNet unchanged (training)."""
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def embed_condition(self, lq_features: torch.Tensor) -> torch.Tensor:
+        """Condition embedding of LQ features ``[B, lq_channels, h, w]`` -> ``[B, latent_channels, h, w]``.
+
+        It convolves and normalises over the whole input, so a tile's embedding must be computed on that tile's
+        features (as the release does), not cropped from the embedding of the whole image.
+        """
+        return self.condition_embedding(lq_features.to(self.dtype))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        lq_features: torch.Tensor | None = None,
+        condition_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Args:
+            hidden_states (`torch.Tensor`): ``unet.conv_in`` output, ``[B, latent_channels, h, w]``.
+            lq_features (`torch.Tensor`, *optional*): LQ-encoder features ``[B, lq_channels, h, w]``.
+            condition_embeds (`torch.Tensor`, *optional*): The same features already passed through
+                [`~FaithDiffAlignmentModel.embed_condition`] (give exactly one of the two).
+
+        Returns:
+            `torch.Tensor`: ``hidden_states`` plus the alignment residual, same shape and dtype.
+        """
+        if (lq_features is None) == (condition_embeds is None):
+            raise ValueError("Pass exactly one of `lq_features` and `condition_embeds` to the alignment module.")
+        if condition_embeds is None:
+            condition_embeds = self.embed_condition(lq_features)
+        if condition_embeds.shape != hidden_states.shape:
+            raise ValueError(
+                f"`condition_embeds` has shape {tuple(condition_embeds.shape)}, expected the conv_in output's shape "
+                f"{tuple(hidden_states.shape)}."
+            )
+        fused = torch.cat([hidden_states.to(self.dtype), condition_embeds.to(self.dtype)], dim=1)
+        fused = fused.permute(0, 2, 3, 1)
+        for block in self.blocks:
+            fused = block(fused)
+        residual = self.proj_out(fused).permute(0, 3, 1, 2)
+        return hidden_states + residual.to(hidden_states.dtype)
+
+
+@contextmanager
+def aligned_conv_in(
+    unet: nn.Module, alignment: FaithDiffAlignmentModel, condition_embeds: torch.Tensor
+) -> Iterator[None]:
+    """Within this context, every call of ``unet`` adds the alignment residual to its ``conv_in`` output.
+
+    A forward hook keeps the UNet diffusers' own class (LoRA, attention processors, FreeU and layerwise casting keep
+    working); it is removed on exit, even on error.
+    """
+
+    def add_alignment(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return alignment(output, condition_embeds=condition_embeds)
+
+    handle = unet.conv_in.register_forward_hook(add_alignment)
+    try:
+        yield
+    finally:
+        handle.remove()

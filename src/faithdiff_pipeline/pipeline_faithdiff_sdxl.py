@@ -1,0 +1,548 @@
+"""FaithDiffSDXLPipeline: faithful image super-resolution with an SDXL UNet fine-tuned jointly with an LQ encoder."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .alignment import FaithDiffAlignmentModel, aligned_conv_in
+from .color_fix import COLOR_FIXES, apply_color_fix
+from .hub import resolve_pipeline_folder
+from .lq_features import FaithDiffLQEncoder, vae_encoder_features
+from .preprocessing import LQImage, as_image_list, prepare_lq_images
+from .tiling import LatentTiling, default_latent_stride
+
+START_POINTS = ("lr", "noise")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MIN_TILE_SIZE = 64
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from PIL import Image
+        >>> from faithdiff_pipeline import FaithDiffSDXLPipeline
+
+        >>> pipe = FaithDiffSDXLPipeline.from_pretrained("path/to/converted-faithdiff", torch_dtype=torch.float16)
+        >>> pipe.enable_model_cpu_offload()
+        >>> image = Image.open("old_photo.png")
+        >>> restored = pipe(image, prompt="A portrait of a woman in a garden.", upscale=2).images[0]
+        >>> restored.save("restored.png")
+        ```
+"""
+
+
+@dataclass
+class FaithDiffPipelineOutput(BaseOutput):
+    """
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`): The restored images (or, for
+            ``output_type="latent"``, the final latents at the padded size).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class FaithDiffSDXLPipeline(
+    DiffusionPipeline, StableDiffusionMixin, StableDiffusionXLLoraLoaderMixin, TextualInversionLoaderMixin
+):
+    r"""
+    FaithDiff (CVPR 2025) image restoration and super-resolution with SDXL.
+
+    The low-quality image is upscaled with LANCZOS and read by an LQ encoder (a fine-tuned copy of the VAE encoder,
+    taken at its mid block); the alignment module fuses those features with the noisy latent after the UNet's
+    ``conv_in``, and the fine-tuned SDXL UNet denoises over overlapping latent tiles, guided by a caption.
+
+    Args:
+        vae ([`AutoencoderKL`]): Decodes latents, and encodes the input for ``start_point="lr"``.
+        text_encoder ([`~transformers.CLIPTextModel`]): SDXL's first text encoder.
+        text_encoder_2 ([`~transformers.CLIPTextModelWithProjection`]): SDXL's second text encoder.
+        tokenizer ([`~transformers.CLIPTokenizer`]): Tokenizer of ``text_encoder``.
+        tokenizer_2 ([`~transformers.CLIPTokenizer`]): Tokenizer of ``text_encoder_2``.
+        unet ([`UNet2DConditionModel`]): The FaithDiff fine-tuned SDXL UNet (diffusers' own class).
+        alignment ([`FaithDiffAlignmentModel`]): Fuses LQ features with the latent after ``unet.conv_in``.
+        scheduler ([`SchedulerMixin`]): Sampler; the release uses ``EulerDiscreteScheduler``.
+        lq_encoder ([`FaithDiffLQEncoder`], *optional*): The fine-tuned LQ encoder. Without it the LQ features are
+            taken from ``vae.encoder``.
+        force_zeros_for_empty_prompt (`bool`, defaults to `False`): Use zeros instead of encoding a missing negative
+            prompt. FaithDiff was trained and released with a real empty prompt, so this stays off.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->lq_encoder->unet->vae"
+    # The alignment runs inside every UNet call; it is small, so it stays on the device instead of shuttling.
+    _exclude_from_cpu_offload = ["alignment"]
+    _optional_components = ["tokenizer", "text_encoder", "lq_encoder"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        alignment: FaithDiffAlignmentModel,
+        scheduler: KarrasDiffusionSchedulers,
+        lq_encoder: FaithDiffLQEncoder | None = None,
+        force_zeros_for_empty_prompt: bool = False,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            alignment=alignment,
+            scheduler=scheduler,
+            lq_encoder=lq_encoder,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # SDXL's own prompt encoding (both CLIP encoders, penultimate states, pooled output of the second).
+    encode_prompt = StableDiffusionXLPipeline.encode_prompt
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "FaithDiffSDXLPipeline":
+        r"""
+        Loads a converted FaithDiff pipeline from a local folder or a Hugging Face Hub repository id.
+
+        Hub repositories are downloaded as a snapshot first (only the files of the requested ``variant``), since
+        diffusers does not load components of a library it does not know straight from the Hub. All other keyword
+        arguments (``torch_dtype``, ``variant``, component overrides, ...) are those of
+        [`~DiffusionPipeline.from_pretrained`].
+        """
+        folder = resolve_pipeline_folder(pretrained_model_name_or_path, kwargs)
+        _check_pipeline_folder(folder, provided=kwargs.keys())
+        return super().from_pretrained(folder, **kwargs)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def check_inputs(
+        self,
+        image: Any,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_pooled_prompt_embeds: torch.Tensor | None,
+        num_inference_steps: int,
+        start_point: str,
+        tile_size: int,
+        tile_stride: int | None,
+        tile_batch_size: int,
+        color_fix: str | None,
+        num_images_per_prompt: int,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> None:
+        if image is None:
+            raise ValueError("`image` is required: the low-quality image (or list of images) to restore.")
+        if start_point not in START_POINTS:
+            raise ValueError(f"`start_point` must be one of {START_POINTS}, got {start_point!r}.")
+        if color_fix is not None and color_fix not in COLOR_FIXES:
+            raise ValueError(f"`color_fix` must be one of {COLOR_FIXES} or None, got {color_fix!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        for name, value in (("num_inference_steps", num_inference_steps), ("num_images_per_prompt", num_images_per_prompt), ("tile_batch_size", tile_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < MIN_TILE_SIZE or tile_size % 8:
+            raise ValueError(f"`tile_size` must be a multiple of 8 of at least {MIN_TILE_SIZE} pixels, got {tile_size!r}.")
+        if tile_stride is not None and (
+            isinstance(tile_stride, bool) or not isinstance(tile_stride, int) or not 8 <= tile_stride <= tile_size or tile_stride % 8
+        ):
+            raise ValueError(
+                f"`tile_stride` must be a multiple of 8 between 8 and `tile_size` ({tile_size}) pixels, got {tile_stride!r}."
+            )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise TypeError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("`pooled_prompt_embeds` is required with `prompt_embeds` (both come from `encode_prompt`).")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("`negative_pooled_prompt_embeds` is required with `negative_prompt_embeds`.")
+        if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(
+                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
+            )
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}.")
+
+    @staticmethod
+    def _batch_prompts(prompt: str | list[str] | None, batch_size: int, name: str) -> list[str] | None:
+        """Broadcasts one prompt to every image; a list must have one prompt per image."""
+        if prompt is None or isinstance(prompt, str):
+            return None if prompt is None else [prompt] * batch_size
+        if len(prompt) != batch_size:
+            raise ValueError(f"`{name}` has {len(prompt)} entries but {batch_size} images were given; pass one per image.")
+        return list(prompt)
+
+    def lq_features(self, image: torch.Tensor) -> torch.Tensor:
+        """LQ features of ``image`` (``[B, 3, H, W]`` in [-1, 1]): the LQ encoder's (or VAE encoder's) mid-block output."""
+        if self.lq_encoder is not None:
+            return self.lq_encoder(image)
+        return vae_encoder_features(self.vae, image)
+
+    def prepare_latents(
+        self,
+        image: torch.Tensor,
+        batch_size: int,
+        start_point: str,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Initial latents ``[batch_size, C, H/8, W/8]`` (float32) for ``image`` (padded, in [-1, 1]).
+
+        ``"noise"``: ε · init_noise_sigma. ``"lr"`` (the release's default): the VAE latent of the input, noised by a
+        DDPM ``add_noise`` at t = 999 with that same ε · init_noise_sigma.
+        """
+        repeats = batch_size // image.shape[0]
+        device = self._execution_device
+        shape = (batch_size, self.vae.config.latent_channels, image.shape[-2] // self.vae_scale_factor, image.shape[-1] // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators, expected {batch_size} (images x num_images_per_prompt).")
+        if latents is None:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape} (batch x channels x padded size / 8), got {tuple(latents.shape)}.")
+        else:
+            noise = latents.to(device=device, dtype=torch.float32)
+        noise = noise * self.scheduler.init_noise_sigma
+        if start_point == "noise":
+            return noise
+        posterior = self.vae.encode(image.to(device=device, dtype=self.vae.dtype)).latent_dist
+        mean = posterior.mean.float().repeat_interleave(repeats, dim=0)
+        std = posterior.std.float().repeat_interleave(repeats, dim=0)
+        sample = mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=torch.float32)
+        image_latents = sample * self.vae.config.scaling_factor
+        ddpm = DDPMScheduler.from_config(self.scheduler.config)
+        start = torch.full((batch_size,), ddpm.config.num_train_timesteps - 1, device=device, dtype=torch.long)
+        return ddpm.add_noise(image_latents, noise, start)
+
+    def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
+        accepted = inspect.signature(self.scheduler.step).parameters
+        return {"generator": generator} if "generator" in accepted else {}
+
+    def _tile_time_ids(self, tiling: LatentTiling, padded_size: tuple[int, int], tile_size: int) -> torch.Tensor:
+        """SDXL micro-conditioning per tile, as the release sets it: original size = the padded image, crop = the
+        tile's offset in latent units, target = the (unclamped) tile size in pixels. ``[len(tiling), 6]``."""
+        rows = [(*padded_size, top, left, tile_size, tile_size) for top, left in tiling.origins]
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        tiling: LatentTiling,
+        condition_embeds: list[torch.Tensor],
+        prompt_embeds: torch.Tensor,
+        add_text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+        tile_batch_size: int,
+        guidance_rescale: float,
+    ) -> torch.Tensor:
+        """The guided noise prediction for the whole latent: each tile is denoised (``tile_batch_size`` tiles per UNet
+        call, both CFG halves together) and the tiles' predictions are blended with Gaussian weights."""
+        total = torch.zeros_like(latents)
+        cfg_copies = 2 if self.do_classifier_free_guidance else 1
+        unet_dtype = self.unet.dtype
+        for start in range(0, len(tiling), tile_batch_size):
+            indices = range(start, min(start + tile_batch_size, len(tiling)))
+            tiles = tiling.crop(latents, indices)
+            model_input = self.scheduler.scale_model_input(torch.cat([tiles] * cfg_copies), t).to(unet_dtype)
+            condition = torch.cat([condition_embeds[i] for i in indices])
+            per_tile = len(indices)
+            added_cond = {
+                "text_embeds": _tile_major(add_text_embeds, per_tile, cfg_copies),
+                "time_ids": time_ids[list(indices)].repeat_interleave(latents.shape[0], dim=0).repeat(cfg_copies, 1).to(model_input),
+            }
+            with aligned_conv_in(self.unet, self.alignment, torch.cat([condition] * cfg_copies)):
+                noise = self.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=_tile_major(prompt_embeds, per_tile, cfg_copies),
+                    cross_attention_kwargs=self._cross_attention_kwargs,
+                    added_cond_kwargs=added_cond,
+                    return_dict=False,
+                )[0].float()
+            if self.do_classifier_free_guidance:
+                noise_uncond, noise_text = noise.chunk(2)
+                noise = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                if guidance_rescale > 0:
+                    noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=guidance_rescale)
+            tiling.accumulate(total, noise, indices)
+        return total / tiling.weight_sum().to(total)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode to images in [0, 1], ``[B, 3, H, W]`` float32 (upcasting a float16 VAE that asks for it)."""
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        vae_dtype = self.vae.dtype
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            config = self.vae.config
+            if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+                mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+                std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+                latents = latents * std / config.scaling_factor + mean
+            else:
+                latents = latents / config.scaling_factor
+            image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                self.vae.to(dtype=vae_dtype)
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: LQImage | list[LQImage] | None = None,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        upscale: float = 2,
+        num_inference_steps: int = 20,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
+        start_point: str = "lr",
+        tile_size: int = 1024,
+        tile_stride: int | None = None,
+        tile_batch_size: int = 1,
+        color_fix: str | None = "adain",
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> FaithDiffPipelineOutput | tuple:
+        r"""
+        Restores and upscales low-quality images.
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, path, or a list of them):
+                The low-quality input(s). Arrays are ``[H, W, 3]`` (uint8, or float in [0, 1]); tensors ``[3, H, W]``
+                or a batch ``[B, 3, H, W]`` in [0, 1]. All images of a batch must have the same size.
+            prompt (`str` or `list[str]`, *optional*):
+                Description of each image (the release uses a LLaVA caption). One string applies to every image.
+                Defaults to an empty prompt.
+            prompt_2 (`str` or `list[str]`, *optional*): Prompt for the second text encoder; defaults to ``prompt``.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                Negative prompt; defaults to ``""``, encoded as a real empty prompt as the release does.
+            negative_prompt_2 (`str` or `list[str]`, *optional*): Negative prompt for the second text encoder.
+            upscale (`float`, defaults to 2): Scale factor; the input is resized by it with LANCZOS before restoring.
+            num_inference_steps (`int`, defaults to 20): Denoising steps.
+            timesteps (`list[int]`, *optional*): Custom timesteps, for schedulers that accept them.
+            sigmas (`list[float]`, *optional*): Custom sigmas, for schedulers that accept them.
+            guidance_scale (`float`, defaults to 5.0): Classifier-free guidance scale; ``<= 1`` disables CFG.
+            guidance_rescale (`float`, defaults to 0.0): Guidance rescale factor (Lin et al. 2023); 0 disables it.
+            start_point (`str`, defaults to `"lr"`): ``"lr"`` starts from the noised VAE latent of the upscaled input
+                (DDPM noise at t = 999); ``"noise"`` from pure noise.
+            tile_size (`int`, defaults to 1024): Size in pixels of the square latent tiles the UNet denoises
+                (clamped to the image); a multiple of 8, at least 64.
+            tile_stride (`int`, *optional*): Distance in pixels between tiles; defaults to the release's half tile
+                (``8 * ceil(tile_size / 16)``). A multiple of 8, at most ``tile_size``.
+            tile_batch_size (`int`, defaults to 1): Tiles denoised together in one UNet call. Larger is faster and
+                uses more memory; the result is the same.
+            color_fix (`str`, *optional*, defaults to `"adain"`): ``"adain"``, ``"wavelet"`` or ``None``: colour
+                correction against the LANCZOS-upscaled input.
+            num_images_per_prompt (`int`, defaults to 1): Restorations per input image.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Seeds the noise and the VAE sample;
+                a list gives one generator per output (images x num_images_per_prompt).
+            latents (`torch.Tensor`, *optional*): The standard-normal noise ε to use, ``[B * num_images_per_prompt,
+                4, H_pad / 8, W_pad / 8]`` where H_pad, W_pad are the upscaled size padded to a multiple of 8.
+            prompt_embeds (`torch.Tensor`, *optional*): Pre-computed text embeddings (see ``encode_prompt``), one per
+                image; needs ``pooled_prompt_embeds``.
+            negative_prompt_embeds (`torch.Tensor`, *optional*): Pre-computed negative text embeddings.
+            pooled_prompt_embeds (`torch.Tensor`, *optional*): Pre-computed pooled text embeddings.
+            negative_pooled_prompt_embeds (`torch.Tensor`, *optional*): Pre-computed pooled negative embeddings.
+            output_type (`str`, defaults to `"pil"`): ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or
+                ``"latent"`` (final latents at the padded size, no decoding or colour fix).
+            return_dict (`bool`, defaults to `True`): Return a [`FaithDiffPipelineOutput`] instead of a tuple.
+            cross_attention_kwargs (`dict`, *optional*): Passed to the UNet's attention processors (e.g. LoRA
+                ``scale``).
+            clip_skip (`int`, *optional*): CLIP layers to skip when computing the prompt embeddings.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called once per step as ``callback(pipe, step, timestep, callback_kwargs)`` with the whole-image
+                tensors named in ``callback_on_step_end_tensor_inputs``; the tensors it returns replace them.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): Tensors given to the
+                callback, among ``_callback_tensor_inputs``.
+
+        Returns:
+            [`FaithDiffPipelineOutput`] or `tuple`: the restored images, cropped to the upscaled size.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs and prepare the LQ images
+        self.check_inputs(
+            image, prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+            negative_pooled_prompt_embeds, num_inference_steps, start_point, tile_size, tile_stride, tile_batch_size,
+            color_fix, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        lq = prepare_lq_images(image, upscale, multiple=self.vae_scale_factor)
+        image_count = lq.padded.shape[0]
+        batch_size = image_count * num_images_per_prompt
+        device = self._execution_device
+
+        # 2. Encode the prompts
+        if prompt_embeds is None:
+            prompt = self._batch_prompts("" if prompt is None else prompt, image_count, "prompt")
+            prompt_2 = self._batch_prompts(prompt_2, image_count, "prompt_2")
+        elif prompt_embeds.shape[0] != image_count:
+            raise ValueError(f"`prompt_embeds` has batch size {prompt_embeds.shape[0]}, expected one per image ({image_count}).")
+        if negative_prompt_embeds is None:
+            negative_prompt = self._batch_prompts("" if negative_prompt is None else negative_prompt, image_count, "negative_prompt")
+            negative_prompt_2 = self._batch_prompts(negative_prompt_2, image_count, "negative_prompt_2")
+        lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        add_text_embeds = pooled_prompt_embeds
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds])
+
+        # 3. Timesteps, LQ features and initial latents
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        padded = lq.padded.to(device)
+        lq_features = self.lq_features(padded).repeat_interleave(num_images_per_prompt, dim=0)
+        latents = self.prepare_latents(padded, batch_size, start_point, generator, latents)
+
+        # 4. Tiles: layout, micro-conditioning and condition embeddings, all fixed for the whole run
+        latent_tile = tile_size // self.vae_scale_factor
+        latent_stride = default_latent_stride(latent_tile) if tile_stride is None else tile_stride // self.vae_scale_factor
+        tiling = LatentTiling.for_latent(latents.shape[-2], latents.shape[-1], latent_tile, latent_stride)
+        time_ids = self._tile_time_ids(tiling, tuple(padded.shape[-2:]), tile_size)
+        condition_embeds = [self.alignment.embed_condition(tiling.crop(lq_features, [i]).to(device)) for i in range(len(tiling))]
+        extra_step_kwargs = self._step_kwargs(generator)
+
+        # 5. Denoise: blend the tiles' guided predictions, then one scheduler step on the whole latent
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                noise_pred = self.predict_noise(
+                    latents, t, tiling, condition_embeds, prompt_embeds, add_text_embeds, time_ids,
+                    tile_batch_size, guidance_rescale,
+                )
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    add_text_embeds = callback_outputs.pop("add_text_embeds", add_text_embeds)
+                progress_bar.update()
+
+        # 6. Decode, crop the padding away, colour-fix against the upscaled input
+        if output_type == "latent":
+            images = latents
+        else:
+            height, width = lq.size
+            decoded = self.decode_latents(latents)[..., :height, :width]
+            reference = lq.reference.repeat_interleave(num_images_per_prompt, dim=0)
+            restored = apply_color_fix(decoded, reference, color_fix)
+            images = self.image_processor.postprocess(restored, output_type=output_type, do_denormalize=[False] * batch_size)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return FaithDiffPipelineOutput(images=images)
+
+
+def _tile_major(per_sample: torch.Tensor, tiles: int, cfg_copies: int) -> torch.Tensor:
+    """Lays out per-sample conditioning ``[cfg_copies * N, ...]`` for a UNet batch of ``tiles`` tiles: each CFG half
+    holds the tiles one after the other, each tile the N samples in order."""
+    halves = per_sample.chunk(cfg_copies)
+    return torch.cat([half.repeat(tiles, *([1] * (half.ndim - 1))) for half in halves])
+
+
+def _check_pipeline_folder(folder: str, provided: Any) -> None:
+    """A clear error for folders that are not a converted FaithDiff pipeline."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {folder!r} is not a FaithDiff pipeline: it has no model_index.json. "
+            "Convert the official release with `faithdiff-convert` first."
+        )
+    with open(index_path, encoding="utf-8") as handle:
+        index = json.load(handle)
+    missing = [name for name in ("unet", "alignment", "vae", "text_encoder_2", "tokenizer_2", "scheduler") if name not in index and name not in provided]
+    if missing:
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {folder!r} is not a FaithDiff pipeline: its model_index.json "
+            f"({index.get('_class_name')}) lacks {missing}. Convert the official release with `faithdiff-convert`, "
+            "or pass the missing components as keyword arguments."
+        )

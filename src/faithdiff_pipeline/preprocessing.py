@@ -1,0 +1,123 @@
+"""Preparing the low-quality input as the FaithDiff release does: LANCZOS upscale, then edge padding to a multiple of 8."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+
+LQImage = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
+
+
+@dataclass
+class PreparedImages:
+    """The batch of LQ inputs, upscaled.
+
+    Attributes:
+        reference: upscaled images in [0, 1], ``[B, 3, height, width]`` (float32): the colour-fix reference.
+        padded: the same, edge-padded at the bottom/right to a multiple of ``multiple`` and scaled to [-1, 1].
+    """
+
+    reference: torch.Tensor
+    padded: torch.Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Output ``(height, width)`` before padding."""
+        return tuple(self.reference.shape[-2:])
+
+
+def _open(path: str | os.PathLike) -> PIL.Image.Image:
+    try:
+        with PIL.Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"`image` {os.fspath(path)!r} could not be read as an image: {error}") from error
+
+
+def _as_hwc(item: LQImage, index: int) -> PIL.Image.Image | np.ndarray:
+    """A PIL RGB image (8-bit input) or a float32 ``[H, W, 3]`` array in [0, 1] (floating-point input)."""
+    if isinstance(item, (str, os.PathLike)):
+        item = _open(item)
+    if isinstance(item, PIL.Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, torch.Tensor):
+        if item.ndim != 3 or item.shape[0] not in (1, 3):
+            raise ValueError(f"`image[{index}]` tensor must be [3, H, W] (or [1, H, W]), got {tuple(item.shape)}.")
+        item = item.detach().cpu().movedim(0, -1).numpy()
+    if not isinstance(item, np.ndarray):
+        raise TypeError(
+            f"`image[{index}]` must be a PIL image, a numpy array, a torch tensor or a path, got {type(item).__name__}."
+        )
+    array = item[..., None] if item.ndim == 2 else item
+    if array.ndim != 3 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"`image[{index}]` array must be [H, W, 3] (or [H, W]), got {item.shape}.")
+    array = np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+    if array.dtype == np.uint8:
+        return PIL.Image.fromarray(np.ascontiguousarray(array))
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"`image[{index}]` must be uint8 or floating point in [0, 1], got dtype {array.dtype}.")
+    return array.astype(np.float32)
+
+
+def _size_of(image: PIL.Image.Image | np.ndarray) -> tuple[int, int]:
+    return (image.height, image.width) if isinstance(image, PIL.Image.Image) else image.shape[:2]
+
+
+def _upscale(image: PIL.Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """LANCZOS resize to ``size`` = (height, width); returns float32 ``[H, W, 3]`` in [0, 1]."""
+    height, width = size
+    if isinstance(image, PIL.Image.Image):
+        resized = image if image.size == (width, height) else image.resize((width, height), PIL.Image.LANCZOS)
+        return np.asarray(resized, dtype=np.float32) / 255.0
+    if image.shape[:2] == (height, width):
+        return image
+    # Float input: resample each channel in PIL's 32-bit float mode, so nothing is quantised to 8 bits.
+    channels = [
+        np.asarray(PIL.Image.fromarray(np.ascontiguousarray(image[..., c])).resize((width, height), PIL.Image.LANCZOS))
+        for c in range(3)
+    ]
+    return np.stack(channels, axis=-1).clip(0.0, 1.0)
+
+
+def as_image_list(image: LQImage | Sequence[LQImage]) -> list[LQImage]:
+    """One LQ input or a batch: a list, or a 4-D array/tensor."""
+    if isinstance(image, torch.Tensor) and image.ndim == 4:
+        return list(image)
+    if isinstance(image, np.ndarray) and image.ndim == 4:
+        return list(image)
+    if isinstance(image, (list, tuple)):
+        return list(image)
+    return [image]
+
+
+def prepare_lq_images(image: LQImage | Sequence[LQImage], upscale: float, multiple: int = 8) -> PreparedImages:
+    """Upscales each LQ image by ``upscale`` with LANCZOS and pads it to a multiple of ``multiple`` by edge replication.
+
+    All images of a batch must have the same size after upscaling.
+    """
+    if isinstance(upscale, bool) or not isinstance(upscale, (int, float)) or not upscale > 0:
+        raise ValueError(f"`upscale` must be a number > 0, got {upscale!r}.")
+    items = [_as_hwc(item, i) for i, item in enumerate(as_image_list(image))]
+    if not items:
+        raise ValueError("`image` is an empty list; pass at least one image.")
+    upscaled = []
+    for i, item in enumerate(items):
+        height, width = _size_of(item)
+        size = (round(height * upscale), round(width * upscale))
+        if min(height, width) == 0 or min(size) == 0:
+            raise ValueError(f"`image[{i}]` is empty or too small: {height}x{width} pixels, upscaled to {size}.")
+        upscaled.append(_upscale(item, size))
+    sizes = {array.shape[:2] for array in upscaled}
+    if len(sizes) > 1:
+        raise ValueError(f"All images of a batch must have the same size after upscaling; got sizes {sorted(sizes)}.")
+    reference = torch.from_numpy(np.stack(upscaled)).permute(0, 3, 1, 2).contiguous()
+    height, width = reference.shape[-2:]
+    pad = (0, -width % multiple, 0, -height % multiple)
+    padded = torch.nn.functional.pad(reference, pad, mode="replicate") if any(pad) else reference
+    return PreparedImages(reference=reference, padded=padded * 2.0 - 1.0)
