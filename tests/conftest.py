@@ -63,6 +63,7 @@ def tiny_components(seed: int = 0, with_lq_encoder: bool = True) -> dict:
         scaling_factor=0.13025, force_upcast=False,
     )
     lq_encoder = FaithDiffLQEncoder(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if with_lq_encoder else None
+    lq_encoder = lq_encoder.eval() if lq_encoder is not None else None
     alignment = FaithDiffAlignmentModel(lq_channels=64, latent_channels=32, num_attention_heads=8)
     # Randomise every parameter, zero-initialised ones included, so that no part of the model is a no-op.
     for module in (unet, vae, alignment) + ((lq_encoder,) if lq_encoder is not None else ()):
@@ -73,13 +74,13 @@ def tiny_components(seed: int = 0, with_lq_encoder: bool = True) -> dict:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
     )
     return dict(
-        vae=vae,
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=32)),
+        vae=vae.eval(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config, projection_dim=32)).eval(),
         tokenizer=tiny_tokenizer(),
         tokenizer_2=tiny_tokenizer(),
-        unet=unet,
-        alignment=alignment,
+        unet=unet.eval(),
+        alignment=alignment.eval(),
         scheduler=scheduler,
         lq_encoder=lq_encoder,
     )

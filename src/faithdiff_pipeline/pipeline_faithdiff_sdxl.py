@@ -500,7 +500,8 @@ class FaithDiffSDXLPipeline(
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds, "add_text_embeds": add_text_embeds}
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
