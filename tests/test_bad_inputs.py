@@ -1,0 +1,89 @@
+"""Every user mistake gets a ValueError/TypeError that names the argument and what was expected."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import fast_call
+
+
+def _call(pipe, image, **overrides):
+    return pipe(image, **fast_call(**overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "pattern"),
+    [
+        ({"upscale": 0}, ValueError, r"`upscale` must be a number > 0, got 0"),
+        ({"upscale": -2}, ValueError, r"`upscale`.*-2"),
+        ({"upscale": "2"}, ValueError, r"`upscale`.*'2'"),
+        ({"tile_size": 56}, ValueError, r"`tile_size`.*at least 64.*56"),
+        ({"tile_size": 100}, ValueError, r"`tile_size`.*multiple of 8.*100"),
+        ({"tile_size": 64, "tile_stride": 72}, ValueError, r"`tile_stride` must be a multiple of 8 between 8 and `tile_size` \(64\) pixels, got 72"),
+        ({"tile_stride": 12}, ValueError, r"`tile_stride`.*multiple of 8.*12"),
+        ({"color_fix": "histogram"}, ValueError, r"`color_fix` must be one of \('adain', 'wavelet'\) or None, got 'histogram'"),
+        ({"start_point": "image"}, ValueError, r"`start_point` must be one of \('lr', 'noise'\), got 'image'"),
+        ({"output_type": "jpeg"}, ValueError, r"`output_type`.*'jpeg'"),
+        ({"num_inference_steps": 0}, ValueError, r"`num_inference_steps` must be a positive integer, got 0"),
+        ({"num_images_per_prompt": 1.5}, ValueError, r"`num_images_per_prompt`.*1.5"),
+        ({"tile_batch_size": 0}, ValueError, r"`tile_batch_size`.*0"),
+        ({"prompt": ["a", "b"]}, ValueError, r"`prompt` has 2 entries but 1 images"),
+        ({"negative_prompt": ["a", "b"]}, ValueError, r"`negative_prompt` has 2 entries"),
+        ({"prompt": 3}, TypeError, r"`prompt` must be a string or a list of strings, got int"),
+        ({"generator": [torch.Generator(), torch.Generator()]}, ValueError, r"`generator` is a list of 2 generators, expected 1"),
+        ({"latents": torch.randn(1, 4, 6, 6)}, ValueError, r"`latents` must have shape \(1, 4, 5, 6\).*\(1, 4, 6, 6\)"),
+        ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, ValueError, r"`callback_on_step_end_tensor_inputs`.*noise_pred"),
+    ],
+)
+def test_bad_arguments(tiny_pipe, lq_image, overrides, error, pattern) -> None:
+    with pytest.raises(error, match=pattern):
+        _call(tiny_pipe, lq_image, **overrides)
+
+
+def test_bad_images(tiny_pipe, lq_image, tmp_path) -> None:
+    with pytest.raises(ValueError, match="`image` is required"):
+        _call(tiny_pipe, None)
+    with pytest.raises(TypeError, match=r"`image\[0\]` must be a PIL image.*got dict"):
+        _call(tiny_pipe, {"pixels": 1})
+    with pytest.raises(ValueError, match="empty list"):
+        _call(tiny_pipe, [])
+    with pytest.raises(ValueError, match=r"`image\[0\]` is empty or too small: 0x5"):
+        _call(tiny_pipe, np.zeros((0, 5, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"`image\[0\]` array must be \[H, W, 3\]"):
+        _call(tiny_pipe, np.zeros((4, 5, 4), dtype=np.uint8))
+    with pytest.raises(TypeError, match=r"uint8 or floating point.*int64"):
+        _call(tiny_pipe, np.zeros((4, 5, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"`image\[0\]` tensor must be \[3, H, W\]"):
+        _call(tiny_pipe, torch.zeros(5, 4, 4))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match=r"`image` '.*corrupt.png' could not be read as an image"):
+        _call(tiny_pipe, str(corrupt))
+    with pytest.raises(ValueError, match=r"could not be read"):
+        _call(tiny_pipe, tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="same size after upscaling"):
+        _call(tiny_pipe, [lq_image, lq_image.resize((10, 10))])
+
+
+def test_prompt_embeds_mistakes(tiny_pipe, lq_image) -> None:
+    embeds, negative, pooled, negative_pooled = tiny_pipe.encode_prompt("a cat", negative_prompt="", device="cpu")
+    with pytest.raises(ValueError, match="`pooled_prompt_embeds` is required"):
+        _call(tiny_pipe, lq_image, prompt=None, prompt_embeds=embeds)
+    with pytest.raises(ValueError, match="either `prompt` or `prompt_embeds`"):
+        _call(tiny_pipe, lq_image, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+    with pytest.raises(ValueError, match=r"`prompt_embeds` has batch size 2, expected one per image \(1\)"):
+        _call(tiny_pipe, lq_image, prompt=None, prompt_embeds=embeds.repeat(2, 1, 1), pooled_prompt_embeds=pooled.repeat(2, 1))
+    with pytest.raises(ValueError, match="`negative_pooled_prompt_embeds` is required"):
+        _call(tiny_pipe, lq_image, negative_prompt=None, negative_prompt_embeds=negative)
+
+
+def test_nothing_is_left_hooked_after_an_error(tiny_pipe, lq_image) -> None:
+    def fail(pipe, step, timestep, tensors):
+        raise RuntimeError("user callback failed")
+
+    with pytest.raises(RuntimeError, match="user callback failed"):
+        _call(tiny_pipe, lq_image, callback_on_step_end=fail)
+    assert not tiny_pipe.unet.conv_in._forward_hooks
