@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Tests never reach the network: a stray Hub request fails at once instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import numpy as np
 import PIL.Image
 import pytest
