@@ -34,7 +34,7 @@ def main() -> None:
     dtype = torch.float32 if device == "cpu" else torch.float16
     variant = "fp16" if dtype == torch.float16 else None
     model = args.model or converted_release(variant=variant)
-    pipe = FaithDiffSDXLPipeline.from_pretrained(model, torch_dtype=dtype, variant=variant if args.model is None else None)
+    pipe = FaithDiffSDXLPipeline.from_pretrained(model, dtype=dtype, variant=variant if args.model is None else None)
     if args.offload and device != "cpu":
         pipe.enable_model_cpu_offload()
     else:

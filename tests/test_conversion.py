@@ -116,7 +116,7 @@ def test_fp16_variant_and_cli(release, tmp_path, capsys) -> None:
                          "--vae", str(release / "vae"), "--variant", "fp16"])
     assert code == 0 and "Wrote" in capsys.readouterr().out
     assert (output / "alignment" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    pipe = FaithDiffSDXLPipeline.from_pretrained(output, variant="fp16", torch_dtype=torch.float16)
+    pipe = FaithDiffSDXLPipeline.from_pretrained(output, variant="fp16", dtype=torch.float16)
     assert pipe.unet.dtype == torch.float16
     code = convert_main([str(output), "--faithdiff", str(release / "FaithDiff.bin"), "--base", str(release / "base"),
                          "--vae", str(release / "vae")])
@@ -149,7 +149,7 @@ def test_hub_ids_load_through_a_snapshot(release, tmp_path, monkeypatch) -> None
 
     monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
     cache = tmp_path / "cache"
-    pipe = FaithDiffSDXLPipeline.from_pretrained("someone/faithdiff", cache_dir=cache, revision="main", variant="fp16", torch_dtype=torch.float16)
+    pipe = FaithDiffSDXLPipeline.from_pretrained("someone/faithdiff", cache_dir=cache, revision="main", variant="fp16", dtype=torch.float16)
     assert requests == [("someone/faithdiff", "main")]
     assert pipe.alignment.dtype == torch.float16
     downloaded = {p.name for p in (cache / "someone--faithdiff" / "unet").iterdir()}

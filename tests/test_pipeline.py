@@ -187,7 +187,7 @@ def test_save_load_round_trip(tiny_pipe, lq_image, tmp_path) -> None:
 def test_fp16_variant_round_trip(tiny_pipe, tmp_path) -> None:
     tiny_pipe.to(torch.float16).save_pretrained(tmp_path, variant="fp16")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    loaded = FaithDiffSDXLPipeline.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16)
+    loaded = FaithDiffSDXLPipeline.from_pretrained(tmp_path, variant="fp16", dtype=torch.float16)
     assert loaded.alignment.dtype == torch.float16 and loaded.lq_encoder.dtype == torch.float16
 
 

@@ -44,7 +44,7 @@ EXAMPLE_DOC_STRING = """
         >>> from PIL import Image
         >>> from faithdiff_pipeline import FaithDiffSDXLPipeline
 
-        >>> pipe = FaithDiffSDXLPipeline.from_pretrained("path/to/converted-faithdiff", torch_dtype=torch.float16)
+        >>> pipe = FaithDiffSDXLPipeline.from_pretrained("path/to/converted-faithdiff", dtype=torch.float16)
         >>> pipe.enable_model_cpu_offload()
         >>> image = Image.open("old_photo.png")
         >>> restored = pipe(image, prompt="A portrait of a woman in a garden.", upscale=2).images[0]
