@@ -134,7 +134,7 @@ class FaithDiffSDXLPipeline(
 
         Hub repositories are downloaded as a snapshot first (only the files of the requested ``variant``), since
         diffusers does not load components of a library it does not know straight from the Hub. All other keyword
-        arguments (``torch_dtype``, ``variant``, component overrides, ...) are those of
+        arguments (``dtype``, ``variant``, component overrides, ...) are those of
         [`~DiffusionPipeline.from_pretrained`].
         """
         folder = resolve_pipeline_folder(pretrained_model_name_or_path, kwargs)
