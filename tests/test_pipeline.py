@@ -232,3 +232,25 @@ def test_accepts_arrays_tensors_and_paths(tiny_pipe, lq_image, tmp_path) -> None
     assert torch.equal(_run(tiny_pipe, np.asarray(lq_image)), expected)
     as_float = torch.from_numpy(np.asarray(lq_image, dtype=np.float32) / 255).permute(2, 0, 1)
     torch.testing.assert_close(_run(tiny_pipe, as_float, upscale=1), _run(tiny_pipe, lq_image, upscale=1), rtol=0, atol=1e-5)
+
+
+def test_vae_tiling_tiles_the_lq_encoder_too(tiny_pipe, lq_image) -> None:
+    from faithdiff_pipeline.preprocessing import prepare_lq_images
+    from faithdiff_pipeline.tiling import tiled_encode
+
+    padded = prepare_lq_images(lq_image.resize((64, 48)), 2).padded  # 96 x 128 pixels
+    whole = tiny_pipe.lq_features(padded)
+    tiny_pipe.vae.enable_tiling()
+    tiny_pipe.vae.tile_sample_min_size, tiny_pipe.vae.tile_latent_min_size = 256, 32
+    assert torch.equal(tiny_pipe.lq_features(padded), whole)  # one tile covers the image
+    tiny_pipe.vae.tile_sample_min_size, tiny_pipe.vae.tile_latent_min_size = 64, 8
+    calls = []
+    hook = tiny_pipe.lq_encoder.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[-2:]))
+    tiled = tiny_pipe.lq_features(padded)
+    hook.remove()
+    assert tiled.shape == whole.shape and len(calls) > 1 and all(max(size) <= 64 for size in calls)
+    # The VAE's tile settings are the ones used (tiled_encode itself is checked against untiled encoders in test_tiling).
+    assert torch.equal(tiled, tiled_encode(tiny_pipe.lq_encoder, padded, 64, tiny_pipe.vae.tile_overlap_factor))
+    assert not torch.allclose(tiled, whole, atol=1e-3)
+    image = _run(tiny_pipe, lq_image.resize((64, 48)))
+    assert image.shape == (1, 3, 96, 128) and torch.isfinite(image).all()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from faithdiff_pipeline.tiling import LatentTiling, default_latent_stride, gaussian_weights
+from faithdiff_pipeline.tiling import LatentTiling, default_latent_stride, gaussian_weights, tiled_encode
 
 
 def _release_starts(length: int, kernel: int, overlap: float) -> list[int]:
@@ -58,3 +58,55 @@ def test_crop_is_tile_major() -> None:
     x = torch.arange(2 * 8 * 12, dtype=torch.float32).view(2, 1, 8, 12)
     tiles = tiling.crop(x, [0, 1])
     assert torch.equal(tiles[1], x[1, :, :, 0:8]) and torch.equal(tiles[2], x[0, :, :, 4:12])
+
+
+@pytest.mark.parametrize(("count", "max_tiles", "sizes"), [(9, 4, [3, 3, 3]), (6, 6, [6]), (7, 1, [1] * 7), (49, 4, [4] * 12 + [1]), (5, 8, [5])])
+def test_batches_are_even_and_cover_every_tile_once(count: int, max_tiles: int, sizes: list[int]) -> None:
+    tiling = LatentTiling.for_latent(8, 8 + 4 * (count - 1), 8, 4)
+    assert len(tiling) == count
+    batches = tiling.batches(max_tiles)
+    assert [len(b) for b in batches] == sizes
+    assert [i for b in batches for i in b] == list(range(count))
+
+
+def _local_encoder(image: torch.Tensor) -> torch.Tensor:
+    """A purely local 'encoder' (8x8 average pooling and a channel mix): tiling must not change its output at all."""
+    pooled = torch.nn.functional.avg_pool2d(image, 8)
+    return torch.cat([pooled, pooled.sum(dim=1, keepdim=True) ** 2], dim=1)
+
+
+@pytest.mark.parametrize(("height", "width", "tile"), [(96, 160, 64), (64, 64, 32), (40, 200, 48), (72, 56, 64)])
+def test_tiled_encode_is_exact_for_a_local_encoder(height: int, width: int, tile: int) -> None:
+    image = torch.rand(2, 3, height, width)
+    calls = []
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape[-2:]))
+        return _local_encoder(x)
+
+    tiled = tiled_encode(encode, image, tile, overlap=0.25)
+    torch.testing.assert_close(tiled, _local_encoder(image), rtol=1e-6, atol=1e-6)
+    assert len(calls) > 1 and all(h <= tile and w <= tile for h, w in calls)
+
+
+def test_tiled_encode_blends_a_global_encoder_without_jumps() -> None:
+    """With a non-local encoder (it subtracts the tile mean) tiles disagree; the ramps must make the transition
+    gradual: no step between neighbouring columns larger than the steps inside the untiled output."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 3, 256), indexing="ij")
+    image = torch.stack([x, y, x * y])[None]
+
+    def encode(tile: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(tile, 8)
+        return pooled - pooled.mean(dim=(2, 3), keepdim=True)
+
+    tiled = tiled_encode(encode, image, 64, overlap=0.5)
+    column_steps = tiled.diff(dim=-1).abs().amax(dim=(0, 1, 2))
+    reference_steps = encode(image).diff(dim=-1).abs().amax()
+    assert column_steps.max() <= 1.5 * reference_steps
+
+
+def test_image_within_one_tile_is_encoded_whole() -> None:
+    image = torch.rand(1, 3, 64, 48)
+    calls = []
+    tiled_encode(lambda x: calls.append(x.shape) or _local_encoder(x), image, 64)
+    assert calls == [image.shape]

@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
 from .lq_features import FaithDiffLQEncoder, vae_encoder_features
 from .preprocessing import LQImage, as_image_list, prepare_lq_images
-from .tiling import LatentTiling, default_latent_stride
+from .tiling import LatentTiling, default_latent_stride, tiled_encode
 
 START_POINTS = ("lr", "noise")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -224,10 +225,15 @@ class FaithDiffSDXLPipeline(
         return list(prompt)
 
     def lq_features(self, image: torch.Tensor) -> torch.Tensor:
-        """LQ features of ``image`` (``[B, 3, H, W]`` in [-1, 1]): the LQ encoder's (or VAE encoder's) mid-block output."""
-        if self.lq_encoder is not None:
-            return self.lq_encoder(image)
-        return vae_encoder_features(self.vae, image)
+        """LQ features of ``image`` (``[B, 3, H, W]`` in [-1, 1]): the LQ encoder's (or VAE encoder's) mid-block output.
+
+        With VAE tiling enabled (``pipe.vae.enable_tiling()``), the LQ encoder is tiled the same way: the VAE's tile
+        size and overlap, tiles blended where they meet.
+        """
+        encode = self.lq_encoder if self.lq_encoder is not None else partial(vae_encoder_features, self.vae)
+        if not getattr(self.vae, "use_tiling", False):
+            return encode(image)
+        return tiled_encode(encode, image, self.vae.tile_sample_min_size, self.vae.tile_overlap_factor, self.vae_scale_factor)
 
     def prepare_latents(
         self,
@@ -275,28 +281,33 @@ class FaithDiffSDXLPipeline(
         rows = [(*padded_size, top, left, tile_size, tile_size) for top, left in tiling.origins]
         return torch.tensor(rows, dtype=torch.float32)
 
+    def _embed_tiles(self, lq_features: torch.Tensor, tiling: LatentTiling, indices: range) -> torch.Tensor:
+        """Alignment condition of tiles ``indices``, each embedded on its own crop of the LQ features, as the release
+        does (the embedding's GroupNorm and convolutions see only the tile)."""
+        return torch.cat([self.alignment.embed_condition(tiling.crop(lq_features, [i])) for i in indices])
+
     def predict_noise(
         self,
         latents: torch.Tensor,
         t: torch.Tensor,
         tiling: LatentTiling,
+        batches: list[range],
         condition_embeds: list[torch.Tensor],
         prompt_embeds: torch.Tensor,
         add_text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
-        tile_batch_size: int,
         guidance_rescale: float,
     ) -> torch.Tensor:
-        """The guided noise prediction for the whole latent: each tile is denoised (``tile_batch_size`` tiles per UNet
-        call, both CFG halves together) and the tiles' predictions are blended with Gaussian weights."""
+        """The guided noise prediction for the whole latent: the tiles of each batch go through one UNet call, both
+        CFG halves together, and the tiles' predictions are blended with Gaussian weights.
+
+        ``condition_embeds`` holds each batch's alignment condition (tile-major, as :meth:`LatentTiling.crop`)."""
         total = torch.zeros_like(latents)
         cfg_copies = 2 if self.do_classifier_free_guidance else 1
         unet_dtype = self.unet.dtype
-        for start in range(0, len(tiling), tile_batch_size):
-            indices = range(start, min(start + tile_batch_size, len(tiling)))
+        for indices, condition in zip(batches, condition_embeds):
             tiles = tiling.crop(latents, indices)
             model_input = self.scheduler.scale_model_input(torch.cat([tiles] * cfg_copies), t).to(unet_dtype)
-            condition = torch.cat([condition_embeds[i] for i in indices])
             per_tile = len(indices)
             added_cond = {
                 "text_embeds": _tile_major(add_text_embeds, per_tile, cfg_copies),
@@ -485,7 +496,8 @@ class FaithDiffSDXLPipeline(
         latent_stride = default_latent_stride(latent_tile) if tile_stride is None else tile_stride // self.vae_scale_factor
         tiling = LatentTiling.for_latent(latents.shape[-2], latents.shape[-1], latent_tile, latent_stride)
         time_ids = self._tile_time_ids(tiling, tuple(padded.shape[-2:]), tile_size)
-        condition_embeds = [self.alignment.embed_condition(tiling.crop(lq_features, [i]).to(device)) for i in range(len(tiling))]
+        batches = tiling.batches(tile_batch_size)
+        condition_embeds = [self._embed_tiles(lq_features, tiling, indices) for indices in batches]
         extra_step_kwargs = self._step_kwargs(generator)
 
         # 5. Denoise: blend the tiles' guided predictions, then one scheduler step on the whole latent
@@ -495,8 +507,8 @@ class FaithDiffSDXLPipeline(
                 if self.interrupt:
                     continue
                 noise_pred = self.predict_noise(
-                    latents, t, tiling, condition_embeds, prompt_embeds, add_text_embeds, time_ids,
-                    tile_batch_size, guidance_rescale,
+                    latents, t, tiling, batches, condition_embeds, prompt_embeds, add_text_embeds, time_ids,
+                    guidance_rescale,
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:

@@ -1,10 +1,12 @@
-"""Latent tiling as the FaithDiff release does it: overlapping tiles, Gaussian blending of their noise predictions."""
+"""Tiling: the release's overlapping latent tiles with Gaussian blending of their noise predictions, and image tiles
+with linear blending that bound the LQ encoder's memory."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import torch
 
@@ -66,6 +68,13 @@ class LatentTiling:
     def __len__(self) -> int:
         return len(self.origins)
 
+    def batches(self, max_tiles: int) -> list[range]:
+        """Tile indices in consecutive groups of at most ``max_tiles``, as even as possible (so that a compiled UNet
+        sees as few distinct batch sizes as possible)."""
+        count = -(-len(self) // max_tiles)
+        size = -(-len(self) // count)
+        return [range(start, min(start + size, len(self))) for start in range(0, len(self), size)]
+
     def crop(self, tensor: torch.Tensor, indices: range | list[int]) -> torch.Tensor:
         """Tiles ``indices`` of ``tensor`` (``[B, C, height, width]``), stacked tile-major: ``[len(indices) * B, C, th, tw]``."""
         th, tw = self.tile_height, self.tile_width
@@ -90,3 +99,46 @@ class LatentTiling:
         for tile, i in zip(per_tile, indices):
             top, left = self.origins[i]
             total[..., top : top + th, left : left + tw] += tile * weights
+
+
+def _edge_ramps(length: int, blend: int, ramp_start: bool, ramp_end: bool) -> torch.Tensor:
+    """1-D weights: a linear ramp over ``blend`` samples at each end that meets a neighbouring tile, else 1."""
+    weights = torch.ones(length, dtype=torch.float32)
+    ramp = torch.arange(1, blend + 1, dtype=torch.float32) / (blend + 1)
+    if ramp_start and blend:
+        weights[:blend] = ramp
+    if ramp_end and blend:
+        weights[length - blend :] = ramp.flip(0)
+    return weights
+
+
+def tiled_encode(
+    encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, tile: int, overlap: float = 0.25, factor: int = 8
+) -> torch.Tensor:
+    """Runs an image encoder (output at 1/``factor`` of the size) over overlapping ``tile``-pixel tiles and blends the
+    outputs with linear ramps where tiles meet, so that memory stays bounded without visible seams.
+
+    ``image`` sides must be multiples of ``factor``; ``tile`` is rounded down to one. An image no larger than one tile
+    is encoded whole.
+    """
+    height, width = image.shape[-2:]
+    tile = max(factor, tile - tile % factor)
+    if height <= tile and width <= tile:
+        return encode(image)
+    stride = max(factor, tile - factor * int(tile * overlap / factor))
+    blend = (tile - stride) // factor
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    output, weight_sum = None, None
+    for top in tile_starts(height, tile_h, stride):
+        for left in tile_starts(width, tile_w, stride):
+            features = encode(image[..., top : top + tile_h, left : left + tile_w])
+            if output is None:
+                output = features.new_zeros(*features.shape[:2], height // factor, width // factor, dtype=torch.float32)
+                weight_sum = torch.zeros(height // factor, width // factor, device=features.device)
+            rows = _edge_ramps(features.shape[-2], blend, top > 0, top + tile_h < height).to(features.device)
+            cols = _edge_ramps(features.shape[-1], blend, left > 0, left + tile_w < width).to(features.device)
+            mask = torch.outer(rows, cols)
+            y, x = top // factor, left // factor
+            output[..., y : y + features.shape[-2], x : x + features.shape[-1]] += features.float() * mask
+            weight_sum[y : y + features.shape[-2], x : x + features.shape[-1]] += mask
+    return (output / weight_sum).to(features.dtype)
