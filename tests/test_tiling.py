@@ -50,7 +50,7 @@ def test_blending_identical_predictions_reproduces_them() -> None:
     total = torch.zeros_like(field)
     indices = range(len(tiling))
     tiling.accumulate(total, tiling.crop(field, indices), indices)
-    torch.testing.assert_close(total / tiling.weight_sum().to(total), field, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total / tiling.weight_sum.to(total), field, rtol=1e-6, atol=1e-6)
 
 
 def test_crop_is_tile_major() -> None:

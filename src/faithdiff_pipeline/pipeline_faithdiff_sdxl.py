@@ -328,7 +328,7 @@ class FaithDiffSDXLPipeline(
                 if guidance_rescale > 0:
                     noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=guidance_rescale)
             tiling.accumulate(total, noise, indices)
-        return total / tiling.weight_sum().to(total)
+        return total / tiling.weight_sum.to(total)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode to images in [0, 1], ``[B, 3, H, W]`` float32 (upcasting a float16 VAE that asks for it)."""

@@ -84,6 +84,7 @@ class LatentTiling:
     def weights(self) -> torch.Tensor:
         return gaussian_weights(self.tile_height, self.tile_width)
 
+    @cached_property
     def weight_sum(self) -> torch.Tensor:
         """Sum of all tiles' weights over the latent, ``[height, width]`` (float64)."""
         total = torch.zeros(self.height, self.width, dtype=torch.float64)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU measurements behind benchmarks/RESULTS.md, in one go. Expects in the repository root:
+#   .bench/sdxl_configs.json (../shared/bench/sdxl_configs.json), .bench/coffee.png (a sample photo),
+#   benchmarks/anchors/community_faithdiff.py (diffusers' examples/community/pipeline_faithdiff_stable_diffusion_xl.py)
+# and, where diffusers is not installed, wheels in .whl/. Results go to $OUT/results.jsonl (or ./results.jsonl).
+set -u
+OUT=${OUT:-.}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+bench() { timeout "$1" python3 benchmarks/benchmark.py --config .bench/sdxl_configs.json --sample .bench/coffee.png \
+  --output "$OUT/results.jsonl" "${@:2}" 2>&1 | grep -v -i "warn"; }
+
+# 1. The community pipeline and ours, eager float16, side by side; tile batch sizes compared at 2048.
+bench 200 --sizes 1024 2048 --tile-batch-size 1 3 9 --anchor benchmarks/anchors/community_faithdiff.py
+# 2. Ours with regional compilation of the UNet's transformer blocks and fused QKV projections.
+bench 240 --sizes 1024 2048 --tile-batch-size 9 --compile --fuse-qkv
+# 3. 4096 x 4096 (49 tiles): peak memory with VAE and LQ-encoder tiling, no warm-up.
+bench 150 --sizes 4096 --tile-batch-size 4 --warmup-steps 0
