@@ -16,7 +16,7 @@ bench() { timeout "$1" python3 benchmarks/benchmark.py --config .bench/sdxl_conf
 
 # 1. The community pipeline and ours, eager float16, side by side; tile batch sizes compared at 2048.
 bench 200 --sizes 1024 2048 --tile-batch-size 1 3 9 --anchor benchmarks/anchors/community_faithdiff.py
-# 2. Ours with regional compilation of the UNet's transformer blocks and fused QKV projections.
-bench 240 --sizes 1024 2048 --tile-batch-size 9 --compile --fuse-qkv
-# 3. 4096 x 4096 (49 tiles): peak memory with VAE and LQ-encoder tiling, no warm-up.
+# 2. 4096 x 4096 (49 tiles): peak memory with VAE and LQ-encoder tiling, no warm-up.
 bench 150 --sizes 4096 --tile-batch-size 4 --warmup-steps 0
+# 3. Ours with regional compilation of the UNet's transformer blocks and fused QKV projections.
+bench 200 --sizes 1024 2048 --tile-batch-size 9 --compile --fuse-qkv
