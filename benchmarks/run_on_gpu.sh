@@ -12,7 +12,7 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 bench() { timeout "$1" python3 benchmarks/benchmark.py --config .bench/sdxl_configs.json --sample .bench/coffee.png \
-  --output "$OUT/results.jsonl" "${@:2}" 2>&1 | grep -v -i "warn"; }
+  --output "$OUT/results.jsonl" "${@:2}" 2>&1 | grep -v -i -e "warn" -e "kept in float32"; }
 
 # 1. The community pipeline and ours, eager float16, side by side; tile batch sizes compared at 2048.
 bench 200 --sizes 1024 2048 --tile-batch-size 1 3 9 --anchor benchmarks/anchors/community_faithdiff.py
