@@ -1,0 +1,77 @@
+"""A Real-ESRGAN-style second-order degradation model in torch, with FaithDiff's training settings by default.
+
+``degrade(hq, config, generator)`` turns a batch of high-quality images into low-quality ones by two rounds of
+blur, resize, noise and JPEG compression, then a resize to the target size with an optional sinc filter. See
+``docs/degradations.md`` for the model, the presets and their sources.
+"""
+
+from .config import PRESET_SOURCES, PRESETS, RESIZE_MODES, DegradationConfig, get_preset
+from .jpeg import jpeg_compress, jpeg_quantization_tables
+from .kernels import (
+    KERNEL_TYPES,
+    KernelSpec,
+    gaussian_kernel,
+    generalized_gaussian_kernel,
+    plateau_kernel,
+    pulse_kernel,
+    random_anisotropic_gaussian_kernel,
+    random_generalized_anisotropic_kernel,
+    random_generalized_isotropic_kernel,
+    random_isotropic_gaussian_kernel,
+    random_mixed_kernel,
+    random_plateau_anisotropic_kernel,
+    random_plateau_isotropic_kernel,
+    random_sinc_kernel,
+    sample_kernel_spec,
+    sample_sinc_spec,
+    sinc_kernel,
+)
+from .noise import add_noise, gaussian_noise, poisson_noise
+from .pipeline import (
+    DegradationPlan,
+    NoiseSpec,
+    ResizeSpec,
+    SampleDegradation,
+    apply_degradation_plan,
+    degrade,
+    filter2d,
+    sample_degradation_plan,
+)
+
+__all__ = [
+    "KERNEL_TYPES",
+    "PRESETS",
+    "PRESET_SOURCES",
+    "RESIZE_MODES",
+    "DegradationConfig",
+    "DegradationPlan",
+    "KernelSpec",
+    "NoiseSpec",
+    "ResizeSpec",
+    "SampleDegradation",
+    "add_noise",
+    "apply_degradation_plan",
+    "degrade",
+    "filter2d",
+    "gaussian_kernel",
+    "gaussian_noise",
+    "generalized_gaussian_kernel",
+    "get_preset",
+    "jpeg_compress",
+    "jpeg_quantization_tables",
+    "plateau_kernel",
+    "poisson_noise",
+    "pulse_kernel",
+    "random_anisotropic_gaussian_kernel",
+    "random_generalized_anisotropic_kernel",
+    "random_generalized_isotropic_kernel",
+    "random_isotropic_gaussian_kernel",
+    "random_mixed_kernel",
+    "random_plateau_anisotropic_kernel",
+    "random_plateau_isotropic_kernel",
+    "random_sinc_kernel",
+    "sample_degradation_plan",
+    "sample_kernel_spec",
+    "sample_sinc_spec",
+    "sinc_kernel",
+]
