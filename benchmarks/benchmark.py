@@ -132,6 +132,36 @@ def time_runs(run: Callable[[int], Any], device: str, warmup_steps: int, repeats
     return best, output
 
 
+@contextmanager
+def stage_timers(pipe: FaithDiffSDXLPipeline, device: str) -> Iterator[dict[str, float]]:
+    """Within the context, each call of a pipeline stage adds its synchronised wall time to the yielded dict."""
+    totals: dict[str, float] = {}
+    names = ("encode_prompt", "lq_features", "prepare_latents", "predict_noise", "decode_latents")
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(method: Callable, name: str) -> Callable:
+        def wrapper(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            output = method(*args, **kwargs)
+            sync()
+            totals[name] = round(totals.get(name, 0.0) + time.perf_counter() - start, 4)
+            return output
+
+        return wrapper
+
+    for name in names:
+        setattr(pipe, name, timed(getattr(pipe, name), name))
+    try:
+        yield totals
+    finally:
+        for name in names:
+            delattr(pipe, name)
+
+
 def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], None]) -> None:
     dtype = getattr(torch, args.dtype)
     unet = build_unet(components["unet_config"], args.device, dtype)
@@ -140,11 +170,16 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
     parts = {k: v for k, v in components.items() if k != "unet_config"}
-    pipe = FaithDiffSDXLPipeline(unet=unet, **parts).to(args.device)
+    pipe = FaithDiffSDXLPipeline(unet=unet, **parts)
+    if args.offload == "model":
+        pipe.enable_model_cpu_offload(device=args.device)
+    else:
+        pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    if args.compile:
-        with measured(args.device) as compile_setup:
-            pipe.unet.compile_repeated_blocks(fullgraph=True)
+    if args.compile == "regional":
+        pipe.unet.compile_repeated_blocks(fullgraph=True)
+    elif args.compile == "full":
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True)
     reference = {}
     for size in args.sizes:
         tiled_vae = size >= args.vae_tiling_from
@@ -160,16 +195,19 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
                 ).images
 
             result, output = time_runs(run, args.device, args.warmup_steps, args.repeats, args.steps)
+            if args.breakdown:
+                with stage_timers(pipe, args.device) as stages:
+                    run(args.steps)
+                result["stages"] = stages
             first = reference.setdefault(size, output)
             emit({
                 "pipeline": "faithdiff_pipeline", "size": size, "tile_batch_size": tile_batch_size, "dtype": args.dtype,
                 "compile": args.compile, "fuse_qkv": args.fuse_qkv, "channels_last": args.channels_last,
+                "offload": args.offload,
                 "vae_tiling": tiled_vae, "steps": args.steps, **result,
                 "max_abs_diff_vs_first_tile_batch_size": round(float((output.float() - first.float()).abs().max()), 6),
             })
     del pipe, unet
-    if args.compile:
-        emit({"pipeline": "faithdiff_pipeline", "compile_setup_seconds": compile_setup["seconds"]})
 
 
 def load_anchor(path: Path):
@@ -238,7 +276,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vae-tiling-from", type=int, default=2048, help="enable VAE tiling from this size on")
-    parser.add_argument("--compile", action="store_true", help="regional torch.compile of the UNet's repeated blocks")
+    parser.add_argument("--compile", choices=["none", "regional", "full"], default="none",
+                        help="torch.compile the UNet's repeated transformer blocks (regional) or the whole UNet")
+    parser.add_argument("--offload", choices=["none", "model"], default="none", help="model CPU offload")
+    parser.add_argument("--breakdown", action="store_true", help="also time each stage of the pipeline")
     parser.add_argument("--fuse-qkv", action="store_true", help="fuse the UNet's attention projections")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--anchor", type=Path, help="another FaithDiff pipeline module to time in the same process")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements behind benchmarks/RESULTS.md, in one go. Expects in the repository root:
+# The GPU measurements behind benchmarks/RESULTS.md: `bash benchmarks/run_on_gpu.sh compare` (ours beside the
+# community pipeline), then `... tune` (breakdown, bfloat16, compilation, offload). Expects in the repository root:
 #   .bench/sdxl_configs.json (../shared/bench/sdxl_configs.json), .bench/coffee.png (a sample photo),
 #   benchmarks/anchors/community_faithdiff.py (diffusers' examples/community/pipeline_faithdiff_stable_diffusion_xl.py)
 # and, where diffusers is not installed, wheels in .whl/. Results go to $OUT/results.jsonl (or ./results.jsonl).
@@ -14,9 +15,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 bench() { timeout "$1" python3 benchmarks/benchmark.py --config .bench/sdxl_configs.json --sample .bench/coffee.png \
   --output "$OUT/results.jsonl" "${@:2}" 2>&1 | grep -v -i -e "warn" -e "kept in float32"; }
 
+round=${1:-compare}
+if [ "$round" = compare ]; then
 # 1. The community pipeline and ours, eager float16, side by side; tile batch sizes compared at 2048.
 bench 200 --sizes 1024 2048 --tile-batch-size 1 3 9 --anchor benchmarks/anchors/community_faithdiff.py
 # 2. 4096 x 4096 (49 tiles): peak memory with VAE and LQ-encoder tiling, no warm-up.
 bench 150 --sizes 4096 --tile-batch-size 4 --warmup-steps 0
 # 3. Ours with regional compilation of the UNet's transformer blocks and fused QKV projections.
-bench 200 --sizes 1024 2048 --tile-batch-size 9 --compile --fuse-qkv
+bench 200 --sizes 1024 2048 --tile-batch-size 9 --compile regional --fuse-qkv
+fi
+if [ "$round" = tune ]; then
+# Where the time goes (eager), then bfloat16 with regional and whole-UNet compilation, then model offload.
+bench 100 --sizes 1024 2048 --tile-batch-size 9 --breakdown --warmup-steps 1
+bench 120 --sizes 1024 2048 --tile-batch-size 9 --dtype bfloat16 --compile regional --fuse-qkv
+bench 100 --sizes 2048 --tile-batch-size 9 --compile regional --fuse-qkv --offload model
+bench 170 --sizes 1024 --tile-batch-size 1 --dtype bfloat16 --compile full --fuse-qkv
+fi

@@ -93,7 +93,7 @@ def test_benchmark_runs_ours_and_the_anchor_on_cpu(benchmark_module, tmp_path, c
     code = benchmark_module.main([
         "--config", str(config), "--sizes", "64", "128", "--tile-size", "64", "--tile-batch-size", "1", "3",
         "--steps", "2", "--warmup-steps", "1", "--device", "cpu", "--dtype", "float32", "--vae-tiling-from", "128",
-        "--anchor", str(anchor), "--output", str(output),
+        "--anchor", str(anchor), "--output", str(output), "--breakdown",
     ])
     assert code == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -104,6 +104,9 @@ def test_benchmark_runs_ours_and_the_anchor_on_cpu(benchmark_module, tmp_path, c
     assert [(r["size"], r["vae_tiling"]) for r in anchor_runs] == [(64, False), (128, True)]
     assert [(r["size"], r["tile_batch_size"]) for r in ours] == [(64, 1), (64, 3), (128, 1), (128, 3)]
     assert all(r["seconds"] > 0 for r in anchor_runs + ours)
+    stages = ours[0]["stages"]
+    assert set(stages) == {"encode_prompt", "lq_features", "prepare_latents", "predict_noise", "decode_latents"}
+    assert all(seconds > 0 for seconds in stages.values())
     # Batching tiles changes nothing but speed: the outputs agree with the one-tile-per-call run.
     assert all(r["max_abs_diff_vs_first_tile_batch_size"] < 1e-4 for r in ours)
 

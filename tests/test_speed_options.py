@@ -27,6 +27,20 @@ def test_regional_compile_matches_eager(tiny_pipe, tiled_lq) -> None:
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
 
 
+def test_whole_unet_compile_does_not_recompile_between_calls(tiny_pipe, tiled_lq, monkeypatch) -> None:
+    """torch.compile of the whole UNet (the alignment hook included in the graph): the hook stays registered, so a
+    second call with new images and conditions reuses the compiled graph; float32 agreement to 1e-4."""
+    import torch._dynamo
+
+    eager = _run(tiny_pipe, tiled_lq, tile_batch_size=3)
+    other = tiled_lq.transpose(PIL.Image.FLIP_LEFT_RIGHT)
+    eager_other = _run(tiny_pipe, other, tile_batch_size=3)
+    tiny_pipe.unet = torch.compile(tiny_pipe.unet, fullgraph=True)
+    torch.testing.assert_close(_run(tiny_pipe, tiled_lq, tile_batch_size=3), eager, rtol=0, atol=1e-4)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch.testing.assert_close(_run(tiny_pipe, other, tile_batch_size=3), eager_other, rtol=0, atol=1e-4)
+
+
 def test_fused_qkv_projections_match(tiny_pipe, tiled_lq) -> None:
     plain = _run(tiny_pipe, tiled_lq)
     tiny_pipe.unet.fuse_qkv_projections()

@@ -146,6 +146,21 @@ class FaithDiffAlignmentModel(ModelMixin, ConfigMixin):
         return hidden_states + residual.to(hidden_states.dtype)
 
 
+class _AlignmentHook:
+    """The forward hook on ``unet.conv_in``. It is registered once per UNet and stays: a whole-UNet
+    ``torch.compile`` then sees the same hook on every call and guards only on the condition's shape, instead of
+    recompiling for each new hook. Outside :func:`aligned_conv_in` it has no condition and changes nothing."""
+
+    def __init__(self) -> None:
+        self.alignment: FaithDiffAlignmentModel | None = None
+        self.condition: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self.condition is None:
+            return None
+        return self.alignment(output, condition_embeds=self.condition)
+
+
 @contextmanager
 def aligned_conv_in(
     unet: nn.Module, alignment: FaithDiffAlignmentModel, condition_embeds: torch.Tensor
@@ -153,14 +168,15 @@ def aligned_conv_in(
     """Within this context, every call of ``unet`` adds the alignment residual to its ``conv_in`` output.
 
     A forward hook keeps the UNet diffusers' own class (LoRA, attention processors, FreeU and layerwise casting keep
-    working); it is removed on exit, even on error.
+    working); outside the context the UNet computes exactly what it computes without FaithDiff, even after an error.
     """
-
-    def add_alignment(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return alignment(output, condition_embeds=condition_embeds)
-
-    handle = unet.conv_in.register_forward_hook(add_alignment)
+    hook = getattr(unet.conv_in, "_faithdiff_alignment_hook", None)
+    if hook is None:
+        hook = _AlignmentHook()
+        unet.conv_in.register_forward_hook(hook)
+        unet.conv_in._faithdiff_alignment_hook = hook
+    hook.alignment, hook.condition = alignment, condition_embeds
     try:
         yield
     finally:
-        handle.remove()
+        hook.alignment, hook.condition = None, None
