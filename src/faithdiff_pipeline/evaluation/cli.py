@@ -1,0 +1,434 @@
+"""``faithdiff-eval``: restore an evaluation set with several methods, score them and write the paper-style reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import PIL.Image
+import torch
+
+from .datasets import (
+    MANIFEST_NAME,
+    ImagePair,
+    PairedSet,
+    format_names,
+    image_size,
+    list_images,
+    make_synthetic_set,
+    missing_names,
+    pair_folders,
+    read_image,
+    write_png,
+)
+from .metrics import (
+    EVAL_EXTRA,
+    METRICS,
+    MetricUnavailableError,
+    ScoreFn,
+    default_metric_names,
+    load_metric,
+    parse_metric_names,
+)
+from .report import crop_grid, crop_tiles, markdown_table, plot_metrics, write_csv
+
+PROG = "faithdiff-eval"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+SETTINGS_NAME = "settings.json"
+
+
+@dataclass
+class Method:
+    """A method to evaluate.
+
+    ``kind`` is ``"lanczos"`` (the baseline, computed here), ``"faithdiff"`` (a pipeline run here) or ``"folder"``
+    (results of another method, read from ``source``). Computed results are saved under ``<out>/results/<name>``.
+    """
+
+    name: str
+    kind: str
+    source: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def computed(self) -> bool:
+        return self.kind != "folder"
+
+
+def parse_method(text: str) -> Method:
+    """``lanczos``, ``faithdiff=PIPELINE_DIR_OR_HUB_ID`` or ``NAME=RESULT_DIR`` (``--method``)."""
+    name, sep, source = text.partition("=")
+    name, source = name.strip(), source.strip()
+    expected = "expected lanczos, faithdiff=PIPELINE_DIR_OR_HUB_ID or NAME=RESULT_DIR"
+    if name == "lanczos" and not source:
+        return Method("lanczos", "lanczos")
+    if not sep or not source:
+        raise ValueError(f"`--method` {text!r} is not a method: {expected}.")
+    if not _METHOD_NAME.match(name):
+        raise ValueError(
+            f"`--method` {text!r}: the name {name!r} must be letters, digits, '.', '_', '+' or '-'; {expected}."
+        )
+    if name == "lanczos":
+        raise ValueError(
+            f"`--method` {text!r}: 'lanczos' is the built-in baseline and takes no value; write `--method lanczos`."
+        )
+    return Method(name, "faithdiff" if name == "faithdiff" else "folder", source)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (see ``docs/evaluation.md``)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Restore an evaluation set with FaithDiff and other methods, and compare them with IQA metrics.",
+    )
+    data = parser.add_argument_group("evaluation set (either --hq and --lq, or --make-set)")
+    data.add_argument("--hq", metavar="DIR", help="folder of high-quality (ground-truth) images")
+    data.add_argument("--lq", metavar="DIR", help="folder of low-quality inputs, paired with --hq by file name")
+    data.add_argument("--make-set", metavar="HQ_DIR", help="build a synthetic set from the HQ images of this folder")
+    data.add_argument("--preset", help="degradation preset for --make-set (e.g. dasr-level2)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the synthetic set (default: 0)")
+    data.add_argument("--set-dir", metavar="OUT", help="folder the synthetic set is written to")
+
+    run = parser.add_argument_group("methods, metrics and outputs")
+    run.add_argument(
+        "--method", action="append", default=[], metavar="NAME=SOURCE",
+        help="lanczos, faithdiff=PIPELINE_DIR_OR_HUB_ID, or NAME=RESULT_DIR for results of another method "
+        "(paired by file name); repeat for several (default: lanczos)",
+    )
+    run.add_argument("--metrics", help=f"comma-separated, among {', '.join(METRICS)} (default: all that are installed)")
+    run.add_argument("--out", metavar="DIR", help="folder for results and reports")
+    run.add_argument("--overwrite", action="store_true", help="recompute existing results (and rebuild --set-dir)")
+    run.add_argument("--grid-images", type=int, default=4, help="images shown in the crop grid (default: 4)")
+    run.add_argument("--crop-size", type=int, default=128, help="side of the grid's crops in HQ pixels (default: 128)")
+
+    sampling = parser.add_argument_group("FaithDiff sampling (for --method faithdiff=...)")
+    sampling.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    sampling.add_argument("--upscale", type=float, help="upscale factor (default: the set's scale)")
+    sampling.add_argument("--sample-seed", type=int, default=0, help="seed of each image's sampling (default: 0)")
+    sampling.add_argument("--prompt", default="", help="one prompt for every image (default: none)")
+    sampling.add_argument("--tile-size", type=int, default=1024, help="latent tile size in pixels (default: 1024)")
+    sampling.add_argument("--device", help="cuda, cpu, ... (default: cuda when available); also used by pyiqa")
+    sampling.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on GPUs, float32 on CPUs")
+    sampling.add_argument("--variant", help="weights variant to load, e.g. fp16")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``faithdiff-eval``. Returns 0 on success, 1 when some images failed, 2 on a usage error."""
+    args = build_parser().parse_args(argv)
+    try:
+        dataset, caption = _load_set(args)
+        if args.out is None:
+            if args.make_set:
+                print(f"Wrote {len(dataset.pairs)} pairs (scale {dataset.scale}) to {args.set_dir}")
+                return 0
+            raise ValueError("`--out` is required to evaluate methods: the folder for results and reports.")
+        run = _prepare_run(args, dataset)
+        pipelines = _load_pipelines(run)
+    except (ValueError, OSError, MetricUnavailableError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    failures = _restore_all(run, pipelines)
+    rows = _score_all(run, failures)
+    _write_reports(run, rows, caption)
+    if failures:
+        print(f"{PROG}: {len(failures)} image(s) failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_set(args: argparse.Namespace) -> tuple[PairedSet, str]:
+    if args.make_set:
+        if args.hq or args.lq:
+            raise ValueError(
+                "`--make-set` builds its own HQ/LQ pairs; pass either --make-set or --hq and --lq, not both."
+            )
+        if not args.preset or not args.set_dir:
+            raise ValueError(f"`--make-set {args.make_set}` needs --preset NAME and --set-dir OUT.")
+        dataset = make_synthetic_set(args.make_set, args.set_dir, args.preset, args.seed, overwrite=args.overwrite)
+    elif not args.hq or not args.lq:
+        raise ValueError(
+            "an evaluation set is needed: pass --hq DIR and --lq DIR, or --make-set HQ_DIR --preset NAME --set-dir OUT."
+        )
+    else:
+        dataset = pair_folders(args.hq, args.lq)
+    return dataset, _describe_set(dataset)
+
+
+def _describe_set(dataset: PairedSet) -> str:
+    """The set's name for the table caption: its folder, with the preset and seed of a synthetic set."""
+    folder = dataset.hq_dir.resolve()
+    manifest = folder.parent / MANIFEST_NAME
+    if folder.name != "hq" or not manifest.is_file():
+        return folder.name
+    try:
+        made = json.loads(manifest.read_text(encoding="utf-8"))
+        return f"{folder.parent.name} (preset {made['preset']}, seed {made['seed']})"
+    except (ValueError, KeyError):
+        return folder.parent.name
+
+
+@dataclass
+class Run:
+    """Everything one evaluation needs, checked before any image is processed."""
+
+    args: argparse.Namespace
+    dataset: PairedSet
+    out: Path
+    methods: list[Method]
+    metric_names: list[str]
+    scorers: dict[str, ScoreFn]
+    device: str
+    dtype: torch.dtype
+
+
+def _prepare_run(args: argparse.Namespace, dataset: PairedSet) -> Run:
+    methods = [parse_method(text) for text in args.method] or [Method("lanczos", "lanczos")]
+    duplicates = sorted({m.name for m in methods if [n.name for n in methods].count(m.name) > 1})
+    if duplicates:
+        raise ValueError(f"`--method` names {', '.join(duplicates)} more than once; give each method its own name.")
+    for name, value in (("--grid-images", args.grid_images), ("--crop-size", args.crop_size), ("--steps", args.steps)):
+        if value < (0 if name == "--grid-images" else 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.float16)
+    if args.metrics:
+        metric_names = parse_metric_names(args.metrics)
+    else:
+        metric_names, note = default_metric_names()
+        if note:
+            print(note, file=sys.stderr)
+    out = Path(args.out)
+    run = Run(args, dataset, out, methods, metric_names, {}, device, dtype)
+    for method in methods:
+        _prepare_method(run, method)
+    run.scorers = {name: load_metric(name, device) for name in metric_names}
+    return run
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"`--device` {name!r} is not a torch device; expected cpu, cuda, cuda:1, mps, ...") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`--device` {name!r} asks for a CUDA GPU, but torch sees none; use --device cpu.")
+    return name
+
+
+def _prepare_method(run: Run, method: Method) -> None:
+    """Fixes where each result of ``method`` is, checks folder results against the set, and checks that results
+    already saved under ``--out`` were made with the same settings."""
+    pairs = run.dataset.pairs
+    if method.kind == "folder":
+        found = list_images(method.source, f"result folder of method {method.name!r}")
+        if absent := missing_names((p.name for p in pairs), found):
+            raise ValueError(
+                f"result folder {method.source!r} of method {method.name!r} lacks {len(absent)} image(s) of the set: "
+                f"{format_names(absent)} (results are paired by file name)."
+            )
+        for pair in pairs:
+            size = image_size(found[pair.name])
+            if size != pair.hq_size:
+                raise ValueError(
+                    f"result {str(found[pair.name])!r} of method {method.name!r} is {size[0]}x{size[1]}; "
+                    f"expected the HQ size {pair.hq_size[0]}x{pair.hq_size[1]}."
+                )
+        method.results = {pair.name: found[pair.name] for pair in pairs}
+        return
+    folder = run.out / "results" / method.name
+    method.results = {pair.name: folder / f"{pair.name}.png" for pair in pairs}
+    method.settings = {"method": method.kind, "lq_dir": str(run.dataset.lq_dir.resolve())}
+    if method.kind == "faithdiff":
+        method.settings.update(_faithdiff_settings(run, method))
+    _check_settings(folder, method, run.args.overwrite)
+
+
+def _faithdiff_settings(run: Run, method: Method) -> dict[str, Any]:
+    args = run.args
+    upscale = args.upscale if args.upscale is not None else run.dataset.scale
+    if not upscale > 0:
+        raise ValueError(f"`--upscale` must be a number > 0, got {upscale}.")
+    if args.tile_size < 64 or args.tile_size % 8:
+        raise ValueError(f"`--tile-size` must be a multiple of 8 of at least 64 pixels, got {args.tile_size}.")
+    for pair in run.dataset.pairs:
+        output = (round(pair.lq_size[0] * upscale), round(pair.lq_size[1] * upscale))
+        if output != pair.hq_size:
+            raise ValueError(
+                f"`--upscale` {upscale} turns LQ image {pair.name!r} ({pair.lq_size[0]}x{pair.lq_size[1]}) into "
+                f"{output[0]}x{output[1]}, but its HQ image is {pair.hq_size[0]}x{pair.hq_size[1]}; "
+                f"use the set's scale {run.dataset.scale}."
+            )
+    source = Path(method.source)
+    return {
+        "pipeline": str(source.resolve()) if source.exists() else method.source,
+        "variant": args.variant,
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "steps": args.steps,
+        "upscale": upscale,
+        "seed": args.sample_seed,
+        "prompt": args.prompt,
+        "tile_size": args.tile_size,
+    }
+
+
+def _check_settings(folder: Path, method: Method, overwrite: bool) -> None:
+    path = folder / SETTINGS_NAME
+    if path.is_file() and not overwrite:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved != method.settings:
+            changed = sorted(k for k in set(saved) | set(method.settings) if saved.get(k) != method.settings.get(k))
+            before = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+            now = ", ".join(f"{k}={method.settings.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"results in {str(folder)!r} were made with other settings ({before}; now {now}); "
+                "pass --overwrite or choose another --out."
+            )
+
+
+def _todo(run: Run, method: Method) -> list[ImagePair]:
+    """The images of a computed method that still need restoring (all of them with ``--overwrite``)."""
+    if not method.computed:
+        return []
+    return [p for p in run.dataset.pairs if run.args.overwrite or not method.results[p.name].is_file()]
+
+
+def _load_pipelines(run: Run) -> dict[str, Any]:
+    """The FaithDiff pipelines of the methods that have images left to restore, loaded before any work starts so
+    that a wrong path fails at once."""
+    from ..pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
+
+    pipelines = {}
+    for method in run.methods:
+        if method.kind != "faithdiff" or not _todo(run, method):
+            continue
+        kwargs = {"dtype": run.dtype, **({"variant": run.args.variant} if run.args.variant else {})}
+        try:
+            pipe = FaithDiffSDXLPipeline.from_pretrained(method.source, **kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"`--method faithdiff={method.source}` could not be loaded: {error}") from error
+        pipe.to(run.device)
+        pipe.set_progress_bar_config(disable=True)
+        pipelines[method.name] = pipe
+    return pipelines
+
+
+def _restore(run: Run, method: Method, pipe: Any, pair: ImagePair) -> PIL.Image.Image:
+    with PIL.Image.open(pair.lq) as opened:
+        lq = opened.convert("RGB")
+    if method.kind == "lanczos":
+        return lq.resize(pair.hq_size, PIL.Image.LANCZOS)
+    settings = method.settings
+    generator = torch.Generator("cpu").manual_seed(settings["seed"])
+    return pipe(
+        lq, prompt=settings["prompt"], upscale=settings["upscale"], num_inference_steps=settings["steps"],
+        tile_size=settings["tile_size"], generator=generator, output_type="pil",
+    ).images[0]
+
+
+def _restore_all(run: Run, pipelines: dict[str, Any]) -> list[str]:
+    """Restores and saves every missing result; returns ``method/image`` for each failure (reported as it happens)."""
+    from tqdm.auto import tqdm
+
+    failures = []
+    for method in run.methods:
+        todo = _todo(run, method)
+        if not todo:
+            continue
+        folder = run.out / "results" / method.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SETTINGS_NAME).write_text(json.dumps(method.settings, indent=2) + "\n", encoding="utf-8")
+        for pair in tqdm(todo, desc=f"restoring with {method.name}", unit="image"):
+            try:
+                write_png(_restore(run, method, pipelines.get(method.name), pair), method.results[pair.name])
+            except Exception as error:  # one bad image must not stop a long run; it is reported and counted
+                failures.append(f"{method.name}/{pair.name}")
+                message = f"{PROG}: {method.name}/{pair.name}: restoring failed: {type(error).__name__}: {error}"
+                tqdm.write(message, file=sys.stderr)
+    return failures
+
+
+def _score_all(run: Run, failures: list[str]) -> list[dict]:
+    """Scores every available result; a result that cannot be read or scored is reported and added to ``failures``."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for pair in tqdm(run.dataset.pairs, desc="scoring", unit="image"):
+        for method in run.methods:
+            key = f"{method.name}/{pair.name}"
+            if key in failures:
+                continue
+            try:
+                rows.append(_score(run, method, pair))
+            except Exception as error:  # as above: counted, reported, and the run goes on
+                failures.append(key)
+                tqdm.write(f"{PROG}: {key}: scoring failed: {type(error).__name__}: {error}", file=sys.stderr)
+    order = {method.name: i for i, method in enumerate(run.methods)}
+    return sorted(rows, key=lambda row: (order[row["method"]], row["image"]))
+
+
+def _score(run: Run, method: Method, pair: ImagePair) -> dict:
+    hq = read_image(pair.hq)
+    restored = read_image(method.results[pair.name])
+    if restored.shape != hq.shape:
+        raise ValueError(
+            f"result {str(method.results[pair.name])!r} is {restored.shape[-1]}x{restored.shape[-2]}; "
+            f"expected the HQ size {hq.shape[-1]}x{hq.shape[-2]}."
+        )
+    row: dict[str, Any] = {"method": method.name, "image": pair.name}
+    for name, scorer in run.scorers.items():
+        row[name] = float(scorer(restored, hq if METRICS[name].full_reference else None)[0])
+    return row
+
+
+def _write_reports(run: Run, rows: list[dict], caption: str) -> None:
+    run.out.mkdir(parents=True, exist_ok=True)
+    names = run.metric_names
+    write_csv(rows, names, run.out / "metrics.csv")
+    count = len(run.dataset.pairs)
+    table = markdown_table(rows, names, f"Means over {count} images of {caption}, scale x{run.dataset.scale}.")
+    (run.out / "table.md").write_text(table, encoding="utf-8")
+    print(table)
+    if rows:
+        try:
+            plot_metrics(rows, names, run.out / "metrics.png")
+        except ImportError:
+            print(f"note: metrics.png skipped: matplotlib is not installed ({EVAL_EXTRA}).", file=sys.stderr)
+    _write_grid(run)
+
+
+def _write_grid(run: Run) -> None:
+    pairs = run.dataset.pairs[: run.args.grid_images]
+    grid_rows = []
+    for pair in pairs:
+        hq = _open_if_present(pair.hq)
+        if hq is None:
+            continue
+        results = [_open_if_present(method.results[pair.name]) for method in run.methods]
+        tiles = crop_tiles(hq, _open_if_present(pair.lq), results, run.dataset.scale, run.args.crop_size)
+        grid_rows.append((pair.name, tiles))
+    if not grid_rows:
+        return
+    labels = ["LQ (nearest)", *(method.name for method in run.methods), "HQ"]
+    crop_grid(grid_rows, labels, run.out / "crops.png")
+
+
+def _open_if_present(path: Path) -> PIL.Image.Image | None:
+    try:
+        with PIL.Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (OSError, PIL.Image.DecompressionBombError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

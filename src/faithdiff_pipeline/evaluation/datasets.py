@@ -1,0 +1,296 @@
+"""Evaluation sets: HQ/LQ folders paired by file stem, and synthetic sets made from HQ images with a degradation preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import PIL.Image
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MANIFEST_NAME = "manifest.json"
+# How an HQ image is cut to a multiple of the scale; recorded in the manifest.
+CROP_RULE = "top-left: the bottom rows and right columns beyond a multiple of the scale are dropped (BasicSR's mod_crop)"
+_NAMES_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """One HQ image and its LQ version; sizes are ``(width, height)``."""
+
+    name: str
+    hq: Path
+    lq: Path
+    hq_size: tuple[int, int]
+    lq_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PairedSet:
+    """HQ/LQ pairs, sorted by name, all with the same integer ``scale`` (HQ size = scale x LQ size)."""
+
+    pairs: list[ImagePair]
+    scale: int
+    hq_dir: Path
+    lq_dir: Path
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as an RGB ``[1, 3, H, W]`` float32 tensor in [0, 1]."""
+    try:
+        with PIL.Image.open(path) as opened:
+            rgb = opened.convert("RGB")
+    except (OSError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"{os.fspath(path)!r} could not be read as an image: {error}") from error
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float() / 255.0
+
+
+def to_pil(image: torch.Tensor) -> PIL.Image.Image:
+    """A ``[1, 3, H, W]`` (or ``[3, H, W]``) tensor in [0, 1] as an 8-bit RGB image (rounded, clipped)."""
+    image = image[0] if image.ndim == 4 else image
+    array = (image.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return PIL.Image.fromarray(np.ascontiguousarray(array))
+
+
+def write_png(image: PIL.Image.Image, path: str | os.PathLike) -> Path:
+    """Saves ``image`` as PNG at ``path``, through a temporary file renamed when complete, so that an interrupted run
+    never leaves a truncated image that a resumed run would take for a result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, reading only its header."""
+    try:
+        with PIL.Image.open(path) as opened:
+            return opened.size
+    except (OSError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"{str(path)!r} could not be read as an image: {error}") from error
+
+
+def list_images(folder: str | os.PathLike, role: str) -> dict[str, Path]:
+    """The images of ``folder`` by file stem. ``role`` names the folder in errors (e.g. ``"HQ folder"``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{role} {str(folder)!r} is not a folder.")
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+            found.setdefault(path.stem, []).append(path)
+    if not found:
+        raise ValueError(f"{role} {str(folder)!r} holds no images; expected files ending in {', '.join(IMAGE_EXTENSIONS)}.")
+    clashes = [f"{', '.join(p.name for p in paths)}" for paths in found.values() if len(paths) > 1]
+    if clashes:
+        raise ValueError(f"{role} {str(folder)!r} has several images with the same name: {format_names(clashes)}; keep one of each.")
+    return {stem: paths[0] for stem, paths in found.items()}
+
+
+def format_names(names: Iterable[str]) -> str:
+    """Names for an error message: the first ten, then how many more."""
+    names = list(names)
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    return shown if len(names) <= _NAMES_SHOWN else f"{shown} and {len(names) - _NAMES_SHOWN} more"
+
+
+def missing_names(wanted: Iterable[str], present: Iterable[str]) -> list[str]:
+    """The names of ``wanted`` that are not in ``present``, sorted."""
+    present = set(present)
+    return sorted(name for name in wanted if name not in present)
+
+
+def pair_folders(hq_dir: str | os.PathLike, lq_dir: str | os.PathLike) -> PairedSet:
+    """Pairs the images of ``hq_dir`` and ``lq_dir`` by file stem and checks that every HQ image is the same integer
+    multiple (the scale) of its LQ image in both dimensions.
+
+    Raises:
+        ValueError: a folder is missing or empty, an image has no partner (all are named), or the sizes disagree.
+    """
+    hq = list_images(hq_dir, "HQ folder")
+    lq = list_images(lq_dir, "LQ folder")
+    problems = []
+    if without_lq := missing_names(hq, lq):
+        problems.append(f"LQ folder {str(lq_dir)!r} lacks {len(without_lq)} image(s) of the HQ folder: {format_names(without_lq)}")
+    if without_hq := missing_names(lq, hq):
+        problems.append(f"HQ folder {str(hq_dir)!r} lacks {len(without_hq)} image(s) of the LQ folder: {format_names(without_hq)}")
+    if problems:
+        raise ValueError("; ".join(problems) + " (images are paired by file name without extension).")
+    pairs = [ImagePair(name, hq[name], lq[name], image_size(hq[name]), image_size(lq[name])) for name in sorted(hq)]
+    scale = _scale_of(pairs[0])
+    for pair in pairs:
+        expected = (pair.lq_size[0] * scale, pair.lq_size[1] * scale)
+        if pair.hq_size != expected:
+            raise ValueError(
+                f"HQ image {pair.name!r} is {_wxh(pair.hq_size)} but its LQ image is {_wxh(pair.lq_size)}: "
+                f"HQ must be {scale} x LQ = {_wxh(expected)} (the scale of {pairs[0].name!r})."
+            )
+    return PairedSet(pairs=pairs, scale=scale, hq_dir=Path(hq_dir), lq_dir=Path(lq_dir))
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _scale_of(pair: ImagePair) -> int:
+    (hq_w, hq_h), (lq_w, lq_h) = pair.hq_size, pair.lq_size
+    if hq_w % lq_w or hq_h % lq_h or hq_w // lq_w != hq_h // lq_h:
+        raise ValueError(
+            f"HQ image {pair.name!r} is {_wxh(pair.hq_size)} but its LQ image is {_wxh(pair.lq_size)}: "
+            "HQ must be the same integer multiple (the scale) of LQ in width and height."
+        )
+    return hq_w // lq_w
+
+
+def image_seed(seed: int, name: str) -> int:
+    """The seed of one image of a synthetic set: a hash of the set's ``seed`` and the image's name, so an image gets
+    the same degradation whatever the other images of the folder and their order."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def crop_to_multiple(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """``image`` (``[..., H, W]``) cut to a multiple of ``scale`` by dropping its last rows and columns."""
+    height, width = image.shape[-2:]
+    if height < scale or width < scale:
+        raise ValueError(f"An HQ image of {width}x{height} pixels is smaller than the scale {scale}.")
+    return image[..., : height - height % scale, : width - width % scale]
+
+
+def _jsonable(value: Any) -> Any:
+    """Config values that JSON has no type for (tuples become lists by themselves) are written as text."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    return str(value)
+
+
+def _versions() -> dict[str, str]:
+    from .. import __version__
+
+    return {"faithdiff_pipeline": __version__, "torch": torch.__version__, "numpy": np.__version__, "Pillow": PIL.__version__}
+
+
+def _set_description(preset: str, config: Any, seed: int, source: Path) -> dict[str, Any]:
+    return {
+        "preset": preset,
+        "config": json.loads(json.dumps(dataclasses.asdict(config), default=_jsonable)),
+        "seed": seed,
+        "scale": int(config.scale),
+        "crop": CROP_RULE,
+        "image_seed": "first 8 bytes (little-endian, 63 bits) of sha256('<seed>/<image name>')",
+        "source": str(source.resolve()),
+    }
+
+
+def _resolve_preset(preset: str) -> Any:
+    from .. import degradations
+
+    if preset not in degradations.PRESETS:
+        raise ValueError(f"`preset` {preset!r} is unknown; expected one of {', '.join(degradations.PRESETS)}.")
+    return degradations.get_preset(preset)
+
+
+def make_synthetic_set(
+    hq_dir: str | os.PathLike,
+    set_dir: str | os.PathLike,
+    preset: str,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PairedSet:
+    """Builds LQ/HQ pairs from the images of ``hq_dir`` with a degradation preset of
+    :mod:`faithdiff_pipeline.degradations`.
+
+    Each HQ image is cut to a multiple of the preset's scale (top-left kept, see ``CROP_RULE``) and written to
+    ``set_dir/hq/<name>.png``; its degraded version goes to ``set_dir/lq/<name>.png``, made with a generator seeded
+    by :func:`image_seed`, so a set is the same, byte for byte, whenever it is rebuilt. ``set_dir/manifest.json``
+    records the preset, its full config, the seed, the rules above and the package versions.
+
+    An existing set made with the same preset, config, seed and source images is completed (images already written
+    are kept), for instance after an interruption; one made otherwise is only replaced with ``overwrite``.
+
+    Returns:
+        The set as a :class:`PairedSet`.
+    """
+    from ..degradations import degrade
+
+    config = _resolve_preset(preset)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+    sources = list_images(hq_dir, "HQ folder")
+    set_dir = Path(set_dir)
+    names = sorted(sources)
+    description = _set_description(preset, config, seed, Path(hq_dir))
+    description["images"] = [{"name": name, "source": sources[name].name, "seed": image_seed(seed, name)} for name in names]
+    reuse = _check_existing_set(set_dir, description, overwrite)
+    if not reuse:
+        # Written first, so that an interrupted build is recognised and completed by the next one.
+        for stale in (set_dir / "hq", set_dir / "lq"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _write_json({**description, "versions": _versions()}, set_dir / MANIFEST_NAME)
+    scale = description["scale"]
+    for name in _progress(names, progress, f"making {preset} set"):
+        hq_path, lq_path = set_dir / "hq" / f"{name}.png", set_dir / "lq" / f"{name}.png"
+        if reuse and hq_path.is_file() and lq_path.is_file():
+            continue
+        hq = crop_to_multiple(read_image(sources[name]), scale)
+        generator = torch.Generator("cpu").manual_seed(image_seed(seed, name))
+        lq = degrade(hq, config, generator)
+        write_png(to_pil(hq), hq_path)
+        write_png(to_pil(lq), lq_path)
+    return pair_folders(set_dir / "hq", set_dir / "lq")
+
+
+def _check_existing_set(set_dir: Path, description: dict[str, Any], overwrite: bool) -> bool:
+    """Whether the images already in ``set_dir`` may be kept; raises if they belong to another set."""
+    manifest_path = set_dir / MANIFEST_NAME
+    if overwrite:
+        return False
+    if not manifest_path.is_file():
+        if set_dir.exists() and any(set_dir.iterdir()):
+            raise ValueError(
+                f"`set_dir` {str(set_dir)!r} is not empty and holds no {MANIFEST_NAME}; "
+                "choose an empty or new folder, or pass overwrite=True (--overwrite)."
+            )
+        return False
+    existing = json.loads(manifest_path.read_text(encoding="utf-8"))
+    differing = [key for key in ("preset", "config", "seed", "scale", "crop", "images") if existing.get(key) != description[key]]
+    if differing:
+        raise ValueError(
+            f"`set_dir` {str(set_dir)!r} holds a set made otherwise (its {', '.join(differing)} differ: preset "
+            f"{existing.get('preset')!r}, seed {existing.get('seed')!r}, {len(existing.get('images', []))} images; this "
+            f"run asks for {description['preset']!r}, seed {description['seed']}, {len(description['images'])} images); "
+            "choose another folder or pass overwrite=True (--overwrite)."
+        )
+    return True
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        json.dump(data, stream, indent=2)
+        stream.write("\n")
+    os.replace(temporary, path)
+
+
+def _progress(items: list, enabled: bool, description: str) -> Iterable:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, unit="image", disable=not enabled)
