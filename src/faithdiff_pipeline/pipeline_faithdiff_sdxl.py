@@ -275,11 +275,20 @@ class FaithDiffSDXLPipeline(
         accepted = inspect.signature(self.scheduler.step).parameters
         return {"generator": generator} if "generator" in accepted else {}
 
-    def _tile_time_ids(self, tiling: LatentTiling, padded_size: tuple[int, int], tile_size: int) -> torch.Tensor:
-        """SDXL micro-conditioning per tile, as the release sets it: original size = the padded image, crop = the
-        tile's offset in latent units, target = the (unclamped) tile size in pixels. ``[len(tiling), 6]``."""
-        rows = [(*padded_size, top, left, tile_size, tile_size) for top, left in tiling.origins]
-        return torch.tensor(rows, dtype=torch.float32)
+    def _batch_time_ids(
+        self, tiling: LatentTiling, batches: list[range], padded_size: tuple[int, int], tile_size: int, samples: int
+    ) -> list[torch.Tensor]:
+        """SDXL micro-conditioning of each tile batch, laid out like its UNet input and already on the device, as the
+        release sets it: original size = the padded image, crop = the tile's offset in latent units, target = the
+        (unclamped) tile size in pixels."""
+        cfg_copies = 2 if self.do_classifier_free_guidance else 1
+        rows = torch.tensor(
+            [(*padded_size, top, left, tile_size, tile_size) for top, left in tiling.origins], dtype=torch.float32
+        )
+        return [
+            rows[list(indices)].repeat_interleave(samples, dim=0).repeat(cfg_copies, 1).to(tiling.device, self.unet.dtype)
+            for indices in batches
+        ]
 
     def _embed_tiles(self, lq_features: torch.Tensor, tiling: LatentTiling, indices: range) -> torch.Tensor:
         """Alignment condition of tiles ``indices``, each embedded on its own crop of the LQ features, as the release
@@ -293,25 +302,27 @@ class FaithDiffSDXLPipeline(
         tiling: LatentTiling,
         batches: list[range],
         condition_embeds: list[torch.Tensor],
+        time_ids: list[torch.Tensor],
         prompt_embeds: torch.Tensor,
         add_text_embeds: torch.Tensor,
-        time_ids: torch.Tensor,
         guidance_rescale: float,
     ) -> torch.Tensor:
         """The guided noise prediction for the whole latent: the tiles of each batch go through one UNet call, both
         CFG halves together, and the tiles' predictions are blended with Gaussian weights.
 
-        ``condition_embeds`` holds each batch's alignment condition (tile-major, as :meth:`LatentTiling.crop`)."""
+        ``condition_embeds`` and ``time_ids`` hold each batch's alignment condition (tile-major, as
+        :meth:`LatentTiling.crop`) and micro-conditioning. Nothing here copies from the host, so the GPU never idles
+        waiting for the Python loop."""
         total = torch.zeros_like(latents)
         cfg_copies = 2 if self.do_classifier_free_guidance else 1
         unet_dtype = self.unet.dtype
-        for indices, condition in zip(batches, condition_embeds):
+        for indices, condition, batch_time_ids in zip(batches, condition_embeds, time_ids):
             tiles = tiling.crop(latents, indices)
             model_input = self.scheduler.scale_model_input(torch.cat([tiles] * cfg_copies), t).to(unet_dtype)
             per_tile = len(indices)
             added_cond = {
                 "text_embeds": _tile_major(add_text_embeds, per_tile, cfg_copies),
-                "time_ids": time_ids[list(indices)].repeat_interleave(latents.shape[0], dim=0).repeat(cfg_copies, 1).to(model_input),
+                "time_ids": batch_time_ids,
             }
             with aligned_conv_in(self.unet, self.alignment, torch.cat([condition] * cfg_copies)):
                 noise = self.unet(
@@ -328,7 +339,7 @@ class FaithDiffSDXLPipeline(
                 if guidance_rescale > 0:
                     noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=guidance_rescale)
             tiling.accumulate(total, noise, indices)
-        return total / tiling.weight_sum.to(total)
+        return total / tiling.weight_sum
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode to images in [0, 1], ``[B, 3, H, W]`` float32 (upcasting a float16 VAE that asks for it)."""
@@ -367,7 +378,7 @@ class FaithDiffSDXLPipeline(
         start_point: str = "lr",
         tile_size: int = 1024,
         tile_stride: int | None = None,
-        tile_batch_size: int = 1,
+        tile_batch_size: int = 4,
         color_fix: str | None = "adain",
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -409,8 +420,10 @@ class FaithDiffSDXLPipeline(
                 (clamped to the image); a multiple of 8, at least 64.
             tile_stride (`int`, *optional*): Distance in pixels between tiles; defaults to the release's half tile
                 (``8 * ceil(tile_size / 16)``). A multiple of 8, at most ``tile_size``.
-            tile_batch_size (`int`, defaults to 1): Tiles denoised together in one UNet call. Larger is faster and
-                uses more memory; the result is the same.
+            tile_batch_size (`int`, defaults to 4): Most tiles denoised together in one UNet call (the tiles are
+                split into even batches). Larger is faster and uses more memory; the result is the same up to
+                floating-point rounding. At 2048 px (9 tiles) 4 gives batches of 3: 1.6x faster than one tile per
+                call for about the same peak memory (benchmarks/RESULTS.md).
             color_fix (`str`, *optional*, defaults to `"adain"`): ``"adain"``, ``"wavelet"`` or ``None``: colour
                 correction against the LANCZOS-upscaled input.
             num_images_per_prompt (`int`, defaults to 1): Restorations per input image.
@@ -494,9 +507,9 @@ class FaithDiffSDXLPipeline(
         # 4. Tiles: layout, micro-conditioning and condition embeddings, all fixed for the whole run
         latent_tile = tile_size // self.vae_scale_factor
         latent_stride = default_latent_stride(latent_tile) if tile_stride is None else tile_stride // self.vae_scale_factor
-        tiling = LatentTiling.for_latent(latents.shape[-2], latents.shape[-1], latent_tile, latent_stride)
-        time_ids = self._tile_time_ids(tiling, tuple(padded.shape[-2:]), tile_size)
+        tiling = LatentTiling.for_latent(latents.shape[-2], latents.shape[-1], latent_tile, latent_stride, device)
         batches = tiling.batches(tile_batch_size)
+        time_ids = self._batch_time_ids(tiling, batches, tuple(padded.shape[-2:]), tile_size, batch_size)
         condition_embeds = [self._embed_tiles(lq_features, tiling, indices) for indices in batches]
         extra_step_kwargs = self._step_kwargs(generator)
 
@@ -507,7 +520,7 @@ class FaithDiffSDXLPipeline(
                 if self.interrupt:
                     continue
                 noise_pred = self.predict_noise(
-                    latents, t, tiling, batches, condition_embeds, prompt_embeds, add_text_embeds, time_ids,
+                    latents, t, tiling, batches, condition_embeds, time_ids, prompt_embeds, add_text_embeds,
                     guidance_rescale,
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]

@@ -46,6 +46,8 @@ class LatentTiling:
         height, width: Latent size.
         tile_height, tile_width: Tile size, already clamped to the latent size.
         stride: Distance between tile starts on axes with more than one tile.
+        device: Where the blending weights live: the latents' device, so that the denoising loop never copies from
+            the host (a pageable host-to-device copy waits for all queued GPU work).
     """
 
     height: int
@@ -53,10 +55,13 @@ class LatentTiling:
     tile_height: int
     tile_width: int
     stride: int
+    device: torch.device = torch.device("cpu")
 
     @classmethod
-    def for_latent(cls, height: int, width: int, tile: int, stride: int) -> "LatentTiling":
-        return cls(height, width, min(tile, height), min(tile, width), stride)
+    def for_latent(
+        cls, height: int, width: int, tile: int, stride: int, device: torch.device | str = "cpu"
+    ) -> "LatentTiling":
+        return cls(height, width, min(tile, height), min(tile, width), stride, torch.device(device))
 
     @cached_property
     def origins(self) -> list[tuple[int, int]]:
@@ -82,19 +87,21 @@ class LatentTiling:
 
     @cached_property
     def weights(self) -> torch.Tensor:
-        return gaussian_weights(self.tile_height, self.tile_width)
+        """One tile's blending weights, float32 on ``device`` (computed in float64)."""
+        return gaussian_weights(self.tile_height, self.tile_width).to(device=self.device, dtype=torch.float32)
 
     @cached_property
     def weight_sum(self) -> torch.Tensor:
-        """Sum of all tiles' weights over the latent, ``[height, width]`` (float64)."""
+        """Sum of all tiles' weights over the latent, ``[height, width]``, float32 on ``device``."""
+        weights = gaussian_weights(self.tile_height, self.tile_width)
         total = torch.zeros(self.height, self.width, dtype=torch.float64)
         for top, left in self.origins:
-            total[top : top + self.tile_height, left : left + self.tile_width] += self.weights
-        return total
+            total[top : top + self.tile_height, left : left + self.tile_width] += weights
+        return total.to(device=self.device, dtype=torch.float32)
 
     def accumulate(self, total: torch.Tensor, tiles: torch.Tensor, indices: range | list[int]) -> None:
         """Adds the weighted ``tiles`` (tile-major, as returned by :meth:`crop`) into ``total`` in place."""
-        weights = self.weights.to(device=tiles.device, dtype=total.dtype)
+        weights = self.weights.to(dtype=total.dtype)
         per_tile = tiles.to(total.dtype).unflatten(0, (len(indices), -1))
         th, tw = self.tile_height, self.tile_width
         for tile, i in zip(per_tile, indices):
