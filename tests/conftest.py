@@ -109,3 +109,43 @@ def fast_call(**overrides) -> dict:
     kwargs = dict(prompt="a photo", num_inference_steps=2, output_type="pt", tile_size=64)
     kwargs.update(overrides)
     return kwargs
+
+
+CAPTION_WORDS = (
+    "USER: ASSISTANT: Describe this image and its style in a very detailed manner. The features photo of cat dog "
+    "house tree red blue old garden."
+).split()
+
+
+def tiny_captioner(seed: int = 0) -> tuple:
+    """A tiny random LLaVA (CLIP vision tower + Llama) and its processor, built in code: (model, processor)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 4}
+    for word in CAPTION_WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=16, patch_size=8, projection_dim=16),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_index=4, vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+    return LlavaForConditionalGeneration(config).eval(), processor

@@ -26,9 +26,10 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel, ProcessorMixin
 
 from .alignment import FaithDiffAlignmentModel, aligned_conv_in
+from .captioning import Captioner
 from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
 from .lq_features import FaithDiffLQEncoder, vae_encoder_features
@@ -86,14 +87,18 @@ class FaithDiffSDXLPipeline(
         scheduler ([`SchedulerMixin`]): Sampler; the release uses ``EulerDiscreteScheduler``.
         lq_encoder ([`FaithDiffLQEncoder`], *optional*): The fine-tuned LQ encoder. Without it the LQ features are
             taken from ``vae.encoder``.
+        captioner ([`~transformers.PreTrainedModel`], *optional*): An image-text-to-text model (the release uses
+            LLaVA-1.5-13B, ``LlavaForConditionalGeneration``) that writes the prompt when none is given.
+        captioner_processor ([`~transformers.ProcessorMixin`], *optional*): The captioner's ``AutoProcessor``.
         force_zeros_for_empty_prompt (`bool`, defaults to `False`): Use zeros instead of encoding a missing negative
             prompt. FaithDiff was trained and released with a real empty prompt, so this stays off.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->lq_encoder->unet->vae"
+    # The captioner runs first and leaves the device before anything else needs it.
+    model_cpu_offload_seq = "captioner->text_encoder->text_encoder_2->lq_encoder->unet->vae"
     # The alignment runs inside every UNet call; it is small, so it stays on the device instead of shuttling.
     _exclude_from_cpu_offload = ["alignment"]
-    _optional_components = ["tokenizer", "text_encoder", "lq_encoder"]
+    _optional_components = ["tokenizer", "text_encoder", "lq_encoder", "captioner", "captioner_processor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds"]
 
     def __init__(
@@ -107,6 +112,8 @@ class FaithDiffSDXLPipeline(
         alignment: FaithDiffAlignmentModel,
         scheduler: KarrasDiffusionSchedulers,
         lq_encoder: FaithDiffLQEncoder | None = None,
+        captioner: PreTrainedModel | None = None,
+        captioner_processor: ProcessorMixin | None = None,
         force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         super().__init__()
@@ -120,6 +127,8 @@ class FaithDiffSDXLPipeline(
             alignment=alignment,
             scheduler=scheduler,
             lq_encoder=lq_encoder,
+            captioner=captioner,
+            captioner_processor=captioner_processor,
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
@@ -223,6 +232,21 @@ class FaithDiffSDXLPipeline(
         if len(prompt) != batch_size:
             raise ValueError(f"`{name}` has {len(prompt)} entries but {batch_size} images were given; pass one per image.")
         return list(prompt)
+
+    def caption(
+        self, image: LQImage | list[LQImage], generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> list[str]:
+        """Prompts for the LQ images (before upscaling), written by the captioner as the release does: LLaVA's
+        answer to the release's request, sampled with temperature 0.2 and top_p 0.7, then post-processed
+        (:func:`~faithdiff_pipeline.captioning.clean_caption`). ``generator`` seeds the sampling without being
+        advanced."""
+        if self.captioner is None or self.captioner_processor is None:
+            raise ValueError("This pipeline has no `captioner`/`captioner_processor`; pass `prompt` or load a captioner.")
+        images = [prepare_lq_images(item, 1).reference[0] for item in as_image_list(image)]
+        pil_images = self.image_processor.pt_to_numpy(torch.stack(images))
+        seed = _seed_from(generator[0] if isinstance(generator, list) else generator)
+        captioner = Captioner(self.captioner, self.captioner_processor)
+        return captioner.caption(self.image_processor.numpy_to_pil(pil_images), seed=seed)
 
     def lq_features(self, image: torch.Tensor) -> torch.Tensor:
         """LQ features of ``image`` (``[B, 3, H, W]`` in [-1, 1]): the LQ encoder's (or VAE encoder's) mid-block output.
@@ -403,7 +427,8 @@ class FaithDiffSDXLPipeline(
                 or a batch ``[B, 3, H, W]`` in [0, 1]. All images of a batch must have the same size.
             prompt (`str` or `list[str]`, *optional*):
                 Description of each image (the release uses a LLaVA caption). One string applies to every image.
-                Defaults to an empty prompt.
+                When omitted, the pipeline's `captioner` writes one per image; without a captioner the prompt is
+                empty. A given prompt is used as is.
             prompt_2 (`str` or `list[str]`, *optional*): Prompt for the second text encoder; defaults to ``prompt``.
             negative_prompt (`str` or `list[str]`, *optional*):
                 Negative prompt; defaults to ``""``, encoded as a real empty prompt as the release does.
@@ -468,7 +493,9 @@ class FaithDiffSDXLPipeline(
         batch_size = image_count * num_images_per_prompt
         device = self._execution_device
 
-        # 2. Encode the prompts
+        # 2. Caption the images when no prompt is given, then encode the prompts
+        if prompt is None and prompt_embeds is None and self.captioner is not None:
+            prompt = self.caption(image, generator)
         if prompt_embeds is None:
             prompt = self._batch_prompts("" if prompt is None else prompt, image_count, "prompt")
             prompt_2 = self._batch_prompts(prompt_2, image_count, "prompt_2")
@@ -546,6 +573,15 @@ class FaithDiffSDXLPipeline(
         if not return_dict:
             return (images,)
         return FaithDiffPipelineOutput(images=images)
+
+
+def _seed_from(generator: torch.Generator | None) -> int | None:
+    """A seed drawn from a copy of ``generator``, so that the caller's generator is not advanced."""
+    if generator is None:
+        return None
+    copy = torch.Generator(generator.device)
+    copy.set_state(generator.get_state())
+    return int(torch.randint(0, 2**62, (1,), generator=copy, device=generator.device))
 
 
 def _tile_major(per_sample: torch.Tensor, tiles: int, cfg_copies: int) -> torch.Tensor:
