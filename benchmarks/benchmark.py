@@ -207,7 +207,6 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
                 "vae_tiling": tiled_vae, "steps": args.steps, **result,
                 "max_abs_diff_vs_first_tile_batch_size": round(float((output.float() - first.float()).abs().max()), 6),
             })
-    del pipe, unet
 
 
 def load_anchor(path: Path):
@@ -261,7 +260,6 @@ def run_anchor(args: argparse.Namespace, components: dict, emit: Callable[[dict]
         result, _ = time_runs(run, args.device, args.warmup_steps, args.repeats, args.steps)
         emit({"pipeline": f"anchor:{args.anchor.name}", "size": size, "dtype": args.dtype, "vae_tiling": tiled_vae,
               "steps": args.steps, **result})
-    del pipe, unet
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
