@@ -51,7 +51,7 @@ def _results_folder() -> Path:
 def _generator(seed: float | None) -> torch.Generator:
     if seed is None:  # a cleared number box
         raise gr.Error("Enter a seed (a whole number).", title="No seed")
-    # CPU generator, as in examples/upscale.py: the same seed gives the same result on any device.
+    # CPU generator, as faithdiff-upscale uses: the same seed gives the same result on any device.
     return torch.Generator("cpu").manual_seed(int(seed))
 
 
