@@ -1,0 +1,163 @@
+"""Training checkpoints: accelerate's state (to resume) and a FaithDiff pipeline folder (to use), side by side.
+
+``OUTPUT/checkpoint-N/`` holds accelerate's files (trained weights, optimiser, LR schedule, data sampler, random
+states, EMA), ``training_state.json`` (step and stage) and ``pipeline/``, a folder that
+``FaithDiffSDXLPipeline.from_pretrained`` loads. A checkpoint is written under ``.checkpoint-N.partial`` and renamed
+when complete, so a checkpoint folder is always whole; ``training_state.json`` marks it as such.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from diffusers.training_utils import EMAModel
+
+from ..pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
+from .config import TrainingSetupError
+from .stages import FaithDiffTrainingModule
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_NAME = "training_state.json"
+PIPELINE_DIR = "pipeline"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in ``output_dir`` as ``(step, folder)``, oldest first."""
+    found = []
+    for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX) :]
+        if suffix.isdigit() and (path / STATE_NAME).is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: ``spec`` itself, the newest in ``output_dir`` for ``"latest"`` (None if there
+    is none yet, so that a job can always pass ``latest``), or None without ``spec``."""
+    if spec is None:
+        return None
+    if spec == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = Path(spec)
+    if not (path / STATE_NAME).is_file():
+        raise TrainingSetupError(
+            f"`resume_from_checkpoint` {spec!r} is not a complete checkpoint (no {STATE_NAME}); expected "
+            f"OUTPUT/{CHECKPOINT_PREFIX}N or 'latest'."
+        )
+    return path
+
+
+def read_training_state(checkpoint: Path, stage: int) -> int:
+    """The step a checkpoint was saved at, after checking it belongs to ``stage``."""
+    state = json.loads((checkpoint / STATE_NAME).read_text(encoding="utf-8"))
+    if state.get("stage") != stage:
+        raise TrainingSetupError(
+            f"`resume_from_checkpoint` {str(checkpoint)!r} is a stage-{state.get('stage')} checkpoint, but this is "
+            f"stage {stage}; to start stage 2 from stage 1, set `stage1_checkpoint: {checkpoint / PIPELINE_DIR}`."
+        )
+    return int(state["step"])
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether the trained weights are split across processes (FSDP, DeepSpeed ZeRO-3)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+@contextmanager
+def ema_weights(model: FaithDiffTrainingModule, ema: EMAModel | None) -> Iterator[None]:
+    """Within this context the trained parameters hold their moving average (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    parameters = list(model.parameters())
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    pipe: FaithDiffSDXLPipeline,
+    model: FaithDiffTrainingModule,
+    ema: EMAModel | None,
+    output_dir: str | Path,
+    step: int,
+    stage: int,
+) -> Path:
+    """Saves accelerate's state and the pipeline (with the EMA weights, if any) as ``output_dir/checkpoint-step``.
+
+    Every process must call it. Resuming needs the checkpoint folder on a file system that all processes see.
+    """
+    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    partial = Path(output_dir) / f".{final.name}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    export_pipeline(accelerator, pipe, model, ema, partial / PIPELINE_DIR)
+    # Every process writes its own random states into the folder: all must be done before it is renamed.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_NAME).write_text(json.dumps({"step": step, "stage": stage}) + "\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_pipeline(
+    accelerator: Accelerator,
+    pipe: FaithDiffSDXLPipeline,
+    model: FaithDiffTrainingModule,
+    ema: EMAModel | None,
+    path: Path,
+) -> None:
+    """Writes the pipeline with the current weights (the EMA weights, if any) to ``path`` with ``save_pretrained``.
+
+    With DDP or DeepSpeed ZeRO-1/2 every process holds the whole weights, which the pipeline already references.
+    Sharded weights (FSDP, ZeRO-3) are gathered first; every process must call this.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if is_sharded(accelerator):
+        state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            _pipeline_with_state(pipe, unwrapped, state).save_pretrained(path)
+        return
+    if accelerator.is_main_process:
+        with ema_weights(unwrapped, ema) if ema is not None else nullcontext():
+            pipe.save_pretrained(path)
+
+
+def _pipeline_with_state(pipe: FaithDiffSDXLPipeline, model: FaithDiffTrainingModule, state: dict) -> FaithDiffSDXLPipeline:
+    """A CPU copy of the trained components loaded from a gathered state dict, in a pipeline beside the frozen ones."""
+    copies = {}
+    for name in model.trained:
+        module = getattr(pipe, name)
+        copy = type(module).from_config(module.config)
+        copy.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")})
+        copies[name] = copy
+    return FaithDiffSDXLPipeline(**{**pipe.components, **copies})
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> list[Path]:
+    """Deletes all but the newest ``keep`` checkpoints (none when ``keep`` is None); returns what it deleted."""
+    if keep is None:
+        return []
+    removed = [path for _, path in list_checkpoints(output_dir)[:-keep]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed

@@ -1,0 +1,382 @@
+"""``faithdiff-prepare-data``: folders of HQ photos -> aligned HQ/LQ training crops, captions and a manifest.
+
+Output layout::
+
+    OUT/dataset.json     the settings the set was made with (a resumed run must use the same)
+    OUT/manifest.jsonl   one record per crop: hq, lq, caption, source, source_size, crop_box, seed, scale
+    OUT/hq/<folder>/<name>_<ext>_<k>.png, OUT/lq/...   the crops
+
+Each crop is drawn and degraded with its own seed (from ``--seed``, the image's key and the crop number), so the set
+is reproducible and a resumed run makes exactly the crops an uninterrupted one would. Images are written under a
+temporary name and renamed when complete, and a crop counts as done once its manifest record is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from ..degradations import PRESETS, DegradationConfig
+from ..evaluation.datasets import write_png
+from .data import (
+    MANIFEST_NAME,
+    ManifestRecord,
+    SourceImage,
+    degraded_crop,
+    derive_seed,
+    find_images,
+    load_degradation,
+    load_rgb,
+    read_manifest,
+)
+
+PROG = "faithdiff-prepare-data"
+SETTINGS_NAME = "dataset.json"
+CAPTION_SOURCES = ("none", "sidecar", "captioner")
+
+
+@dataclass(frozen=True)
+class PreparationSettings:
+    """What a prepared set depends on; stored in ``dataset.json`` and checked when a run resumes."""
+
+    hq_size: int
+    crops_per_image: int
+    seed: int
+    captions: str
+    degradation: dict[str, Any]
+
+
+@dataclass
+class PreparationSummary:
+    """What a run did. ``unreadable`` holds ``(path, reason)``; ``skipped_small`` the images smaller than a crop."""
+
+    images: int = 0
+    crops_written: int = 0
+    crops_already_done: int = 0
+    skipped_small: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    missing_captions: int = 0
+
+    def describe(self, hq_size: int) -> str:
+        lines = [
+            f"{self.images} image(s): {self.crops_written} crop(s) written, {self.crops_already_done} already done; "
+            f"{len(self.skipped_small)} image(s) smaller than {hq_size} px skipped; {len(self.unreadable)} unreadable."
+        ]
+        lines += [f"  unreadable: {path}: {reason}" for path, reason in self.unreadable]
+        if self.missing_captions:
+            lines.append(f"  {self.missing_captions} image(s) had no caption sidecar; their crops have an empty caption.")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _ImageTask:
+    """One source image's crops to make (picklable, for worker processes)."""
+
+    source: SourceImage
+    crops: tuple[int, ...]
+    output: Path
+    settings: PreparationSettings
+
+
+@dataclass(frozen=True)
+class _ImageResult:
+    task: _ImageTask
+    records: tuple[ManifestRecord, ...] = ()
+    small: bool = False
+    error: str | None = None
+
+
+def crop_paths(source: SourceImage, crop: int) -> tuple[str, str]:
+    """The HQ and LQ paths (relative to the output folder) of crop ``crop`` of ``source``. The extension is part
+    of the name, so ``a.jpg`` and ``a.png`` in one folder do not collide."""
+    key = Path(source.key)
+    name = f"{key.stem}_{key.suffix.lstrip('.').lower()}_{crop:03d}.png"
+    relative = (key.parent / name).as_posix()
+    return f"hq/{relative}", f"lq/{relative}"
+
+
+def prepare_training_set(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    hq_size: int = 512,
+    crops_per_image: int = 1,
+    degradation: DegradationConfig | None = None,
+    seed: int = 0,
+    captions: str = "none",
+    captioner: Any = None,
+    captioner_name: str | None = None,
+    caption_batch_size: int = 8,
+    workers: int = 0,
+    progress: bool = True,
+) -> PreparationSummary:
+    """Makes (or completes) a training set in ``output`` from the HQ images under ``inputs``.
+
+    Args:
+        inputs: folders of HQ photos, searched recursively.
+        output: the set's folder (created if needed).
+        hq_size: HQ crop size; the LQ crop is ``hq_size / degradation.scale``.
+        crops_per_image: random crops taken from each image.
+        degradation: the degradation model (default: FaithDiff's settings).
+        seed: the set's seed.
+        captions: ``"none"`` (empty captions), ``"sidecar"`` (the source image's caption sidecar, read with
+            ``faithdiff_pipeline.captioning.read_caption``) or ``"captioner"`` (``captioner`` captions each HQ crop).
+        captioner: with ``captions="captioner"``, an object whose ``caption(images, seed=...) -> list[str]`` returns
+            finished captions (e.g. ``faithdiff_pipeline.captioning.load_captioner(...)``).
+        captioner_name: the captioner's model id, recorded in ``dataset.json``.
+        caption_batch_size: images whose crops are captioned together.
+        workers: processes that crop and degrade (0: in this process).
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: bad settings, missing input folders, or an output folder prepared with other settings.
+    """
+    degradation = degradation if degradation is not None else DegradationConfig()
+    settings = _check_settings(
+        hq_size, crops_per_image, degradation, seed, captions, captioner, captioner_name, caption_batch_size, workers
+    )
+    output = Path(output)
+    images = find_images(inputs)
+    _claim_output(output, settings)
+    manifest = output / MANIFEST_NAME
+    done = _completed_records(manifest, output)
+    # Start from a clean manifest: an interrupted run may have left a half-written last line.
+    _write_manifest(manifest, list(done.values()))
+    summary = PreparationSummary(images=len(images))
+    tasks = []
+    for source in images:
+        pending = tuple(k for k in range(crops_per_image) if crop_paths(source, k)[0] not in done)
+        summary.crops_already_done += crops_per_image - len(pending)
+        if pending:
+            tasks.append(_ImageTask(source, pending, output, settings))
+
+    bar = tqdm(total=len(images), initial=len(images) - len(tasks), unit="image", desc=PROG, disable=not progress)
+    with open(manifest, "a", encoding="utf-8") as log:
+        for chunk in _chunks(_run_tasks(tasks, workers), caption_batch_size):
+            for record in _captioned(chunk, settings, captioner, summary):
+                log.write(record.to_json() + "\n")
+                log.flush()
+                done[record.hq] = record
+                summary.crops_written += 1
+            bar.update(len(chunk))
+    bar.close()
+    wanted = [crop_paths(source, k)[0] for source in images for k in range(crops_per_image)]
+    _write_manifest(manifest, [done[hq] for hq in wanted if hq in done])
+    return summary
+
+
+def _check_settings(
+    hq_size: int, crops_per_image: int, degradation: DegradationConfig, seed: int, captions: str, captioner: Any,
+    captioner_name: str | None, caption_batch_size: int, workers: int,
+) -> PreparationSettings:
+    for name, value, minimum in (
+        ("hq_size", hq_size, 8), ("crops_per_image", crops_per_image, 1), ("caption_batch_size", caption_batch_size, 1),
+        ("workers", workers, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    if hq_size % 8 or hq_size % degradation.scale:
+        raise ValueError(
+            f"`hq_size` must be a multiple of 8 (the VAE's factor) and of the degradation scale ({degradation.scale}), "
+            f"got {hq_size}."
+        )
+    if captions not in CAPTION_SOURCES:
+        raise ValueError(f"`captions` must be one of {CAPTION_SOURCES}, got {captions!r}.")
+    if (captions == "captioner") != (captioner is not None):
+        raise ValueError("`captioner` must be given exactly when `captions='captioner'`.")
+    label = f"captioner:{captioner_name or type(captioner).__name__}" if captioner is not None else captions
+    return PreparationSettings(hq_size, crops_per_image, seed, label, degradation.to_dict())
+
+
+def _claim_output(output: Path, settings: PreparationSettings) -> None:
+    """Writes ``dataset.json``, or checks that an existing one matches: resuming with other settings would mix
+    two different sets in one manifest."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / SETTINGS_NAME
+    current = json.loads(json.dumps(dataclasses.asdict(settings)))
+    if path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        if differing:
+            raise ValueError(
+                f"Output folder {str(output)!r} was prepared with other settings ({', '.join(differing)} differ); "
+                "resume with the same settings or choose a new output folder."
+            )
+        return
+    _atomic_write(path, json.dumps(current, indent=2) + "\n")
+
+
+def _completed_records(manifest: Path, output: Path) -> dict[str, ManifestRecord]:
+    """Records of earlier runs whose two images still exist, by HQ path. Anything else is redone."""
+    if not manifest.is_file():
+        return {}
+    records = read_manifest(manifest, strict=False)
+    return {r.hq: r for r in records if (output / r.hq).is_file() and (output / r.lq).is_file()}
+
+
+def _run_tasks(tasks: list[_ImageTask], workers: int) -> Iterator[_ImageResult]:
+    if workers == 0 or len(tasks) < 2:
+        yield from map(_make_crops, tasks)
+        return
+    # Spawned workers: forking a process whose torch thread pools are already running can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        yield from pool.map(_make_crops, tasks, chunksize=4)
+
+
+def _make_crops(task: _ImageTask) -> _ImageResult:
+    """Crops and degrades one image and writes its pairs (captions come later, in the main process)."""
+    settings = task.settings
+    try:
+        with PIL.Image.open(task.source.path) as opened:
+            width, height = opened.size
+        if min(width, height) < settings.hq_size:
+            return _ImageResult(task, small=True)
+        image = load_rgb(task.source.path)
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+        return _ImageResult(task, error=str(error.__cause__ or error))
+    degradation = DegradationConfig.from_dict(settings.degradation)
+    records = []
+    for crop in task.crops:
+        seed = derive_seed(settings.seed, task.source.key, crop)
+        hq, lq, box = degraded_crop(image, settings.hq_size, degradation, torch.Generator().manual_seed(seed))
+        hq_path, lq_path = crop_paths(task.source, crop)
+        write_png(hq, task.output / hq_path)
+        write_png(lq, task.output / lq_path)
+        records.append(ManifestRecord(hq_path, lq_path, "", str(task.source.path), image.size, box, seed, degradation.scale))
+    return _ImageResult(task, tuple(records))
+
+
+def _captioned(
+    results: list[_ImageResult], settings: PreparationSettings, captioner: Any, summary: PreparationSummary
+) -> list[ManifestRecord]:
+    """The records of a chunk of images, with their captions; small and unreadable images go to the summary."""
+    records = []
+    for result in results:
+        if result.small:
+            summary.skipped_small.append(str(result.task.source.path))
+        elif result.error is not None:
+            summary.unreadable.append((str(result.task.source.path), result.error))
+        elif settings.captions == "sidecar":
+            from ..captioning import read_caption
+
+            caption = read_caption(result.task.source.path)
+            summary.missing_captions += caption is None
+            records += [_with_caption(r, caption or "") for r in result.records]
+        else:
+            records += result.records
+    if captioner is not None and records:
+        output = results[0].task.output
+        crops = [load_rgb(output / r.hq) for r in records]
+        # Seeded by the chunk's first crop, so that re-running a set samples the same captions.
+        captions = captioner.caption(crops, seed=derive_seed(settings.seed, "caption", records[0].hq))
+        if len(captions) != len(records):
+            raise RuntimeError(f"The captioner returned {len(captions)} captions for {len(records)} images.")
+        records = [_with_caption(r, c) for r, c in zip(records, captions)]
+    return records
+
+
+def _with_caption(record: ManifestRecord, caption: str) -> ManifestRecord:
+    return dataclasses.replace(record, caption=caption)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_manifest(path: Path, records: list[ManifestRecord]) -> None:
+    """Rewrites the manifest in the order of the inputs, without the duplicates and partial lines that appending
+    during interrupted runs may have left."""
+    _atomic_write(path, "".join(record.to_json() + "\n" for record in records))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Make a FaithDiff training set: random aligned HQ/LQ crops of HQ photos, degraded with the "
+        "Real-ESRGAN-style model, with captions and a manifest. Re-running completes an interrupted run.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="FOLDER", help="folders of HQ photos (searched recursively)")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder of the training set")
+    parser.add_argument("--hq-size", type=int, default=512, help="HQ crop size in pixels (default: 512)")
+    parser.add_argument("--crops-per-image", type=int, default=1, help="random crops per image (default: 1)")
+    parser.add_argument(
+        "--degradation", metavar="PRESET_OR_YAML",
+        help=f"degradation preset ({', '.join(sorted(PRESETS))}) or YAML settings file (default: FaithDiff's settings)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the set (default: 0)")
+    captions = parser.add_mutually_exclusive_group()
+    captions.add_argument("--captioner", metavar="MODEL_ID", help="caption each HQ crop with this model (e.g. llava-hf/llava-1.5-13b-hf)")
+    captions.add_argument("--sidecar-captions", action="store_true", help="use each photo's caption sidecar (photo.json)")
+    parser.add_argument("--captioner-quantization", choices=("8bit", "4bit"), help="load the captioner quantised")
+    parser.add_argument("--captioner-device", help="device of the captioner (default: the model's)")
+    parser.add_argument("--caption-batch-size", type=int, default=8, help="images captioned together (default: 8)")
+    parser.add_argument("--workers", type=int, default=0, help="processes that crop and degrade (default: 0, this one)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``faithdiff-prepare-data``. Returns 0 when done (unreadable images are reported, not fatal), 2 on a usage
+    error."""
+    args = build_parser().parse_args(argv)
+    try:
+        degradation = load_degradation(args.degradation)
+        captions, captioner = _caption_source(args)
+        summary = prepare_training_set(
+            args.inputs, args.output, hq_size=args.hq_size, crops_per_image=args.crops_per_image,
+            degradation=degradation, seed=args.seed, captions=captions, captioner=captioner,
+            captioner_name=args.captioner, caption_batch_size=args.caption_batch_size, workers=args.workers,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    print(summary.describe(args.hq_size))
+    print(f"Manifest: {Path(args.output) / MANIFEST_NAME}")
+    return 0
+
+
+def _caption_source(args: argparse.Namespace) -> tuple[str, Any]:
+    if args.sidecar_captions:
+        return "sidecar", None
+    if not args.captioner:
+        return "none", None
+    from ..captioning import load_captioner
+
+    return "captioner", load_captioner(args.captioner, quantization=args.captioner_quantization, device=args.captioner_device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

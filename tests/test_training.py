@@ -1,0 +1,339 @@
+"""Training: data preparation, the datasets, the loss, both stages on tiny components, checkpoints and resumption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+
+from conftest import shared_path, tiny_components
+from faithdiff_pipeline import FaithDiffLQEncoder, FaithDiffSDXLPipeline
+from faithdiff_pipeline.captioning import write_caption
+from faithdiff_pipeline.degradations import DegradationConfig
+from faithdiff_pipeline.training import (
+    DegradingDataset,
+    PreparedPairsDataset,
+    TrainingConfig,
+    TrainingSetupError,
+    epsilon_loss,
+    noise_latents,
+    read_manifest,
+)
+from faithdiff_pipeline.training.data import degraded_crop, load_rgb, micro_conditioning, to_model_range
+from faithdiff_pipeline.training.prepare import main as prepare_main
+from faithdiff_pipeline.training.prepare import prepare_training_set
+from faithdiff_pipeline.training.stages import STAGE_RECIPES, parameter_groups, training_module
+from faithdiff_pipeline.training.train import main as train_main
+from faithdiff_pipeline.training.train import train
+
+HQ = 64  # tiny HQ crops: 16 px LQ, 8 x 8 latents
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _photo(width: int, height: int, seed: int) -> PIL.Image.Image:
+    """A structured RGB picture (gradients and a random texture) that survives degradation recognisably."""
+    y, x = np.mgrid[0:height, 0:width]
+    texture = np.random.default_rng(seed).integers(0, 64, (height, width))
+    rgb = np.stack([(x * (seed + 3)) % 256, (y * (seed + 5)) % 256, ((x + y) * 7 + texture) % 256], axis=-1)
+    return PIL.Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("photos") / "photos"
+    folder.mkdir()
+    for i in range(4):
+        _photo(96 + 8 * i, 80, seed=i).save(folder / f"photo{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def manifest(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("set")
+    prepare_training_set([photos], output, hq_size=HQ, progress=False)
+    return output / "manifest.jsonl"
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny components saved as an SDXL diffusers folder (no FaithDiff parts)."""
+    folder = tmp_path_factory.mktemp("sdxl")
+    components = tiny_components()
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        components[name].save_pretrained(folder / name)
+    return folder
+
+
+def _settings(manifest: Path | None, output: Path, **overrides) -> dict:
+    settings = dict(
+        train_manifest=str(manifest) if manifest else None, output_dir=str(output), train_batch_size=1, effective_batch_size=2,
+        max_train_steps=2, checkpointing_steps=2, validation_steps=0, learning_rate=1e-3,
+        lq_encoder_learning_rate=1e-3, lr_warmup_steps=1, report_to="none", dataloader_num_workers=0,
+        mixed_precision="no", seed=7,
+    )
+    settings.update(overrides)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def stage1_run(manifest: Path, sdxl_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stage 1 through the command line and a YAML file: 2 steps, validation at step 2. Returns the output folder."""
+    import yaml
+
+    output = tmp_path_factory.mktemp("stage1")
+    config = {**_settings(manifest, output, validation_steps=2, num_validation_images=1, validation_inference_steps=2),
+              "pretrained_model": str(sdxl_base)}
+    (output / "train.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert train_main(["--stage", "1", "--config", str(output / "train.yaml"), "--report-to", "none"]) == 0
+    return output
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(next(folder.glob("*.safetensors")))
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -------------------------------------------------------------------------------------- data preparation
+def test_prepare_data_crops_manifest_skips_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    samples = shared_path("samples")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    _photo(40, 40, seed=9).save(extra / "small.png")
+    (extra / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image at all")
+    output = tmp_path / "set"
+    args = [str(samples), str(extra), "-o", str(output), "--hq-size", "128", "--crops-per-image", "2", "--no-progress"]
+
+    assert prepare_main(args) == 0
+    report = capsys.readouterr().out
+    assert "8 crop(s) written" in report and "1 image(s) smaller than 128 px skipped" in report
+    assert "1 unreadable" in report and "broken.png" in report
+
+    records = read_manifest(output / "manifest.jsonl")
+    assert len(records) == 8 and {Path(r.source).name for r in records} == {"astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"}
+    for record in records:
+        hq, lq = load_rgb(output / record.hq), load_rgb(output / record.lq)
+        assert hq.size == (128, 128) and lq.size == (32, 32) and record.scale == 4 and record.caption == ""
+        left, top, right, bottom = record.crop_box
+        assert left % 4 == 0 and top % 4 == 0 and (right - left, bottom - top) == (128, 128)
+        assert right <= record.source_size[0] and bottom <= record.source_size[1]
+        # The HQ crop is the source's pixels at the box; the record's seed regenerates the same LQ crop.
+        source = load_rgb(record.source)
+        assert np.array_equal(np.asarray(hq), np.asarray(source.crop(record.crop_box)))
+        _, again, box = degraded_crop(source, 128, DegradationConfig(), torch.Generator().manual_seed(record.seed))
+        assert box == record.crop_box and np.array_equal(np.asarray(again), np.asarray(lq))
+
+    # Interrupt: one crop lost, a half-written manifest line. A re-run makes only that crop, identically.
+    lost = output / records[3].hq
+    expected = lost.read_bytes()
+    lost.unlink()
+    with open(output / "manifest.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"hq": "hq/samp')
+    untouched = output / records[0].lq
+    stamp = untouched.stat().st_mtime_ns
+    summary = prepare_training_set([samples, extra], output, hq_size=128, crops_per_image=2, progress=False)
+    assert (summary.crops_written, summary.crops_already_done) == (1, 7)
+    assert lost.read_bytes() == expected and untouched.stat().st_mtime_ns == stamp
+    assert read_manifest(output / "manifest.jsonl") == records
+
+    assert prepare_main(args + ["--seed", "1"]) == 2
+    assert "seed" in capsys.readouterr().err
+
+
+def test_prepare_data_captions_from_sidecars_and_a_captioner(photos: Path, tmp_path: Path) -> None:
+    write_caption(photos / "photo1.png", "The image shows a striped test pattern. It is colourful. More.")
+
+    summary = prepare_training_set([photos], tmp_path / "sidecar", hq_size=HQ, captions="sidecar", progress=False)
+    captions = {Path(r.source).name: r.caption for r in read_manifest(tmp_path / "sidecar" / "manifest.jsonl")}
+    assert captions["photo1.png"] == "A striped test pattern. It is colourful."
+    assert captions["photo0.png"] == "" and summary.missing_captions == 3
+    (photos / "photo1.json").unlink()
+
+    class SizeCaptioner:
+        def caption(self, images, seed=None):
+            return [f"a crop of {image.width}x{image.height}" for image in images]
+
+    prepare_training_set([photos], tmp_path / "model", hq_size=HQ, captions="captioner", captioner=SizeCaptioner(),
+                         caption_batch_size=3, progress=False)
+    records = read_manifest(tmp_path / "model" / "manifest.jsonl")
+    assert len(records) == 4 and all(r.caption == f"a crop of {HQ}x{HQ}" for r in records)
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+def test_on_the_fly_dataset_shapes_and_reproducibility(photos: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    _photo(48, 48, seed=5).save(small / "tiny.png")
+    dataset = DegradingDataset([photos, small], hq_size=HQ, seed=3, caption_dropout=0.0)
+    assert len(dataset) == 4 and [p.name for p in dataset.skipped_small] == ["tiny.png"]
+
+    example = dataset[2]
+    assert example["hq"].shape == example["lq"].shape == (3, HQ, HQ)
+    assert example["hq"].min() >= -1 and example["hq"].max() <= 1 and example["caption"] == ""
+    height, width, top, left, target_h, target_w = example["time_ids"].tolist()
+    source_width = load_rgb(dataset.sources[2].path).width
+    assert (height, width, target_h, target_w) == (80, source_width // 4 * 4, HQ, HQ)
+    assert top % 4 == 0 and left % 4 == 0 and top + HQ <= 80 and left + HQ <= source_width
+    # The LQ input is a degraded 16-px crop upscaled back: not the HQ crop.
+    assert (example["lq"] - example["hq"]).abs().mean() > 0.01
+
+    again = DegradingDataset([photos], hq_size=HQ, seed=3, caption_dropout=0.0)[2]
+    assert all(torch.equal(example[k], again[k]) for k in ("hq", "lq", "time_ids"))
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[2]["lq"], example["lq"])
+    other_seed = DegradingDataset([photos], hq_size=HQ, seed=4, caption_dropout=0.0)[2]
+    assert not torch.equal(other_seed["lq"], example["lq"])
+
+
+def test_prepared_dataset_reads_the_manifest(manifest: Path) -> None:
+    dataset = PreparedPairsDataset(manifest, seed=0, caption_dropout=1.0, random_flip=False)
+    record = dataset.records[1]
+    example = dataset[1]
+    assert (dataset.hq_size, dataset.scale, len(dataset)) == (HQ, 4, 4)
+    assert torch.equal(example["hq"], to_model_range(load_rgb(manifest.parent / record.hq)))
+    assert example["lq"].shape == (3, HQ, HQ) and example["caption"] == ""
+    assert example["time_ids"].tolist() == micro_conditioning(record.source_size, record.crop_box, 4)
+    lq, _ = dataset.validation_pair(1)
+    assert lq.size == (HQ // 4, HQ // 4)
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+def test_loss_against_an_independent_computation() -> None:
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    latents = torch.linspace(-2, 2, 2 * 4 * 3 * 3).reshape(2, 4, 3, 3)
+    noised = noise_latents(scheduler, latents, noise_offset=0.02, generator=torch.Generator().manual_seed(11))
+
+    draws = torch.Generator().manual_seed(11)
+    base = torch.randn(2, 4, 3, 3, generator=draws)
+    offset = torch.randn(2, 4, 1, 1, generator=draws)
+    timesteps = torch.randint(0, 1000, (2,), generator=draws)
+    expected_noise = base + 0.02 * offset
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)[timesteps].float().view(2, 1, 1, 1)
+    expected = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * expected_noise
+
+    assert torch.equal(noised.timesteps, timesteps)
+    torch.testing.assert_close(noised.noise, expected_noise, rtol=0, atol=1e-7)
+    torch.testing.assert_close(noised.noisy, expected, rtol=1e-6, atol=1e-6)
+    # The offset is constant over each channel of each sample.
+    torch.testing.assert_close((noised.noise - base).std(dim=(2, 3)), torch.zeros(2, 4), rtol=0, atol=1e-7)
+
+    prediction = torch.full_like(latents, 0.5, dtype=torch.float16)
+    manual = sum(abs(0.5 - v) for v in expected_noise.flatten().tolist()) / expected_noise.numel()
+    assert epsilon_loss(prediction, noised.noise).dtype == torch.float32
+    assert epsilon_loss(prediction, noised.noise).item() == pytest.approx(manual, rel=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------- stages
+def test_stage1_trains_only_the_alignment_module(stage1_run: Path, sdxl_base: Path) -> None:
+    pipeline = stage1_run / "checkpoint-2" / "pipeline"
+    assert json.loads((stage1_run / "checkpoint-2" / "training_state.json").read_text()) == {"step": 2, "stage": 1}
+    base = tiny_components()
+    assert _equal(_weights(pipeline / "unet"), _weights(sdxl_base / "unet"))
+    assert _equal(_weights(pipeline / "vae"), _weights(sdxl_base / "vae"))
+    # The LQ encoder is a frozen copy of the VAE encoder; the alignment module started at zero output and moved.
+    assert _equal(_weights(pipeline / "lq_encoder"), FaithDiffLQEncoder.from_vae(base["vae"]).state_dict())
+    alignment = _weights(pipeline / "alignment")
+    assert alignment["proj_out.weight"].abs().sum() > 0 and torch.isfinite(alignment["proj_out.weight"]).all()
+    assert (stage1_run / "validation" / "step-2" / "00.png").is_file()
+
+    pipe = FaithDiffSDXLPipeline.from_pretrained(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    restored = pipe(_photo(16, 16, seed=1), prompt="a photo", upscale=4, num_inference_steps=2, tile_size=HQ,
+                    output_type="pt").images
+    assert restored.shape == (1, 3, HQ, HQ) and torch.isfinite(restored).all()
+
+
+def test_stage2_trains_unet_alignment_and_lq_encoder(stage1_run: Path, photos: Path, tmp_path: Path) -> None:
+    """Stage 2 on the fly: HQ photos cropped and degraded in the data loader."""
+    stage1 = stage1_run / "checkpoint-2" / "pipeline"
+    settings = _settings(None, tmp_path, validation_steps=2, num_validation_images=1, validation_inference_steps=2)
+    settings.update(train_folders=[str(photos)], hq_size=HQ, degradation="dasr-level1")
+    result = train(TrainingConfig(stage=2, stage1_checkpoint=str(stage1), **settings))
+    assert (result.step, result.steps_run) == (2, 2) and np.isfinite(result.last_loss)
+    assert PIL.Image.open(tmp_path / "validation" / "step-2" / "00.png").size == (HQ, HQ)
+    stage2 = result.checkpoint / "pipeline"
+    for trained in ("unet", "alignment", "lq_encoder"):
+        before, after = _weights(stage1 / trained), _weights(stage2 / trained)
+        assert not _equal(before, after), trained
+        assert all(torch.isfinite(v).all() for v in after.values())
+    for frozen in ("vae", "text_encoder", "text_encoder_2"):
+        assert _equal(_weights(stage1 / frozen), _weights(stage2 / frozen)), frozen
+
+
+def test_stage_parameter_groups() -> None:
+    config = TrainingConfig(learning_rate=5e-5, lq_encoder_learning_rate=5e-6)
+    pipe = FaithDiffSDXLPipeline(**tiny_components())
+    module = training_module(pipe, 2, gradient_checkpointing=True)
+    groups = parameter_groups(module, 2, config)
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet+alignment", 5e-5), ("lq_encoder", 5e-6)]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in pipe.lq_encoder.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(module.parameters()))
+    assert pipe.unet.is_gradient_checkpointing and pipe.lq_encoder.encoder.gradient_checkpointing
+
+    module = training_module(pipe, 1, gradient_checkpointing=False)
+    assert STAGE_RECIPES[1].trained == ("alignment",)
+    assert [n for n, _ in module.named_children()] == ["alignment"]
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+    assert not any(p.requires_grad for p in pipe.lq_encoder.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- resumption
+def test_resuming_matches_an_uninterrupted_run(stage1_run: Path, manifest: Path, tmp_path: Path) -> None:
+    """4 pairs, batch 1, accumulation 2: 2 steps per epoch. Resuming after step 1 skips the 2 batches already seen,
+    crosses into epoch 1, and ends where the uninterrupted run ends (weights, EMA, LR schedule)."""
+    stage1 = str(stage1_run / "checkpoint-2" / "pipeline")
+    settings = _settings(manifest, tmp_path / "whole", max_train_steps=3, checkpointing_steps=1, use_ema=True,
+                         ema_update_interval=1, lr_warmup_steps=2)
+    whole = train(TrainingConfig(stage=2, stage1_checkpoint=stage1, **settings))
+    assert (whole.step, whole.steps_run) == (3, 3)
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-1", resumed_dir / "checkpoint-1")
+    settings.update(output_dir=str(resumed_dir), resume_from_checkpoint="latest")
+    resumed = train(TrainingConfig(stage=2, stage1_checkpoint=stage1, **settings))
+    assert (resumed.step, resumed.steps_run) == (3, 2)
+    assert json.loads((resumed.checkpoint / "training_state.json").read_text())["step"] == 3
+
+    for part in ("unet", "alignment", "lq_encoder"):
+        final = _weights(whole.checkpoint / "pipeline" / part)
+        assert _equal(final, _weights(resumed.checkpoint / "pipeline" / part)), part
+        assert not _equal(final, _weights(tmp_path / "whole" / "checkpoint-1" / "pipeline" / part)), part
+    # Raw weights (accelerate's state) and the LR schedule match too; the exported pipeline holds the EMA.
+    raw = load_file(whole.checkpoint / "model.safetensors")
+    assert _equal(raw, load_file(resumed.checkpoint / "model.safetensors"))
+    assert not torch.equal(raw["alignment.proj_out.weight"], _weights(whole.checkpoint / "pipeline" / "alignment")["proj_out.weight"])
+    schedules = [torch.load(c / "scheduler.bin", weights_only=True) for c in (whole.checkpoint, resumed.checkpoint)]
+    assert schedules[0]["_last_lr"] == schedules[1]["_last_lr"] and schedules[0]["last_epoch"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- user errors
+def test_configuration_mistakes_are_one_line_errors(manifest: Path, sdxl_base: Path, tmp_path: Path, capsys) -> None:
+    common = ["--pretrained-model", str(sdxl_base), "--output-dir", str(tmp_path), "--report-to", "none"]
+    cases = {
+        "train_manifest": ["--stage", "1", "--train-manifest", str(tmp_path / "missing.jsonl")],
+        "effective_batch_size": ["--stage", "1", "--train-manifest", str(manifest), "--train-batch-size", "3"],
+        "stage1_checkpoint": ["--stage", "2", "--train-manifest", str(manifest), "--effective-batch-size", "null"],
+        "learning_rate": ["--stage", "1", "--train-manifest", str(manifest), "--learning-rate", "fast"],
+        "pretrained_model": ["--stage", "1", "--train-manifest", str(manifest), "--pretrained-model", str(tmp_path / "nope")],
+    }
+    for name, args in cases.items():
+        assert train_main(args + (common if name != "pretrained_model" else common[2:])) == 2, name
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("faithdiff-train: error:") and f"`{name}`" in error and "\n" not in error, error
+
+    with pytest.raises(TrainingSetupError, match="unknown|Unknown"):
+        TrainingConfig.from_dict({"learning_rat": 1e-5})
+    both = {"learning_rate": "1e-5", "stage1": {"max_train_steps": 10}, "stage2": {"max_train_steps": 20}}
+    assert TrainingConfig.from_dict(both, stage=2).max_train_steps == 20
+    assert TrainingConfig.from_dict(both, stage=1).learning_rate == 1e-5
