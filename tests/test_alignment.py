@@ -91,3 +91,26 @@ def test_zero_initialised_output_leaves_unet_unchanged_and_hook_is_removed() -> 
         alignment.zero_init_output()
         with aligned_conv_in(unet, alignment, condition):
             torch.testing.assert_close(unet(sample, **args).sample, plain, rtol=0, atol=0)
+
+
+def test_spatial_attention_option_attends_across_pixels_of_each_sample_only() -> None:
+    torch.manual_seed(4)
+    model = FaithDiffAlignmentModel(lq_channels=64, latent_channels=32, num_attention_heads=8, spatial_attention=True)
+    for param in model.parameters():
+        param.data.normal_(0, 0.2)
+    hidden, lq = torch.randn(2, 32, 4, 5), torch.randn(2, 64, 4, 5)
+    out = model(hidden, lq_features=lq)
+    # an independent statement: torch's MultiheadAttention over the h*w tokens of each sample
+    block = model.blocks[0]
+    x = torch.cat([hidden, model.embed_condition(lq)], dim=1).flatten(2).transpose(1, 2)  # [B, hw, C]
+    normed = block.ln_1(x)
+    reference = block.attn(normed.transpose(0, 1), normed.transpose(0, 1), normed.transpose(0, 1), need_weights=False)[0]
+    torch.testing.assert_close(
+        block.attention(normed.unflatten(1, (4, 5))).flatten(1, 2), reference.transpose(0, 1), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(out[1:], model(hidden[1:], lq_features=lq[1:]), rtol=1e-5, atol=1e-5)  # no mixing
+    per_pixel = FaithDiffAlignmentModel(lq_channels=64, latent_channels=32, num_attention_heads=8)
+    per_pixel.load_state_dict(model.state_dict())
+    assert not torch.allclose(per_pixel(hidden, lq_features=lq), out, atol=1e-3)
+    out.sum().backward()
+    assert model.blocks[0].attn.in_proj_weight.grad[:32].abs().sum() > 0  # queries train in this mode

@@ -337,3 +337,13 @@ def test_configuration_mistakes_are_one_line_errors(manifest: Path, sdxl_base: P
     both = {"learning_rate": "1e-5", "stage1": {"max_train_steps": 10}, "stage2": {"max_train_steps": 20}}
     assert TrainingConfig.from_dict(both, stage=2).max_train_steps == 20
     assert TrainingConfig.from_dict(both, stage=1).learning_rate == 1e-5
+
+
+def test_spatial_attention_option_reaches_a_new_alignment_module(sdxl_base: Path) -> None:
+    from faithdiff_pipeline.training.stages import load_starting_pipeline
+
+    for spatial in (False, True):
+        pipe = load_starting_pipeline(TrainingConfig(stage=1, pretrained_model=str(sdxl_base), spatial_attention=spatial))
+        assert pipe.alignment.config.spatial_attention is spatial
+        assert all(block.spatial is spatial for block in pipe.alignment.blocks)
+        assert torch.count_nonzero(pipe.alignment.proj_out.weight) == 0  # starts as a no-op

@@ -47,19 +47,34 @@ class AlignmentBlock(nn.Module):
     the layer reduces exactly to ``out_proj(v_proj(x))``. That is what is computed here, per sample and per pixel,
     so that batching different images or tiles never mixes them. The query and key projections stay in
     ``attn.in_proj_weight`` so checkpoints round-trip unchanged.
+
+    With ``spatial=True`` (a research option, not the released model) the same weights attend across the pixels of
+    each sample instead: multi-head self-attention over its ``h * w`` positions (within a tile at inference).
     """
 
-    def __init__(self, width: int, num_attention_heads: int, mlp_ratio: int) -> None:
+    def __init__(self, width: int, num_attention_heads: int, mlp_ratio: int, spatial: bool = False) -> None:
         super().__init__()
+        self.spatial = spatial
         self.attn = nn.MultiheadAttention(width, num_attention_heads)
         self.ln_1 = nn.LayerNorm(width)
         self.mlp = AlignmentMLP(width, width * mlp_ratio)
         self.ln_2 = nn.LayerNorm(width)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial:
+            return self.spatial_attention(x)
         width = x.shape[-1]
         value = F.linear(x, self.attn.in_proj_weight[2 * width :], self.attn.in_proj_bias[2 * width :])
         return self.attn.out_proj(value)
+
+    def spatial_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention over each sample's pixels, ``x`` being ``[B, h, w, C]``."""
+        batch, height, width, channels = x.shape
+        heads = self.attn.num_heads
+        qkv = F.linear(x.reshape(batch, height * width, channels), self.attn.in_proj_weight, self.attn.in_proj_bias)
+        query, key, value = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        attended = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, height * width, channels)
+        return self.attn.out_proj(attended).reshape(batch, height, width, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.ln_1(x))
@@ -80,6 +95,8 @@ class FaithDiffAlignmentModel(ModelMixin, ConfigMixin):
             the per-sample computation does not depend on it).
         mlp_ratio (`int`, defaults to 2): Hidden width of each MLP as a multiple of the block width ``2 * latent_channels``.
         norm_num_groups (`int`, defaults to 32): Groups of the condition embedding's GroupNorm.
+        spatial_attention (`bool`, defaults to `False`): Attend across pixels instead of the release's per-pixel
+            attention (a research option for training new models; the released weights use `False`).
     """
 
     @register_to_config
@@ -91,12 +108,13 @@ class FaithDiffAlignmentModel(ModelMixin, ConfigMixin):
         num_attention_heads: int = 8,
         mlp_ratio: int = 2,
         norm_num_groups: int = 32,
+        spatial_attention: bool = False,
     ) -> None:
         super().__init__()
         width = 2 * latent_channels
         self.condition_embedding = ConditionEmbedding(lq_channels, latent_channels, norm_num_groups)
         self.blocks = nn.ModuleList(
-            [AlignmentBlock(width, num_attention_heads, mlp_ratio) for _ in range(num_layers)]
+            [AlignmentBlock(width, num_attention_heads, mlp_ratio, spatial_attention) for _ in range(num_layers)]
         )
         self.proj_out = nn.Linear(width, latent_channels)
 

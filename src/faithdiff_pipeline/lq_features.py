@@ -65,6 +65,8 @@ class FaithDiffLQEncoder(ModelMixin, ConfigMixin):
         mid_block_add_attention (`bool`, defaults to `True`): Whether the mid block has its attention layer.
     """
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,

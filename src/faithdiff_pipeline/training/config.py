@@ -64,6 +64,8 @@ class TrainingConfig:
         noise_offset: scale of the per-channel offset added to the training noise.
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``; ``None`` takes accelerate's configuration.
         gradient_checkpointing: recompute UNet and LQ-encoder activations in the backward pass.
+        spatial_attention: a new alignment module (stage 1 from SDXL) attends across each sample's pixels instead of
+            the release's per-pixel attention; a research option, off by default.
         allow_tf32: TF32 matrix products on Ampere and later GPUs.
         use_ema, ema_decay, ema_update_interval: an exponential moving average of the trained weights (off by
             default; the release updated one every 100 steps), used for validation and the exported pipelines.
@@ -113,6 +115,7 @@ class TrainingConfig:
     noise_offset: float = 0.02
     mixed_precision: str | None = None
     gradient_checkpointing: bool = True
+    spatial_attention: bool = False
     allow_tf32: bool = True
     use_ema: bool = False
     ema_decay: float = 0.9999

@@ -102,7 +102,7 @@ def load_starting_pipeline(config: TrainingConfig) -> FaithDiffSDXLPipeline:
     """
     source, faithdiff = starting_point(config)
     vae = load_vae(config.vae) if config.vae else None
-    pipe = _load_faithdiff(source, vae) if faithdiff else _build_from_sdxl(source, vae)
+    pipe = _load_faithdiff(source, vae) if faithdiff else _build_from_sdxl(source, vae, config.spatial_attention)
     _check_epsilon_prediction(pipe.scheduler, source)
     return pipe
 
@@ -132,7 +132,7 @@ def _load_faithdiff(source: str, vae: AutoencoderKL | None) -> FaithDiffSDXLPipe
     return pipe
 
 
-def _build_from_sdxl(source: str, vae: AutoencoderKL | None) -> FaithDiffSDXLPipeline:
+def _build_from_sdxl(source: str, vae: AutoencoderKL | None, spatial_attention: bool = False) -> FaithDiffSDXLPipeline:
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
         vae = vae if vae is not None else AutoencoderKL.from_pretrained(source, subfolder="vae")
@@ -148,7 +148,11 @@ def _build_from_sdxl(source: str, vae: AutoencoderKL | None) -> FaithDiffSDXLPip
             f"`pretrained_model` {source!r} is not a usable SDXL model (expected the diffusers subfolders unet, vae, "
             f"text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler): {error}"
         ) from error
-    alignment = FaithDiffAlignmentModel(lq_channels=vae.config.block_out_channels[-1], latent_channels=unet.config.block_out_channels[0])
+    alignment = FaithDiffAlignmentModel(
+        lq_channels=vae.config.block_out_channels[-1],
+        latent_channels=unet.config.block_out_channels[0],
+        spatial_attention=spatial_attention,
+    )
     alignment.zero_init_output()
     return FaithDiffSDXLPipeline(
         vae=vae, unet=unet, alignment=alignment, lq_encoder=FaithDiffLQEncoder.from_vae(vae), **components
@@ -243,24 +247,8 @@ def training_module(pipe: FaithDiffSDXLPipeline, stage: int, gradient_checkpoint
         # The frozen UNet of stage 1 still carries the gradient from the loss to the alignment module.
         pipe.unet.enable_gradient_checkpointing()
         if "lq_encoder" in recipe.trained:
-            enable_lq_encoder_checkpointing(pipe.lq_encoder)
+            pipe.lq_encoder.enable_gradient_checkpointing()
     return FaithDiffTrainingModule(pipe.unet, pipe.alignment, pipe.lq_encoder, recipe.trained)
-
-
-def enable_lq_encoder_checkpointing(lq_encoder: FaithDiffLQEncoder) -> None:
-    """Gradient checkpointing of the LQ encoder's diffusers ``Encoder`` (down blocks and mid block).
-
-    ``FaithDiffLQEncoder`` does not declare ``_supports_gradient_checkpointing``, so ``enable_gradient_checkpointing``
-    refuses it; the switches it would set are those of its inner ``Encoder``, set here the same way.
-    """
-
-    def checkpointed(module: nn.Module, *args: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
-
-    for module in lq_encoder.modules():
-        if hasattr(module, "gradient_checkpointing"):
-            module._gradient_checkpointing_func = checkpointed
-            module.gradient_checkpointing = True
 
 
 def parameter_groups(module: FaithDiffTrainingModule, stage: int, config: TrainingConfig) -> list[dict[str, Any]]:
