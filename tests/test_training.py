@@ -347,3 +347,40 @@ def test_spatial_attention_option_reaches_a_new_alignment_module(sdxl_base: Path
         assert pipe.alignment.config.spatial_attention is spatial
         assert all(block.spatial is spatial for block in pipe.alignment.blocks)
         assert torch.count_nonzero(pipe.alignment.proj_out.weight) == 0  # starts as a no-op
+
+
+def test_the_loop_learns_on_one_image(photos: Path, sdxl_base: Path, tmp_path: Path, monkeypatch) -> None:
+    """Stage 1 from SDXL, then stage 2 on one image for 100 steps: the loss of the last 25 steps is clearly below the
+    first 25 (each step draws a new timestep and noise, so single losses are noisy; means are not)."""
+    from faithdiff_pipeline.training import train as train_module
+
+    losses: list[float] = []
+    original = train_module._TrainingLoop.after_step
+    monkeypatch.setattr(
+        train_module._TrainingLoop, "after_step", lambda self, step, loss: losses.append(loss) or original(self, step, loss)
+    )
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(next(photos.glob("*.png")), one / "photo.png")
+    stage1 = train(TrainingConfig(stage=1, pretrained_model=str(sdxl_base), **_settings(None, tmp_path / "s1", train_folders=[str(one)], hq_size=HQ, max_train_steps=1, checkpointing_steps=1)))
+    losses.clear()
+    settings = _settings(None, tmp_path / "s2", train_folders=[str(one)], hq_size=HQ, max_train_steps=100, checkpointing_steps=100,
+                         effective_batch_size=1, lr_warmup_steps=0, lr_scheduler="constant", caption_dropout=0.0)
+    train(TrainingConfig(stage=2, stage1_checkpoint=str(stage1.checkpoint / "pipeline"), **settings))
+    assert len(losses) == 100 and all(np.isfinite(losses))
+    first, last = np.mean(losses[:25]), np.mean(losses[-25:])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_caption_dropout_rate(manifest: Path) -> None:
+    """Over many (epoch, index) draws the empty-caption rate matches caption_dropout (4 binomial standard deviations)."""
+    import dataclasses
+
+    dataset = PreparedPairsDataset(manifest, seed=0, caption_dropout=0.2, random_flip=False)
+    dataset.records = [dataclasses.replace(record, caption="A photo.") for record in dataset.records]
+    draws = []
+    for epoch in range(100):
+        dataset.set_epoch(epoch)
+        draws += [dataset[i]["caption"] == "" for i in range(len(dataset))]
+    n, rate = len(draws), 0.2
+    assert abs(sum(draws) - n * rate) <= 4 * (n * rate * (1 - rate)) ** 0.5
