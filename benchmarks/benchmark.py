@@ -65,7 +65,8 @@ def build_components(config_path: Path, device: str, dtype: torch.dtype) -> dict
             unet_config=unet_config,
             lq_encoder=FaithDiffLQEncoder.from_vae(vae),
             alignment=FaithDiffAlignmentModel(
-                lq_channels=config["vae"]["block_out_channels"][-1], latent_channels=unet_config["block_out_channels"][0]
+                lq_channels=config["vae"]["block_out_channels"][-1],
+                latent_channels=unet_config["block_out_channels"][0],
             ),
         )
     for name in ("vae", "text_encoder", "text_encoder_2", "lq_encoder", "alignment"):
@@ -77,7 +78,9 @@ def build_components(config_path: Path, device: str, dtype: torch.dtype) -> dict
     return components
 
 
-def build_unet(config: dict, device: str, dtype: torch.dtype, unet_class: type = UNet2DConditionModel) -> torch.nn.Module:
+def build_unet(
+    config: dict, device: str, dtype: torch.dtype, unet_class: type = UNet2DConditionModel
+) -> torch.nn.Module:
     with torch.device(device):
         unet = unet_class(**config)
     return unet.to(dtype=dtype).eval()
@@ -189,8 +192,15 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
 
             def run(steps: int) -> torch.Tensor:
                 return pipe(
-                    image, prompt=PROMPT, upscale=2, num_inference_steps=steps, guidance_scale=5.0, start_point="lr",
-                    tile_size=args.tile_size, tile_batch_size=tile_batch_size, output_type="pt",
+                    image,
+                    prompt=PROMPT,
+                    upscale=2,
+                    num_inference_steps=steps,
+                    guidance_scale=5.0,
+                    start_point="lr",
+                    tile_size=args.tile_size,
+                    tile_batch_size=tile_batch_size,
+                    output_type="pt",
                     generator=torch.Generator("cpu").manual_seed(0),
                 ).images
 
@@ -200,13 +210,24 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
                     run(args.steps)
                 result["stages"] = stages
             first = reference.setdefault(size, output)
-            emit({
-                "pipeline": "faithdiff_pipeline", "size": size, "tile_batch_size": tile_batch_size, "dtype": args.dtype,
-                "compile": args.compile, "fuse_qkv": args.fuse_qkv, "channels_last": args.channels_last,
-                "offload": args.offload,
-                "vae_tiling": tiled_vae, "steps": args.steps, **result,
-                "max_abs_diff_vs_first_tile_batch_size": round(float((output.float() - first.float()).abs().max()), 6),
-            })
+            emit(
+                {
+                    "pipeline": "faithdiff_pipeline",
+                    "size": size,
+                    "tile_batch_size": tile_batch_size,
+                    "dtype": args.dtype,
+                    "compile": args.compile,
+                    "fuse_qkv": args.fuse_qkv,
+                    "channels_last": args.channels_last,
+                    "offload": args.offload,
+                    "vae_tiling": tiled_vae,
+                    "steps": args.steps,
+                    **result,
+                    "max_abs_diff_vs_first_tile_batch_size": round(
+                        float((output.float() - first.float()).abs().max()), 6
+                    ),
+                }
+            )
 
 
 def load_anchor(path: Path):
@@ -242,7 +263,9 @@ def run_anchor(args: argparse.Namespace, components: dict, emit: Callable[[dict]
     module = load_anchor(args.anchor)
     unet = build_unet(components["unet_config"], args.device, dtype, module.UNet2DConditionModel)
     unet.load_additional_layers(weight_path=None, dtype=dtype)
-    parts = {k: components[k] for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+    parts = {
+        k: components[k] for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    }
     pipe = module.FaithDiffStableDiffusionXLPipeline(unet=unet, **parts).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     for size in args.sizes:
@@ -252,14 +275,30 @@ def run_anchor(args: argparse.Namespace, components: dict, emit: Callable[[dict]
 
         def run(steps: int):
             return pipe(
-                lr_img=image, prompt=PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=5.0,
-                generator=torch.Generator(args.device).manual_seed(0), start_point="lr", height=size, width=size,
-                overlap=0.5, target_size=(args.tile_size, args.tile_size),
+                lr_img=image,
+                prompt=PROMPT,
+                negative_prompt="",
+                num_inference_steps=steps,
+                guidance_scale=5.0,
+                generator=torch.Generator(args.device).manual_seed(0),
+                start_point="lr",
+                height=size,
+                width=size,
+                overlap=0.5,
+                target_size=(args.tile_size, args.tile_size),
             ).images
 
         result, _ = time_runs(run, args.device, args.warmup_steps, args.repeats, args.steps)
-        emit({"pipeline": f"anchor:{args.anchor.name}", "size": size, "dtype": args.dtype, "vae_tiling": tiled_vae,
-              "steps": args.steps, **result})
+        emit(
+            {
+                "pipeline": f"anchor:{args.anchor.name}",
+                "size": size,
+                "dtype": args.dtype,
+                "vae_tiling": tiled_vae,
+                "steps": args.steps,
+                **result,
+            }
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -274,8 +313,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vae-tiling-from", type=int, default=2048, help="enable VAE tiling from this size on")
-    parser.add_argument("--compile", choices=["none", "regional", "full"], default="none",
-                        help="torch.compile the UNet's repeated transformer blocks (regional) or the whole UNet")
+    parser.add_argument(
+        "--compile",
+        choices=["none", "regional", "full"],
+        default="none",
+        help="torch.compile the UNet's repeated transformer blocks (regional) or the whole UNet",
+    )
     parser.add_argument("--offload", choices=["none", "model"], default="none", help="model CPU offload")
     parser.add_argument("--breakdown", action="store_true", help="also time each stage of the pipeline")
     parser.add_argument("--fuse-qkv", action="store_true", help="fuse the UNet's attention projections")

@@ -60,9 +60,7 @@ def _require_image(image: PIL.Image.Image | str | None, action: str) -> None:
         raise gr.Error(f"Upload a photo first, then {action}.", title="No photo")
 
 
-def caption_image(
-    pipe: FaithDiffSDXLPipeline, image: PIL.Image.Image | str | None, seed: float | None = 42
-) -> str:
+def caption_image(pipe: FaithDiffSDXLPipeline, image: PIL.Image.Image | str | None, seed: float | None = 42) -> str:
     """The pipeline captioner's prompt for ``image`` (the release's LLaVA request and post-processing), for the
     caption box; sampled with ``seed`` so that the same photo and seed give the same caption."""
     _require_image(image, "ask for a caption")
@@ -174,13 +172,22 @@ def _option_controls() -> list[gr.components.Component]:
             guidance = gr.Slider(1, 10, value=5, step=0.5, label="Guidance (1: off)", elem_id="guidance")
         with gr.Row():
             seed = gr.Number(42, precision=0, label="Seed", elem_id="seed")
-            tile_size = gr.Slider(64, 2048, value=1024, step=64, label="Tile size (px)",
-                                  info="smaller tiles need less GPU memory", elem_id="tile-size")
+            tile_size = gr.Slider(
+                64,
+                2048,
+                value=1024,
+                step=64,
+                label="Tile size (px)",
+                info="smaller tiles need less GPU memory",
+                elem_id="tile-size",
+            )
         with gr.Row():
             start_point = gr.Radio(list(START_POINTS.items()), value="lr", label="Start point", elem_id="start-point")
             color_fix = gr.Radio(
-                [(label, value or "none") for label, value in COLOR_FIXES.items()], value="adain",
-                label="Colour fix", elem_id="color-fix",
+                [(label, value or "none") for label, value in COLOR_FIXES.items()],
+                value="adain",
+                label="Colour fix",
+                elem_id="color-fix",
             )
     return [upscale, steps, guidance, seed, start_point, color_fix, tile_size]
 
@@ -201,8 +208,14 @@ def build_demo(pipe: FaithDiffSDXLPipeline) -> gr.Blocks:
         )
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                image = gr.Image(type="pil", image_mode="RGB", label="Low-quality photo", height=320,
-                                 sources=["upload", "clipboard"], elem_id="input-image")
+                image = gr.Image(
+                    type="pil",
+                    image_mode="RGB",
+                    label="Low-quality photo",
+                    height=320,
+                    sources=["upload", "clipboard"],
+                    elem_id="input-image",
+                )
                 caption = gr.Textbox(label="Caption (prompt)", lines=3, placeholder=placeholder, elem_id="caption")
                 with gr.Row():
                     caption_button = gr.Button("Caption", interactive=has_captioner, elem_id="caption-button")
@@ -217,12 +230,29 @@ def build_demo(pipe: FaithDiffSDXLPipeline) -> gr.Blocks:
 
         # gradio finds the progress bar by its default value, so it has to be gr.Progress() there.
         def on_restore(
-            image: PIL.Image.Image | None, caption: str, upscale: float, steps: float, guidance: float, seed: float,
-            start_point: str, color_fix: str, tile_size: float, progress: gr.Progress = gr.Progress(),
+            image: PIL.Image.Image | None,
+            caption: str,
+            upscale: float,
+            steps: float,
+            guidance: float,
+            seed: float,
+            start_point: str,
+            color_fix: str,
+            tile_size: float,
+            progress: gr.Progress = gr.Progress(),
         ) -> list[Any]:
             before, after, path, used = restore_image(
-                pipe, image, caption, upscale, steps, guidance, seed, start_point,
-                None if color_fix == "none" else color_fix, tile_size, progress,
+                pipe,
+                image,
+                caption,
+                upscale,
+                steps,
+                guidance,
+                seed,
+                start_point,
+                None if color_fix == "none" else color_fix,
+                tile_size,
+                progress,
             )
             images = [(before, after)] if len(comparison) == 1 else [before, after]
             return [*images, gr.DownloadButton(value=str(path), interactive=True), used]
@@ -230,8 +260,9 @@ def build_demo(pipe: FaithDiffSDXLPipeline) -> gr.Blocks:
         # One queue for both buttons: the pipeline is not thread-safe, so a caption never runs beside a restoration.
         seed = options[3]
         caption_button.click(on_caption, [image, seed], caption, concurrency_id="pipeline")
-        restore_button.click(on_restore, [image, caption, *options], [*comparison, download, caption],
-                             concurrency_id="pipeline")
+        restore_button.click(
+            on_restore, [image, caption, *options], [*comparison, download, caption], concurrency_id="pipeline"
+        )
     return demo
 
 

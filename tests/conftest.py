@@ -50,22 +50,49 @@ def tiny_components(seed: int = 0, with_lq_encoder: bool = True) -> dict:
     """Random components with SDXL's structure at toy size (UNet widths 32/64, VAE 32/32/64/64, text width 32+32)."""
     torch.manual_seed(seed)
     text_config = dict(
-        vocab_size=190, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, bos_token_id=188, eos_token_id=189, pad_token_id=189, hidden_act="gelu",
+        vocab_size=190,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=188,
+        eos_token_id=189,
+        pad_token_id=189,
+        hidden_act="gelu",
     )
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=32,
     )
     vae = AutoencoderKL(
-        block_out_channels=(32, 32, 64, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
-        scaling_factor=0.13025, force_upcast=False,
+        block_out_channels=(32, 32, 64, 64),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=False,
     )
-    lq_encoder = FaithDiffLQEncoder(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if with_lq_encoder else None
+    lq_encoder = (
+        FaithDiffLQEncoder(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if with_lq_encoder else None
+    )
     lq_encoder = lq_encoder.eval() if lq_encoder is not None else None
     alignment = FaithDiffAlignmentModel(lq_channels=64, latent_channels=32, num_attention_heads=8)
     # Randomise every parameter, zero-initialised ones included, so that no part of the model is a no-op.
@@ -121,7 +148,12 @@ def tiny_captioner(seed: int = 0) -> tuple:
     """A tiny random LLaVA (CLIP vision tower + Llama) and its processor, built in code: (model, processor)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
-        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
         PreTrainedTokenizerFast,
     )
 
@@ -136,16 +168,37 @@ def tiny_captioner(seed: int = 0) -> tuple:
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
         num_additional_image_tokens=1,
     )
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=16, patch_size=8, projection_dim=16),
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
-        image_token_index=4, vision_feature_select_strategy="default", vision_feature_layer=-2,
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+            projection_dim=16,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        ),
+        image_token_index=4,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
     )
     return LlavaForConditionalGeneration(config).eval(), processor

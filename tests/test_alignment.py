@@ -39,7 +39,9 @@ def test_matches_release_multihead_attention_layout() -> None:
     model = _random_alignment()
     hidden, lq = torch.randn(1, 32, 6, 5), torch.randn(1, 64, 6, 5)
     with torch.no_grad():
-        torch.testing.assert_close(model(hidden, lq_features=lq), _release_style(model, hidden, lq), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(hidden, lq_features=lq), _release_style(model, hidden, lq), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_samples_of_a_batch_do_not_mix() -> None:
@@ -104,7 +106,9 @@ def test_spatial_attention_option_attends_across_pixels_of_each_sample_only() ->
     block = model.blocks[0]
     x = torch.cat([hidden, model.embed_condition(lq)], dim=1).flatten(2).transpose(1, 2)  # [B, hw, C]
     normed = block.ln_1(x)
-    reference = block.attn(normed.transpose(0, 1), normed.transpose(0, 1), normed.transpose(0, 1), need_weights=False)[0]
+    reference = block.attn(normed.transpose(0, 1), normed.transpose(0, 1), normed.transpose(0, 1), need_weights=False)[
+        0
+    ]
     torch.testing.assert_close(
         block.attention(normed.unflatten(1, (4, 5))).flatten(1, 2), reference.transpose(0, 1), rtol=1e-5, atol=1e-5
     )

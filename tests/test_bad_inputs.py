@@ -21,9 +21,17 @@ def _call(pipe, image, **overrides):
         ({"upscale": "2"}, ValueError, r"`upscale`.*'2'"),
         ({"tile_size": 56}, ValueError, r"`tile_size`.*at least 64.*56"),
         ({"tile_size": 100}, ValueError, r"`tile_size`.*multiple of 8.*100"),
-        ({"tile_size": 64, "tile_stride": 72}, ValueError, r"`tile_stride` must be a multiple of 8 between 8 and `tile_size` \(64\) pixels, got 72"),
+        (
+            {"tile_size": 64, "tile_stride": 72},
+            ValueError,
+            r"`tile_stride` must be a multiple of 8 between 8 and `tile_size` \(64\) pixels, got 72",
+        ),
         ({"tile_stride": 12}, ValueError, r"`tile_stride`.*multiple of 8.*12"),
-        ({"color_fix": "histogram"}, ValueError, r"`color_fix` must be one of \('adain', 'wavelet'\) or None, got 'histogram'"),
+        (
+            {"color_fix": "histogram"},
+            ValueError,
+            r"`color_fix` must be one of \('adain', 'wavelet'\) or None, got 'histogram'",
+        ),
         ({"start_point": "image"}, ValueError, r"`start_point` must be one of \('lr', 'noise'\), got 'image'"),
         ({"output_type": "jpeg"}, ValueError, r"`output_type`.*'jpeg'"),
         ({"num_inference_steps": 0}, ValueError, r"`num_inference_steps` must be a positive integer, got 0"),
@@ -32,9 +40,21 @@ def _call(pipe, image, **overrides):
         ({"prompt": ["a", "b"]}, ValueError, r"`prompt` has 2 entries but 1 images"),
         ({"negative_prompt": ["a", "b"]}, ValueError, r"`negative_prompt` has 2 entries"),
         ({"prompt": 3}, TypeError, r"`prompt` must be a string or a list of strings, got int"),
-        ({"generator": [torch.Generator(), torch.Generator()]}, ValueError, r"`generator` is a list of 2 generators, expected 1"),
-        ({"latents": torch.randn(1, 4, 6, 6)}, ValueError, r"`latents` must have shape \(1, 4, 5, 6\).*\(1, 4, 6, 6\)"),
-        ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, ValueError, r"`callback_on_step_end_tensor_inputs`.*noise_pred"),
+        (
+            {"generator": [torch.Generator(), torch.Generator()]},
+            ValueError,
+            r"`generator` is a list of 2 generators, expected 1",
+        ),
+        (
+            {"latents": torch.randn(1, 4, 6, 6)},
+            ValueError,
+            r"`latents` must have shape \(1, 4, 5, 6\).*\(1, 4, 6, 6\)",
+        ),
+        (
+            {"callback_on_step_end_tensor_inputs": ["noise_pred"]},
+            ValueError,
+            r"`callback_on_step_end_tensor_inputs`.*noise_pred",
+        ),
     ],
 )
 def test_bad_arguments(tiny_pipe, lq_image, overrides, error, pattern) -> None:
@@ -74,7 +94,13 @@ def test_prompt_embeds_mistakes(tiny_pipe, lq_image) -> None:
     with pytest.raises(ValueError, match="either `prompt` or `prompt_embeds`"):
         _call(tiny_pipe, lq_image, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
     with pytest.raises(ValueError, match=r"`prompt_embeds` has batch size 2, expected one per image \(1\)"):
-        _call(tiny_pipe, lq_image, prompt=None, prompt_embeds=embeds.repeat(2, 1, 1), pooled_prompt_embeds=pooled.repeat(2, 1))
+        _call(
+            tiny_pipe,
+            lq_image,
+            prompt=None,
+            prompt_embeds=embeds.repeat(2, 1, 1),
+            pooled_prompt_embeds=pooled.repeat(2, 1),
+        )
     with pytest.raises(ValueError, match="`negative_pooled_prompt_embeds` is required"):
         _call(tiny_pipe, lq_image, negative_prompt=None, negative_prompt_embeds=negative)
 

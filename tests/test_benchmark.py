@@ -12,25 +12,57 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 
 TINY_CONFIGS = {
     "unet": dict(
-        block_out_channels=[32, 64], layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        attention_head_dim=[2, 4], use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=[1, 2], projection_class_embeddings_input_dim=80,
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=[1, 2],
+        projection_class_embeddings_input_dim=80,
         cross_attention_dim=64,
     ),
     "vae": dict(
-        block_out_channels=[32, 32, 64, 64], layers_per_block=1, latent_channels=4, sample_size=64,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        scaling_factor=0.13025, force_upcast=False,
+        block_out_channels=[32, 32, 64, 64],
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=64,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        scaling_factor=0.13025,
+        force_upcast=False,
     ),
-    "text_encoder": dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407),
-    "text_encoder_2": dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=49406,
-                           eos_token_id=49407, pad_token_id=49407),
-    "scheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                      timestep_spacing="leading"),
+    "text_encoder": dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    ),
+    "text_encoder_2": dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    ),
+    "scheduler": dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    ),
 }
 
 ANCHOR = '''
@@ -90,11 +122,35 @@ def test_benchmark_runs_ours_and_the_anchor_on_cpu(benchmark_module, tmp_path, c
     anchor = tmp_path / "anchor_pipeline.py"
     anchor.write_text(ANCHOR)
     output = tmp_path / "results.jsonl"
-    code = benchmark_module.main([
-        "--config", str(config), "--sizes", "64", "128", "--tile-size", "64", "--tile-batch-size", "1", "3",
-        "--steps", "2", "--warmup-steps", "1", "--device", "cpu", "--dtype", "float32", "--vae-tiling-from", "128",
-        "--anchor", str(anchor), "--output", str(output), "--breakdown",
-    ])
+    code = benchmark_module.main(
+        [
+            "--config",
+            str(config),
+            "--sizes",
+            "64",
+            "128",
+            "--tile-size",
+            "64",
+            "--tile-batch-size",
+            "1",
+            "3",
+            "--steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--vae-tiling-from",
+            "128",
+            "--anchor",
+            str(anchor),
+            "--output",
+            str(output),
+            "--breakdown",
+        ]
+    )
     assert code == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed == [json.loads(line) for line in output.read_text().splitlines()]

@@ -10,7 +10,13 @@ import torch
 from conftest import fast_call, tiny_captioner, tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 from faithdiff_pipeline.captioning import (
-    CAPTION_REQUEST, Captioner, clean_caption, load_captioner, read_caption, sidecar_path, write_caption,
+    CAPTION_REQUEST,
+    Captioner,
+    clean_caption,
+    load_captioner,
+    read_caption,
+    sidecar_path,
+    write_caption,
 )
 
 
@@ -21,7 +27,10 @@ from faithdiff_pipeline.captioning import (
             "The image features a woman in her 55s with blonde hair. She appears to be in a good mood. She wears a scarf.",
             "A woman in her 55s with blonde hair. She appears to be in a good mood.",
         ),
-        ("The image shows AN OLD barn. It is red.", "An OLD barn. It is red.."),  # the release's capitalize, two periods
+        (
+            "The image shows AN OLD barn. It is red.",
+            "An OLD barn. It is red..",
+        ),  # the release's capitalize, two periods
         ("The photo depicts", "The photo depicts."),
         ("", ""),
         ("   ", ""),
@@ -44,7 +53,11 @@ def test_request_and_generation_settings_reach_generate(lq_image, monkeypatch) -
 
     monkeypatch.setattr(model, "generate", spy_generate)
     captioner = Captioner(model, processor)
-    assert captioner.request == CAPTION_REQUEST == "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
+    assert (
+        captioner.request
+        == CAPTION_REQUEST
+        == "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
+    )
     captions = captioner.raw_captions([lq_image, lq_image], seed=3)
     assert (seen["do_sample"], seen["temperature"], seen["top_p"], seen["max_new_tokens"]) == (True, 0.2, 0.7, 512)
     prompt_ids = seen["input_ids"][0][seen["attention_mask"][0].bool()]
@@ -107,7 +120,9 @@ def test_given_prompt_is_never_altered_nor_captioned(captioning_pipe, lq_image, 
     monkeypatch.setattr(Captioner, "raw_captions", lambda self, images, seed=None: calls.append(1) or ["x"])
     prompts_seen = []
     original_encode = captioning_pipe.encode_prompt
-    monkeypatch.setattr(captioning_pipe, "encode_prompt", lambda *a, **k: prompts_seen.append(k["prompt"]) or original_encode(*a, **k))
+    monkeypatch.setattr(
+        captioning_pipe, "encode_prompt", lambda *a, **k: prompts_seen.append(k["prompt"]) or original_encode(*a, **k)
+    )
     captioning_pipe(lq_image, **fast_call(prompt="The image features exactly this."))
     assert calls == [] and prompts_seen == [["The image features exactly this."]]
 
@@ -145,6 +160,7 @@ def test_no_captioner_means_a_clear_error(tiny_pipe, lq_image) -> None:
 def test_quantization_arguments() -> None:
     with pytest.raises(ValueError, match="`quantization` must be None or one of"):
         load_captioner("unused", quantization="3bit")
+
 
 def test_quantization_without_bitsandbytes_is_a_clear_error(monkeypatch) -> None:
     import builtins

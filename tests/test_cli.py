@@ -51,7 +51,10 @@ def _cli(model_dir, *args) -> int:
 def test_restores_a_folder_with_metadata_and_compare(model_dir, tmp_path, capsys) -> None:
     inputs = _lq_set(tmp_path / "in", 3)
     out = tmp_path / "out"
-    assert _cli(model_dir, str(tmp_path / "in"), "-o", str(out), "--prompt", "An old photo.", "--compare", "--seed", "7") == 0
+    assert (
+        _cli(model_dir, str(tmp_path / "in"), "-o", str(out), "--prompt", "An old photo.", "--compare", "--seed", "7")
+        == 0
+    )
     assert "3 done, 0 skipped (already restored), 0 failed" in capsys.readouterr().out
     for path in inputs:
         with PIL.Image.open(out / f"{path.stem}.png") as result:
@@ -84,7 +87,9 @@ def test_interrupted_run_resumes_without_redoing_finished_images(model_dir, tmp_
 
     monkeypatch.setattr(FaithDiffSDXLPipeline, "__call__", original_call)
     counted = []
-    monkeypatch.setattr(FaithDiffSDXLPipeline, "__call__", lambda self, *a, **k: counted.append(1) or original_call(self, *a, **k))
+    monkeypatch.setattr(
+        FaithDiffSDXLPipeline, "__call__", lambda self, *a, **k: counted.append(1) or original_call(self, *a, **k)
+    )
     assert _cli(model_dir, str(tmp_path / "in"), "-o", str(out)) == 0
     assert len(counted) == 13
     assert "13 done, 7 skipped" in capsys.readouterr().out
@@ -100,13 +105,18 @@ def test_a_failing_image_is_reported_and_the_run_goes_on(model_dir, tmp_path, ca
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     assert _cli(model_dir, str(tmp_path / "in"), "-o", str(tmp_path / "out")) == 1
     output = capsys.readouterr().out
-    assert "2 done, 0 skipped (already restored), 1 failed" in output and "failed: broken.jpg: not a readable image" in output
+    assert (
+        "2 done, 0 skipped (already restored), 1 failed" in output
+        and "failed: broken.jpg: not a readable image" in output
+    )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo_00.png", "photo_01.png"]
 
 
 def test_caption_modes(model_dir, captioner_dir, tmp_path, capsys) -> None:
     inputs = _lq_set(tmp_path / "in", 2)
-    (tmp_path / "in" / "photo_00.json").write_text(json.dumps({"caption": "The image features a red house. It is old."}))
+    (tmp_path / "in" / "photo_00.json").write_text(
+        json.dumps({"caption": "The image features a red house. It is old."})
+    )
 
     def caption_of(out, name):
         with PIL.Image.open(out / f"{name}.png") as image:
@@ -119,8 +129,18 @@ def test_caption_modes(model_dir, captioner_dir, tmp_path, capsys) -> None:
     assert _cli(model_dir, str(tmp_path / "in"), "-o", str(tmp_path / "none"), "--caption", "none") == 0
     assert caption_of(tmp_path / "none", "photo_00") == ""
 
-    assert _cli(model_dir, str(tmp_path / "in"), "-o", str(tmp_path / "auto"), "--captioner", str(captioner_dir),
-                "--write-captions") == 0
+    assert (
+        _cli(
+            model_dir,
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "auto"),
+            "--captioner",
+            str(captioner_dir),
+            "--write-captions",
+        )
+        == 0
+    )
     assert caption_of(tmp_path / "auto", "photo_00") == "A red house. It is old.."  # a sidecar wins
     written = json.loads((tmp_path / "in" / "photo_01.json").read_text())
     from faithdiff_pipeline.captioning import clean_caption
@@ -136,14 +156,26 @@ def test_caption_modes(model_dir, captioner_dir, tmp_path, capsys) -> None:
         (lambda tmp: (tmp / "empty").mkdir(), ["empty"], "folder 'empty' holds no images"),
         (lambda tmp: (tmp / "notes.txt").write_text("x"), ["notes.txt"], "input 'notes.txt' is not a supported image"),
         (lambda tmp: None, ["*.png"], "no images match '*.png'"),
-        (lambda tmp: (tmp / "a.png").write_bytes(b"") or (tmp / "out").write_text("x"), ["a.png", "-o", "out"],
-         "output directory 'out' is a file"),
-        (lambda tmp: (tmp / "a.png").write_bytes(b""), ["a.png", "--prompt", "x", "--caption", "sidecar"],
-         "--prompt gives a fixed prompt; it conflicts with --caption sidecar"),
-        (lambda tmp: (tmp / "a.png").write_bytes(b""), ["a.png", "--captioner-quantization", "4bit"],
-         "--captioner-quantization needs --captioner"),
-        (lambda tmp: [(tmp / d).mkdir() for d in "xy"] and [(tmp / d / "a.png").write_bytes(b"") for d in "xy"],
-         ["x", "y"], "would both be written as a.png"),
+        (
+            lambda tmp: (tmp / "a.png").write_bytes(b"") or (tmp / "out").write_text("x"),
+            ["a.png", "-o", "out"],
+            "output directory 'out' is a file",
+        ),
+        (
+            lambda tmp: (tmp / "a.png").write_bytes(b""),
+            ["a.png", "--prompt", "x", "--caption", "sidecar"],
+            "--prompt gives a fixed prompt; it conflicts with --caption sidecar",
+        ),
+        (
+            lambda tmp: (tmp / "a.png").write_bytes(b""),
+            ["a.png", "--captioner-quantization", "4bit"],
+            "--captioner-quantization needs --captioner",
+        ),
+        (
+            lambda tmp: [(tmp / d).mkdir() for d in "xy"] and [(tmp / d / "a.png").write_bytes(b"") for d in "xy"],
+            ["x", "y"],
+            "would both be written as a.png",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, make, args, message) -> None:
@@ -173,12 +205,28 @@ def test_several_processes_split_the_inputs(model_dir, tmp_path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "faithdiff_pipeline.cli", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
-               "--model", str(model_dir), *FAST]
+    command = [
+        sys.executable,
+        "-m",
+        "faithdiff_pipeline.cli",
+        str(tmp_path / "in"),
+        "-o",
+        str(tmp_path / "out"),
+        "--model",
+        str(model_dir),
+        *FAST,
+    ]
     processes = []
     for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE="2",
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+        )
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [process.communicate(timeout=240) for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs

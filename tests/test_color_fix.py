@@ -23,7 +23,9 @@ def test_adain_transfers_channel_statistics() -> None:
     fixed = adain_color_fix(image, reference)
     torch.testing.assert_close(fixed.mean(dim=(2, 3)), reference.mean(dim=(2, 3)), rtol=0, atol=1e-5)
     # unbiased std with 1e-5 added to both variances, as in the release
-    expected = ((reference.flatten(2).var(2) + 1e-5) / (image.flatten(2).var(2) + 1e-5)).sqrt() * image.flatten(2).std(2)
+    expected = ((reference.flatten(2).var(2) + 1e-5) / (image.flatten(2).var(2) + 1e-5)).sqrt() * image.flatten(2).std(
+        2
+    )
     torch.testing.assert_close(fixed.flatten(2).std(2), expected, rtol=1e-4, atol=1e-5)
 
 

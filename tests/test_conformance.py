@@ -70,7 +70,9 @@ def test_official_case(official_pipe: FaithDiffSDXLPipeline, case: dict | None) 
 
     prepared = prepare_lq_images(PIL.Image.fromarray(tensors["lq_uint8"].numpy()), case["upscale"])
     assert list(prepared.padded.shape[-2:]) == case["padded_size"][::-1]
-    assert torch.equal((prepared.reference * 255).round().to(torch.uint8)[0].permute(1, 2, 0), tensors["upscaled_uint8"])
+    assert torch.equal(
+        (prepared.reference * 255).round().to(torch.uint8)[0].permute(1, 2, 0), tensors["upscaled_uint8"]
+    )
     features = official_pipe.lq_features(prepared.padded)
     assert (features - tensors["lq_features"]).abs().max() <= LATENT_RTOL * tensors["lq_features"].abs().max()
 

@@ -28,11 +28,15 @@ def release(tmp_path_factory) -> Path:
         getattr(base, name).save_pretrained(root / "base" / name)
     parts["vae"].save_pretrained(root / "vae")
     state = dict(parts["unet"].state_dict())
-    state.update({f"denoise_encoder.{k[len('encoder.'):]}": v for k, v in parts["lq_encoder"].state_dict().items()})
-    renames = {"condition_embedding.": "condition_embedding.", "blocks.": "information_transformer_layes.", "proj_out.": "spatial_ch_projs."}
+    state.update({f"denoise_encoder.{k[len('encoder.') :]}": v for k, v in parts["lq_encoder"].state_dict().items()})
+    renames = {
+        "condition_embedding.": "condition_embedding.",
+        "blocks.": "information_transformer_layes.",
+        "proj_out.": "spatial_ch_projs.",
+    }
     for key, value in parts["alignment"].state_dict().items():
         prefix = next(p for p in renames if key.startswith(p))
-        state[renames[prefix] + key[len(prefix):]] = value
+        state[renames[prefix] + key[len(prefix) :]] = value
     torch.save(state, root / "FaithDiff.bin")
     return root
 
@@ -45,8 +49,13 @@ def test_converted_weights_land_in_each_component(release, tmp_path) -> None:
     pipe = FaithDiffSDXLPipeline.from_pretrained(_convert(release, tmp_path / "out"))
     official = torch.load(release / "FaithDiff.bin", weights_only=True)
     assert torch.equal(pipe.unet.conv_in.weight, official["conv_in.weight"])
-    assert torch.equal(pipe.lq_encoder.encoder.mid_block.resnets[0].conv1.weight, official["denoise_encoder.mid_block.resnets.0.conv1.weight"])
-    assert torch.equal(pipe.alignment.blocks[1].attn.in_proj_weight, official["information_transformer_layes.1.attn.in_proj_weight"])
+    assert torch.equal(
+        pipe.lq_encoder.encoder.mid_block.resnets[0].conv1.weight,
+        official["denoise_encoder.mid_block.resnets.0.conv1.weight"],
+    )
+    assert torch.equal(
+        pipe.alignment.blocks[1].attn.in_proj_weight, official["information_transformer_layes.1.attn.in_proj_weight"]
+    )
     assert torch.equal(pipe.alignment.proj_out.bias, official["spatial_ch_projs.bias"])
     assert pipe.alignment.config.lq_channels == 64 and pipe.alignment.config.latent_channels == 32
     assert pipe.lq_encoder.config.block_out_channels == [32, 32, 64, 64]
@@ -66,9 +75,16 @@ def test_repository_model_index_is_the_converted_layout(release, tmp_path) -> No
 
 def test_parity_release_converts_with_sizes_from_tensors(tmp_path) -> None:
     official = shared_path("parity", "tiny-official")
-    output = convert_official_release(official / "FaithDiff.bin", official / "base", official / "vae-fp16-fix", tmp_path / "p")
+    output = convert_official_release(
+        official / "FaithDiff.bin", official / "base", official / "vae-fp16-fix", tmp_path / "p"
+    )
     config = json.loads((output / "alignment" / "config.json").read_text())
-    assert (config["lq_channels"], config["latent_channels"], config["num_layers"], config["mlp_ratio"]) == (64, 32, 2, 2)
+    assert (config["lq_channels"], config["latent_channels"], config["num_layers"], config["mlp_ratio"]) == (
+        64,
+        32,
+        2,
+        2,
+    )
 
 
 def test_missing_and_unexpected_keys_are_named(release, tmp_path) -> None:
@@ -112,14 +128,34 @@ def test_never_overwrites_unless_asked(release, tmp_path) -> None:
 
 def test_fp16_variant_and_cli(release, tmp_path, capsys) -> None:
     output = tmp_path / "fp16"
-    code = convert_main([str(output), "--faithdiff", str(release / "FaithDiff.bin"), "--base", str(release / "base"),
-                         "--vae", str(release / "vae"), "--variant", "fp16"])
+    code = convert_main(
+        [
+            str(output),
+            "--faithdiff",
+            str(release / "FaithDiff.bin"),
+            "--base",
+            str(release / "base"),
+            "--vae",
+            str(release / "vae"),
+            "--variant",
+            "fp16",
+        ]
+    )
     assert code == 0 and "Wrote" in capsys.readouterr().out
     assert (output / "alignment" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     pipe = FaithDiffSDXLPipeline.from_pretrained(output, variant="fp16", dtype=torch.float16)
     assert pipe.unet.dtype == torch.float16
-    code = convert_main([str(output), "--faithdiff", str(release / "FaithDiff.bin"), "--base", str(release / "base"),
-                         "--vae", str(release / "vae")])
+    code = convert_main(
+        [
+            str(output),
+            "--faithdiff",
+            str(release / "FaithDiff.bin"),
+            "--base",
+            str(release / "base"),
+            "--vae",
+            str(release / "vae"),
+        ]
+    )
     assert code == 2 and "already exists" in capsys.readouterr().err
 
 
@@ -149,7 +185,9 @@ def test_hub_ids_load_through_a_snapshot(release, tmp_path, monkeypatch) -> None
 
     monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
     cache = tmp_path / "cache"
-    pipe = FaithDiffSDXLPipeline.from_pretrained("someone/faithdiff", cache_dir=cache, revision="main", variant="fp16", dtype=torch.float16)
+    pipe = FaithDiffSDXLPipeline.from_pretrained(
+        "someone/faithdiff", cache_dir=cache, revision="main", variant="fp16", dtype=torch.float16
+    )
     assert requests == [("someone/faithdiff", "main")]
     assert pipe.alignment.dtype == torch.float16
     downloaded = {p.name for p in (cache / "someone--faithdiff" / "unet").iterdir()}
@@ -157,13 +195,16 @@ def test_hub_ids_load_through_a_snapshot(release, tmp_path, monkeypatch) -> None
     full = FaithDiffSDXLPipeline.from_pretrained("someone/faithdiff", cache_dir=tmp_path / "cache2")
     assert full.unet.dtype == torch.float32
     assert {p.name for p in (tmp_path / "cache2" / "someone--faithdiff" / "unet").iterdir()} == {
-        "config.json", "diffusion_pytorch_model.safetensors"
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
     }
 
 
 def test_folder_that_is_not_a_faithdiff_pipeline(release, tmp_path) -> None:
     with pytest.raises(ValueError, match="no model_index.json"):
         FaithDiffSDXLPipeline.from_pretrained(release / "base")
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
     with pytest.raises(ValueError, match=r"StableDiffusionXLPipeline.*alignment"):
         FaithDiffSDXLPipeline.from_pretrained(tmp_path)

@@ -175,10 +175,20 @@ def test_per_image_draws_match_the_configured_probabilities() -> None:
     assert all(math.pi / 3 <= s.final_sinc.omega_c <= math.pi for s in plan.samples if s.final_sinc.kind == "sinc")
     _within_binomial(sum(s.final_resize_first for s in plan.samples), n, 0.5, "final order")
     for noises, sigmas, scales, jpegs, quality_range in (
-        ([s.noise1 for s in plan.samples], config.noise_range, config.poisson_scale_range,
-         [s.jpeg_quality1 for s in plan.samples], config.jpeg_range),
-        ([s.noise2 for s in plan.samples], config.noise_range2, config.poisson_scale_range2,
-         [s.jpeg_quality2 for s in plan.samples], config.jpeg_range2),
+        (
+            [s.noise1 for s in plan.samples],
+            config.noise_range,
+            config.poisson_scale_range,
+            [s.jpeg_quality1 for s in plan.samples],
+            config.jpeg_range,
+        ),
+        (
+            [s.noise2 for s in plan.samples],
+            config.noise_range2,
+            config.poisson_scale_range2,
+            [s.jpeg_quality2 for s in plan.samples],
+            config.jpeg_range2,
+        ),
     ):
         _within_binomial(sum(x.kind == "gaussian" for x in noises), n, 0.5, "gaussian noise")
         _within_binomial(sum(x.gray for x in noises), n, 0.4, "grey noise")
@@ -282,10 +292,21 @@ def test_plan_and_degrade_agree() -> None:
 def test_mild_settings_reduce_to_a_plain_downscale() -> None:
     """With every random step switched off or made negligible, the model is an area downscale (plus q100 JPEG)."""
     config = DegradationConfig(
-        resize_modes=("area",), kernel_list=("iso",), kernel_prob=(1.0,), sinc_prob=0.0, blur_sigma=(0.2, 0.2),
-        resize_prob=(0.0, 0.0, 1.0), gaussian_noise_prob=1.0, noise_range=(0.0, 0.0), jpeg_range=(100.0, 100.0),
-        second_blur_prob=0.0, resize_prob2=(0.0, 0.0, 1.0), gaussian_noise_prob2=1.0, noise_range2=(0.0, 0.0),
-        jpeg_range2=(100.0, 100.0), final_sinc_prob=0.0,
+        resize_modes=("area",),
+        kernel_list=("iso",),
+        kernel_prob=(1.0,),
+        sinc_prob=0.0,
+        blur_sigma=(0.2, 0.2),
+        resize_prob=(0.0, 0.0, 1.0),
+        gaussian_noise_prob=1.0,
+        noise_range=(0.0, 0.0),
+        jpeg_range=(100.0, 100.0),
+        second_blur_prob=0.0,
+        resize_prob2=(0.0, 0.0, 1.0),
+        gaussian_noise_prob2=1.0,
+        noise_range2=(0.0, 0.0),
+        jpeg_range2=(100.0, 100.0),
+        final_sinc_prob=0.0,
     )
     # Smooth enough that 4:2:0 chroma subsampling at the LQ size loses little.
     hq = _smooth_images(batch=2, size=96, detail=32)
@@ -364,8 +385,13 @@ def test_yaml_round_trip_and_realesrgan_layout(tmp_path) -> None:
     assert DegradationConfig.from_yaml(path) == config
 
     # Real-ESRGAN/FaithDiff option files keep the kernel settings under `kernel_info` and may carry disabled extras.
-    layout = {"scale": 4, "gray_prob": 0.0, "color_jitter_prob": 0.0, "noise_range": [1, 15],
-              "kernel_info": {"sinc_prob": 0.1, "final_sinc_prob": 0.8, "blur_sigma2": [0.2, 1.5]}}
+    layout = {
+        "scale": 4,
+        "gray_prob": 0.0,
+        "color_jitter_prob": 0.0,
+        "noise_range": [1, 15],
+        "kernel_info": {"sinc_prob": 0.1, "final_sinc_prob": 0.8, "blur_sigma2": [0.2, 1.5]},
+    }
     (tmp_path / "train_kernel.yml").write_text(yaml.safe_dump(layout))
     assert DegradationConfig.from_yaml(tmp_path / "train_kernel.yml") == PRESETS["faithdiff"]
 

@@ -30,8 +30,14 @@ except ImportError:
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "gradio_demo.py"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -87,7 +93,12 @@ def test_caption_button_fills_the_box_with_the_captioners_caption(demo, captioni
 def test_restore_with_an_empty_box_captions_and_returns_the_upscaled_result(demo, captioning_pipe, lq_image) -> None:
     progress = []
     before, after, path, used = demo.restore_image(
-        captioning_pipe, lq_image, "", upscale=2, steps=2, tile_size=64,
+        captioning_pipe,
+        lq_image,
+        "",
+        upscale=2,
+        steps=2,
+        tile_size=64,
         progress=lambda value, **kwargs: progress.append((value, kwargs["desc"])),
     )
     assert before.size == after.size == (48, 40)  # 24 x 20, twice
@@ -136,8 +147,18 @@ def test_command_line_loads_a_converted_folder_and_a_captioner(demo, captioning_
     captioning_pipe.captioner.save_pretrained(tmp_path / "captioner")
     captioning_pipe.captioner_processor.save_pretrained(tmp_path / "captioner")
     _pipe(with_captioner=False).save_pretrained(tmp_path / "pipeline")
-    args = demo.parse_args(["--model", str(tmp_path / "pipeline"), "--captioner", str(tmp_path / "captioner"),
-                            "--device", "cpu", "--port", "7999"])
+    args = demo.parse_args(
+        [
+            "--model",
+            str(tmp_path / "pipeline"),
+            "--captioner",
+            str(tmp_path / "captioner"),
+            "--device",
+            "cpu",
+            "--port",
+            "7999",
+        ]
+    )
     assert (args.dtype, args.port, args.host, args.share) == (torch.float32, 7999, "127.0.0.1", False)
     pipe = demo.load_pipeline(args.model, args.captioner, args.device, args.dtype, args.offload)
     assert type(pipe.captioner).__name__ == "LlavaForConditionalGeneration" and pipe.captioner_processor is not None
@@ -231,6 +252,7 @@ def test_the_app_in_chromium(chromium, served_demo, captioning_pipe, monkeypatch
 
 def _stay_local(page, url: str) -> None:
     """Fails any request that leaves the served app (fonts, analytics): the test runs offline and must not hang."""
+
     def route(request_route) -> None:
         if request_route.request.url.startswith((url.rstrip("/"), "data:", "blob:")):
             request_route.continue_()

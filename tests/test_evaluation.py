@@ -80,8 +80,14 @@ def _skimage_ssim(restored: np.ndarray, reference: np.ndarray) -> tuple[float, f
     (5 px in from each edge, i.e. where the 11-px window lies inside the image)."""
     channel_axis = -1 if restored.ndim == 3 else None
     value, ssim_map = structural_similarity(
-        restored, reference, data_range=1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-        channel_axis=channel_axis, full=True,
+        restored,
+        reference,
+        data_range=1,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        channel_axis=channel_axis,
+        full=True,
     )
     return value, float(np.clip(ssim_map[5:-5, 5:-5], 0, None).mean())
 
@@ -139,7 +145,9 @@ def test_pyiqa_metrics_without_pyiqa_name_the_extra_and_the_metric(monkeypatch, 
 
     hq, lq = tmp_path / "hq", tmp_path / "lq"
     _write_pairs(hq, lq, {"a": _gradient(32, 24)})
-    assert eval_main(["--hq", str(hq), "--lq", str(lq), "--out", str(tmp_path / "out"), "--metrics", "psnr,maniqa"]) == 2
+    assert (
+        eval_main(["--hq", str(hq), "--lq", str(lq), "--out", str(tmp_path / "out"), "--metrics", "psnr,maniqa"]) == 2
+    )
     error = _one_error_line(capsys)
     assert EXTRA in error and "'maniqa'" in error
 
@@ -277,13 +285,32 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-def test_eval_cli_end_to_end_with_lanczos_and_faithdiff(photo_set, tiny_pipeline_dir, pipeline_calls, tmp_path) -> None:
+def test_eval_cli_end_to_end_with_lanczos_and_faithdiff(
+    photo_set, tiny_pipeline_dir, pipeline_calls, tmp_path
+) -> None:
     hq, lq = photo_set
     out = tmp_path / "out"
     argv = [
-        "--hq", str(hq), "--lq", str(lq), "--out", str(out), "--method", "lanczos",
-        "--method", f"faithdiff={tiny_pipeline_dir}", "--steps", "2", "--tile-size", "64", "--sample-seed", "5",
-        "--metrics", "psnr,ssim,psnr-y,ssim-y", "--device", "cpu",
+        "--hq",
+        str(hq),
+        "--lq",
+        str(lq),
+        "--out",
+        str(out),
+        "--method",
+        "lanczos",
+        "--method",
+        f"faithdiff={tiny_pipeline_dir}",
+        "--steps",
+        "2",
+        "--tile-size",
+        "64",
+        "--sample-seed",
+        "5",
+        "--metrics",
+        "psnr,ssim,psnr-y,ssim-y",
+        "--device",
+        "cpu",
     ]
     assert eval_main(argv) == 0
     assert len(pipeline_calls) == 3
@@ -299,7 +326,9 @@ def test_eval_cli_end_to_end_with_lanczos_and_faithdiff(photo_set, tiny_pipeline
         restored = np.asarray(PIL.Image.open(out / "results" / row["method"] / f"{row['image']}.png")) / 255.0
         reference = np.asarray(PIL.Image.open(hq / f"{row['image']}.png")) / 255.0
         assert row["psnr"] == pytest.approx(peak_signal_noise_ratio(reference, restored, data_range=1), abs=1e-6)
-        assert row["psnr-y"] == pytest.approx(peak_signal_noise_ratio(_luma(reference), _luma(restored), data_range=1), abs=1e-6)
+        assert row["psnr-y"] == pytest.approx(
+            peak_signal_noise_ratio(_luma(reference), _luma(restored), data_range=1), abs=1e-6
+        )
     # The baseline is LANCZOS; the FaithDiff result is what the pipeline gives with the requested settings.
     lq_image = PIL.Image.open(lq / "chelsea.png").convert("RGB")
     assert np.array_equal(
@@ -307,8 +336,12 @@ def test_eval_cli_end_to_end_with_lanczos_and_faithdiff(photo_set, tiny_pipeline
         np.asarray(lq_image.resize((64, 64), PIL.Image.LANCZOS)),
     )
     pipe = FaithDiffSDXLPipeline.from_pretrained(tiny_pipeline_dir)
-    direct = pipe(lq_image, prompt="", upscale=2, num_inference_steps=2, tile_size=64, generator=torch.Generator().manual_seed(5)).images[0]
-    assert np.array_equal(np.asarray(PIL.Image.open(out / "results" / "faithdiff" / "chelsea.png")), np.asarray(direct))
+    direct = pipe(
+        lq_image, prompt="", upscale=2, num_inference_steps=2, tile_size=64, generator=torch.Generator().manual_seed(5)
+    ).images[0]
+    assert np.array_equal(
+        np.asarray(PIL.Image.open(out / "results" / "faithdiff" / "chelsea.png")), np.asarray(direct)
+    )
 
     table = (out / "table.md").read_text()
     assert "| Method | PSNR ↑ | SSIM ↑ | PSNR-Y ↑ | SSIM-Y ↑ |" in table
@@ -341,7 +374,22 @@ def test_eval_cli_builds_a_synthetic_set_and_scores_other_methods(hq_folder, tmp
     assert eval_main([*base, "--out", str(out), "--metrics", "psnr,ssim"]) == 0
     assert (set_dir / "manifest.json").is_file() and (out / "results" / "lanczos" / "a.png").is_file()
     # Results of another method, paired by name: here the HQ images themselves, the best possible scores.
-    assert eval_main([*base, "--out", str(out), "--metrics", "ssim", "--method", "lanczos", "--method", f"oracle={set_dir / 'hq'}"]) == 0
+    assert (
+        eval_main(
+            [
+                *base,
+                "--out",
+                str(out),
+                "--metrics",
+                "ssim",
+                "--method",
+                "lanczos",
+                "--method",
+                f"oracle={set_dir / 'hq'}",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out / "metrics.csv")
     assert [r["ssim"] for r in rows if r["method"] == "oracle"] == [1.0, 1.0, 1.0]
     assert "| oracle | **1.0000** |" in (out / "table.md").read_text()

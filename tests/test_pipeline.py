@@ -70,7 +70,9 @@ def test_num_images_per_prompt(tiny_pipe, lq_image) -> None:
     assert not torch.allclose(images[0], images[1], atol=1e-3)
     generators = [_seeded(5), _seeded(6)]
     pair = tiny_pipe(lq_image, **fast_call(num_images_per_prompt=2, generator=generators)).images
-    torch.testing.assert_close(pair[1:], tiny_pipe(lq_image, **fast_call(generator=_seeded(6))).images, rtol=0, atol=2e-5)
+    torch.testing.assert_close(
+        pair[1:], tiny_pipe(lq_image, **fast_call(generator=_seeded(6))).images, rtol=0, atol=2e-5
+    )
 
 
 def test_tile_batch_size_does_not_change_the_result(tiny_pipe, big_lq) -> None:
@@ -105,7 +107,11 @@ def test_callback_once_per_step_with_whole_latents_and_can_replace_them(tiny_pip
         return {"latents": torch.zeros_like(tensors["latents"])} if step == 2 else {}
 
     latents = _run(
-        tiny_pipe, big_lq, num_inference_steps=3, output_type="latent", callback_on_step_end=callback,
+        tiny_pipe,
+        big_lq,
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
     )
     assert seen == [(i, (1, 4, 12, 16), (2, 77, 64)) for i in range(3)]
@@ -154,8 +160,13 @@ def test_prompt_embeds_equal_prompt(tiny_pipe, lq_image) -> None:
     embeds, negative, pooled, negative_pooled = tiny_pipe.encode_prompt("a cat", negative_prompt="", device="cpu")
     direct = _run(tiny_pipe, lq_image, prompt="a cat")
     given = _run(
-        tiny_pipe, lq_image, prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-        negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled,
+        tiny_pipe,
+        lq_image,
+        prompt=None,
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=negative,
+        negative_pooled_prompt_embeds=negative_pooled,
     )
     assert torch.equal(direct, given)
 
@@ -178,7 +189,9 @@ def test_save_load_round_trip(tiny_pipe, lq_image, tmp_path) -> None:
     loaded.set_progress_bar_config(disable=True)
     for name in ("unet", "vae", "alignment", "lq_encoder", "text_encoder", "text_encoder_2"):
         original, reloaded = getattr(tiny_pipe, name).state_dict(), getattr(loaded, name).state_dict()
-        assert original.keys() == reloaded.keys() and all(torch.equal(original[k], reloaded[k]) for k in original), name
+        assert original.keys() == reloaded.keys() and all(torch.equal(original[k], reloaded[k]) for k in original), (
+            name
+        )
     assert loaded.scheduler.config.timestep_spacing == "leading"
     # Bit-identical weights; the output may differ in the last float32 bits (BLAS kernels depend on memory alignment).
     torch.testing.assert_close(_run(loaded, lq_image), expected, rtol=0, atol=1e-5)
@@ -231,7 +244,9 @@ def test_accepts_arrays_tensors_and_paths(tiny_pipe, lq_image, tmp_path) -> None
     assert torch.equal(_run(tiny_pipe, str(path)), expected)
     assert torch.equal(_run(tiny_pipe, np.asarray(lq_image)), expected)
     as_float = torch.from_numpy(np.asarray(lq_image, dtype=np.float32) / 255).permute(2, 0, 1)
-    torch.testing.assert_close(_run(tiny_pipe, as_float, upscale=1), _run(tiny_pipe, lq_image, upscale=1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        _run(tiny_pipe, as_float, upscale=1), _run(tiny_pipe, lq_image, upscale=1), rtol=0, atol=1e-5
+    )
 
 
 def test_vae_tiling_tiles_the_lq_encoder_too(tiny_pipe, lq_image) -> None:

@@ -60,7 +60,10 @@ def test_crop_is_tile_major() -> None:
     assert torch.equal(tiles[1], x[1, :, :, 0:8]) and torch.equal(tiles[2], x[0, :, :, 4:12])
 
 
-@pytest.mark.parametrize(("count", "max_tiles", "sizes"), [(9, 4, [3, 3, 3]), (6, 6, [6]), (7, 1, [1] * 7), (49, 4, [4] * 12 + [1]), (5, 8, [5])])
+@pytest.mark.parametrize(
+    ("count", "max_tiles", "sizes"),
+    [(9, 4, [3, 3, 3]), (6, 6, [6]), (7, 1, [1] * 7), (49, 4, [4] * 12 + [1]), (5, 8, [5])],
+)
 def test_batches_are_even_and_cover_every_tile_once(count: int, max_tiles: int, sizes: list[int]) -> None:
     tiling = LatentTiling.for_latent(8, 8 + 4 * (count - 1), 8, 4)
     assert len(tiling) == count

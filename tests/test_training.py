@@ -73,10 +73,20 @@ def sdxl_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _settings(manifest: Path | None, output: Path, **overrides) -> dict:
     settings = dict(
-        train_manifest=str(manifest) if manifest else None, output_dir=str(output), train_batch_size=1, effective_batch_size=2,
-        max_train_steps=2, checkpointing_steps=2, validation_steps=0, learning_rate=1e-3,
-        lq_encoder_learning_rate=1e-3, lr_warmup_steps=1, report_to="none", dataloader_num_workers=0,
-        mixed_precision="no", seed=7,
+        train_manifest=str(manifest) if manifest else None,
+        output_dir=str(output),
+        train_batch_size=1,
+        effective_batch_size=2,
+        max_train_steps=2,
+        checkpointing_steps=2,
+        validation_steps=0,
+        learning_rate=1e-3,
+        lq_encoder_learning_rate=1e-3,
+        lr_warmup_steps=1,
+        report_to="none",
+        dataloader_num_workers=0,
+        mixed_precision="no",
+        seed=7,
     )
     settings.update(overrides)
     return settings
@@ -88,8 +98,10 @@ def stage1_run(manifest: Path, sdxl_base: Path, tmp_path_factory: pytest.TempPat
     import yaml
 
     output = tmp_path_factory.mktemp("stage1")
-    config = {**_settings(manifest, output, validation_steps=2, num_validation_images=1, validation_inference_steps=2),
-              "pretrained_model": str(sdxl_base)}
+    config = {
+        **_settings(manifest, output, validation_steps=2, num_validation_images=1, validation_inference_steps=2),
+        "pretrained_model": str(sdxl_base),
+    }
     (output / "train.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     assert train_main(["--stage", "1", "--config", str(output / "train.yaml"), "--report-to", "none"]) == 0
     return output
@@ -119,7 +131,12 @@ def test_prepare_data_crops_manifest_skips_and_resumes(tmp_path: Path, capsys: p
     assert "1 unreadable" in report and "broken.png" in report
 
     records = read_manifest(output / "manifest.jsonl")
-    assert len(records) == 8 and {Path(r.source).name for r in records} == {"astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"}
+    assert len(records) == 8 and {Path(r.source).name for r in records} == {
+        "astronaut.png",
+        "chelsea.png",
+        "coffee.png",
+        "rocket.jpg",
+    }
     for record in records:
         hq, lq = load_rgb(output / record.hq), load_rgb(output / record.lq)
         assert hq.size == (128, 128) and lq.size == (32, 32) and record.scale == 4 and record.caption == ""
@@ -162,8 +179,15 @@ def test_prepare_data_captions_from_sidecars_and_a_captioner(photos: Path, tmp_p
         def caption(self, images, seed=None):
             return [f"a crop of {image.width}x{image.height}" for image in images]
 
-    prepare_training_set([photos], tmp_path / "model", hq_size=HQ, captions="captioner", captioner=SizeCaptioner(),
-                         caption_batch_size=3, progress=False)
+    prepare_training_set(
+        [photos],
+        tmp_path / "model",
+        hq_size=HQ,
+        captions="captioner",
+        captioner=SizeCaptioner(),
+        caption_batch_size=3,
+        progress=False,
+    )
     records = read_manifest(tmp_path / "model" / "manifest.jsonl")
     assert len(records) == 4 and all(r.caption == f"a crop of {HQ}x{HQ}" for r in records)
 
@@ -248,8 +272,9 @@ def test_stage1_trains_only_the_alignment_module(stage1_run: Path, sdxl_base: Pa
 
     pipe = FaithDiffSDXLPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
-    restored = pipe(_photo(16, 16, seed=1), prompt="a photo", upscale=4, num_inference_steps=2, tile_size=HQ,
-                    output_type="pt").images
+    restored = pipe(
+        _photo(16, 16, seed=1), prompt="a photo", upscale=4, num_inference_steps=2, tile_size=HQ, output_type="pt"
+    ).images
     assert restored.shape == (1, 3, HQ, HQ) and torch.isfinite(restored).all()
 
 
@@ -292,8 +317,15 @@ def test_resuming_matches_an_uninterrupted_run(stage1_run: Path, manifest: Path,
     """4 pairs, batch 1, accumulation 2: 2 steps per epoch. Resuming after step 1 skips the 2 batches already seen,
     crosses into epoch 1, and ends where the uninterrupted run ends (weights, EMA, LR schedule)."""
     stage1 = str(stage1_run / "checkpoint-2" / "pipeline")
-    settings = _settings(manifest, tmp_path / "whole", max_train_steps=3, checkpointing_steps=1, use_ema=True,
-                         ema_update_interval=1, lr_warmup_steps=2)
+    settings = _settings(
+        manifest,
+        tmp_path / "whole",
+        max_train_steps=3,
+        checkpointing_steps=1,
+        use_ema=True,
+        ema_update_interval=1,
+        lr_warmup_steps=2,
+    )
     whole = train(TrainingConfig(stage=2, stage1_checkpoint=stage1, **settings))
     assert (whole.step, whole.steps_run) == (3, 3)
 
@@ -312,7 +344,9 @@ def test_resuming_matches_an_uninterrupted_run(stage1_run: Path, manifest: Path,
     # Raw weights (accelerate's state) and the LR schedule match too; the exported pipeline holds the EMA.
     raw = load_file(whole.checkpoint / "model.safetensors")
     assert _equal(raw, load_file(resumed.checkpoint / "model.safetensors"))
-    assert not torch.equal(raw["alignment.proj_out.weight"], _weights(whole.checkpoint / "pipeline" / "alignment")["proj_out.weight"])
+    assert not torch.equal(
+        raw["alignment.proj_out.weight"], _weights(whole.checkpoint / "pipeline" / "alignment")["proj_out.weight"]
+    )
     schedules = [torch.load(c / "scheduler.bin", weights_only=True) for c in (whole.checkpoint, resumed.checkpoint)]
     assert schedules[0]["_last_lr"] == schedules[1]["_last_lr"] and schedules[0]["last_epoch"] == 3
 
@@ -325,7 +359,14 @@ def test_configuration_mistakes_are_one_line_errors(manifest: Path, sdxl_base: P
         "effective_batch_size": ["--stage", "1", "--train-manifest", str(manifest), "--train-batch-size", "3"],
         "stage1_checkpoint": ["--stage", "2", "--train-manifest", str(manifest), "--effective-batch-size", "null"],
         "learning_rate": ["--stage", "1", "--train-manifest", str(manifest), "--learning-rate", "fast"],
-        "pretrained_model": ["--stage", "1", "--train-manifest", str(manifest), "--pretrained-model", str(tmp_path / "nope")],
+        "pretrained_model": [
+            "--stage",
+            "1",
+            "--train-manifest",
+            str(manifest),
+            "--pretrained-model",
+            str(tmp_path / "nope"),
+        ],
     }
     for name, args in cases.items():
         assert train_main(args + (common if name != "pretrained_model" else common[2:])) == 2, name
@@ -343,7 +384,9 @@ def test_spatial_attention_option_reaches_a_new_alignment_module(sdxl_base: Path
     from faithdiff_pipeline.training.stages import load_starting_pipeline
 
     for spatial in (False, True):
-        pipe = load_starting_pipeline(TrainingConfig(stage=1, pretrained_model=str(sdxl_base), spatial_attention=spatial))
+        pipe = load_starting_pipeline(
+            TrainingConfig(stage=1, pretrained_model=str(sdxl_base), spatial_attention=spatial)
+        )
         assert pipe.alignment.config.spatial_attention is spatial
         assert all(block.spatial is spatial for block in pipe.alignment.blocks)
         assert torch.count_nonzero(pipe.alignment.proj_out.weight) == 0  # starts as a no-op
@@ -357,15 +400,35 @@ def test_the_loop_learns_on_one_image(photos: Path, sdxl_base: Path, tmp_path: P
     losses: list[float] = []
     original = train_module._TrainingLoop.after_step
     monkeypatch.setattr(
-        train_module._TrainingLoop, "after_step", lambda self, step, loss: losses.append(loss) or original(self, step, loss)
+        train_module._TrainingLoop,
+        "after_step",
+        lambda self, step, loss: losses.append(loss) or original(self, step, loss),
     )
     one = tmp_path / "one"
     one.mkdir()
     shutil.copy(next(photos.glob("*.png")), one / "photo.png")
-    stage1 = train(TrainingConfig(stage=1, pretrained_model=str(sdxl_base), **_settings(None, tmp_path / "s1", train_folders=[str(one)], hq_size=HQ, max_train_steps=1, checkpointing_steps=1)))
+    stage1 = train(
+        TrainingConfig(
+            stage=1,
+            pretrained_model=str(sdxl_base),
+            **_settings(
+                None, tmp_path / "s1", train_folders=[str(one)], hq_size=HQ, max_train_steps=1, checkpointing_steps=1
+            ),
+        )
+    )
     losses.clear()
-    settings = _settings(None, tmp_path / "s2", train_folders=[str(one)], hq_size=HQ, max_train_steps=100, checkpointing_steps=100,
-                         effective_batch_size=1, lr_warmup_steps=0, lr_scheduler="constant", caption_dropout=0.0)
+    settings = _settings(
+        None,
+        tmp_path / "s2",
+        train_folders=[str(one)],
+        hq_size=HQ,
+        max_train_steps=100,
+        checkpointing_steps=100,
+        effective_batch_size=1,
+        lr_warmup_steps=0,
+        lr_scheduler="constant",
+        caption_dropout=0.0,
+    )
     train(TrainingConfig(stage=2, stage1_checkpoint=str(stage1.checkpoint / "pipeline"), **settings))
     assert len(losses) == 100 and all(np.isfinite(losses))
     first, last = np.mean(losses[:25]), np.mean(losses[-25:])

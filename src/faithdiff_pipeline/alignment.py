@@ -73,7 +73,9 @@ class AlignmentBlock(nn.Module):
         heads = self.attn.num_heads
         qkv = F.linear(x.reshape(batch, height * width, channels), self.attn.in_proj_weight, self.attn.in_proj_bias)
         query, key, value = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-        attended = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, height * width, channels)
+        attended = (
+            F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, height * width, channels)
+        )
         return self.attn.out_proj(attended).reshape(batch, height, width, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,9 @@ class Summary:
 
     def report(self) -> str:
         per_image = f", {self.seconds / len(self.done):.1f} s per image" if self.done else ""
-        lines = [f"{len(self.done)} done, {len(self.skipped)} skipped (already restored), {len(self.failed)} failed{per_image}"]
+        lines = [
+            f"{len(self.done)} done, {len(self.skipped)} skipped (already restored), {len(self.failed)} failed{per_image}"
+        ]
         lines += [f"  failed: {name}: {reason}" for name, reason in self.failed]
         return "\n".join(lines)
 
@@ -46,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or glob patterns")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("faithdiff-restored"), help="where results go")
-    parser.add_argument("--model", help="converted pipeline folder or Hub id (default: the official release, converted on first use)")
+    parser.add_argument(
+        "--model", help="converted pipeline folder or Hub id (default: the official release, converted on first use)"
+    )
     parser.add_argument("--upscale", type=float, default=2.0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -56,14 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile-stride", type=int, help="tile stride in pixels (default: half a tile)")
     parser.add_argument("--tile-batch-size", type=int, default=4, help="tiles per UNet call")
     parser.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
-    parser.add_argument("--caption", choices=CAPTION_MODES, default="auto",
-                        help="auto: sidecar if present, else the captioner if given, else no prompt; "
-                             "sidecar: every image needs IMAGE.json; none: no prompt")
+    parser.add_argument(
+        "--caption",
+        choices=CAPTION_MODES,
+        default="auto",
+        help="auto: sidecar if present, else the captioner if given, else no prompt; "
+        "sidecar: every image needs IMAGE.json; none: no prompt",
+    )
     parser.add_argument("--prompt", help="one fixed prompt for every image (instead of captions)")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--captioner", help="captioning model id or folder, e.g. llava-hf/llava-1.5-13b-hf")
-    parser.add_argument("--captioner-quantization", choices=["8bit", "4bit"], help="load the captioner quantised (bitsandbytes)")
-    parser.add_argument("--write-captions", action="store_true", help="save new captions as JSON sidecars beside the inputs")
+    parser.add_argument(
+        "--captioner-quantization", choices=["8bit", "4bit"], help="load the captioner quantised (bitsandbytes)"
+    )
+    parser.add_argument(
+        "--write-captions", action="store_true", help="save new captions as JSON sidecars beside the inputs"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
     parser.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload")
@@ -227,10 +239,19 @@ def restore_one(path: Path, args: argparse.Namespace, pipe: Any) -> None:
         generator=torch.Generator("cpu").manual_seed(args.seed),
     ).images[0]
     parameters = {
-        "input": path.name, "prompt": prompt, "negative_prompt": args.negative_prompt, "upscale": args.upscale,
-        "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "start_point": args.start_point,
-        "tile_size": args.tile_size, "tile_stride": args.tile_stride, "color_fix": args.color_fix,
-        "model": args.model or "official release", "faithdiff_pipeline": __version__,
+        "input": path.name,
+        "prompt": prompt,
+        "negative_prompt": args.negative_prompt,
+        "upscale": args.upscale,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "start_point": args.start_point,
+        "tile_size": args.tile_size,
+        "tile_stride": args.tile_stride,
+        "color_fix": args.color_fix,
+        "model": args.model or "official release",
+        "faithdiff_pipeline": __version__,
     }
     metadata = {"parameters": json.dumps(parameters), "caption": prompt}
     if args.compare:

@@ -64,7 +64,7 @@ def split_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[st
             parts["unet"][key] = tensor
         else:
             component, ours = _COMPONENT_PREFIXES[prefix]
-            parts[component][ours + key[len(prefix):]] = tensor
+            parts[component][ours + key[len(prefix) :]] = tensor
     for component in ("lq_encoder", "alignment"):
         if not parts[component]:
             raise ValueError(f"The checkpoint has no {component} weights: it is not a FaithDiff checkpoint.")
@@ -149,12 +149,17 @@ def build_pipeline(
         tokenizer_2=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2"),
         unet=_build(UNet2DConditionModel, unet_config, parts["unet"], "SDXL UNet of the base model"),
         alignment=_build(
-            FaithDiffAlignmentModel, alignment_config(parts["alignment"], num_attention_heads), parts["alignment"],
+            FaithDiffAlignmentModel,
+            alignment_config(parts["alignment"], num_attention_heads),
+            parts["alignment"],
             "alignment module",
         ),
         scheduler=EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(base, subfolder="scheduler")),
         lq_encoder=_build(
-            FaithDiffLQEncoder, lq_encoder_config(parts["lq_encoder"], decoder.config), parts["lq_encoder"], "LQ encoder"
+            FaithDiffLQEncoder,
+            lq_encoder_config(parts["lq_encoder"], decoder.config),
+            parts["lq_encoder"],
+            "LQ encoder",
         ),
     )
 
@@ -186,7 +191,9 @@ def convert_official_release(
     if variant not in (None, "fp16"):
         raise ValueError(f"`variant` must be None or 'fp16', got {variant!r}.")
     if output.exists() and not overwrite:
-        raise ValueError(f"`output_dir` {str(output)!r} already exists; pass overwrite=True (--overwrite) to replace it.")
+        raise ValueError(
+            f"`output_dir` {str(output)!r} already exists; pass overwrite=True (--overwrite) to replace it."
+        )
     if output.exists() and not output.is_dir():
         raise ValueError(f"`output_dir` {str(output)!r} is a file, not a folder.")
     pipe = build_pipeline(faithdiff, base, vae, num_attention_heads)

@@ -105,7 +105,9 @@ class FaithDiffLQEncoder(ModelMixin, ConfigMixin):
             act_fn=config.act_fn,
             mid_block_add_attention=config.get("mid_block_add_attention", True),
         )
-        state = {k: v for k, v in vae.encoder.state_dict().items() if not k.startswith(("conv_norm_out.", "conv_out."))}
+        state = {
+            k: v for k, v in vae.encoder.state_dict().items() if not k.startswith(("conv_norm_out.", "conv_out."))
+        }
         lq_encoder.encoder.load_state_dict(state)
         return lq_encoder.to(device=vae.device, dtype=vae.dtype)
 

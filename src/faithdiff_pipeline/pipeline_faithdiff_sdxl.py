@@ -138,7 +138,9 @@ class FaithDiffSDXLPipeline(
     encode_prompt = StableDiffusionXLPipeline.encode_prompt
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "FaithDiffSDXLPipeline":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> "FaithDiffSDXLPipeline":
         r"""
         Loads a converted FaithDiff pipeline from a local folder or a Hugging Face Hub repository id.
 
@@ -194,13 +196,22 @@ class FaithDiffSDXLPipeline(
             raise ValueError(f"`color_fix` must be one of {COLOR_FIXES} or None, got {color_fix!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        for name, value in (("num_inference_steps", num_inference_steps), ("num_images_per_prompt", num_images_per_prompt), ("tile_batch_size", tile_batch_size)):
+        for name, value in (
+            ("num_inference_steps", num_inference_steps),
+            ("num_images_per_prompt", num_images_per_prompt),
+            ("tile_batch_size", tile_batch_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < MIN_TILE_SIZE or tile_size % 8:
-            raise ValueError(f"`tile_size` must be a multiple of 8 of at least {MIN_TILE_SIZE} pixels, got {tile_size!r}.")
+            raise ValueError(
+                f"`tile_size` must be a multiple of 8 of at least {MIN_TILE_SIZE} pixels, got {tile_size!r}."
+            )
         if tile_stride is not None and (
-            isinstance(tile_stride, bool) or not isinstance(tile_stride, int) or not 8 <= tile_stride <= tile_size or tile_stride % 8
+            isinstance(tile_stride, bool)
+            or not isinstance(tile_stride, int)
+            or not 8 <= tile_stride <= tile_size
+            or tile_stride % 8
         ):
             raise ValueError(
                 f"`tile_stride` must be a multiple of 8 between 8 and `tile_size` ({tile_size}) pixels, got {tile_stride!r}."
@@ -212,17 +223,25 @@ class FaithDiffSDXLPipeline(
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("`pooled_prompt_embeds` is required with `prompt_embeds` (both come from `encode_prompt`).")
+            raise ValueError(
+                "`pooled_prompt_embeds` is required with `prompt_embeds` (both come from `encode_prompt`)."
+            )
         if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
             raise ValueError("`negative_pooled_prompt_embeds` is required with `negative_prompt_embeds`.")
-        if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+        if (
+            prompt_embeds is not None
+            and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape
+        ):
             raise ValueError(
                 f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
                 f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
             )
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}.")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
+            )
 
     @staticmethod
     def _batch_prompts(prompt: str | list[str] | None, batch_size: int, name: str) -> list[str] | None:
@@ -230,7 +249,9 @@ class FaithDiffSDXLPipeline(
         if prompt is None or isinstance(prompt, str):
             return None if prompt is None else [prompt] * batch_size
         if len(prompt) != batch_size:
-            raise ValueError(f"`{name}` has {len(prompt)} entries but {batch_size} images were given; pass one per image.")
+            raise ValueError(
+                f"`{name}` has {len(prompt)} entries but {batch_size} images were given; pass one per image."
+            )
         return list(prompt)
 
     def caption(
@@ -241,12 +262,16 @@ class FaithDiffSDXLPipeline(
         (:func:`~faithdiff_pipeline.captioning.clean_caption`). ``generator`` seeds the sampling without being
         advanced."""
         if self.captioner is None or self.captioner_processor is None:
-            raise ValueError("This pipeline has no `captioner`/`captioner_processor`; pass `prompt` or load a captioner.")
-        images = [prepare_lq_images(item, 1).reference[0] for item in as_image_list(image)]
-        pil_images = self.image_processor.pt_to_numpy(torch.stack(images))
+            raise ValueError(
+                "This pipeline has no `captioner`/`captioner_processor`; pass `prompt` or load a captioner."
+            )
+        to_pil = self.image_processor.numpy_to_pil
+        images = [
+            to_pil(self.image_processor.pt_to_numpy(prepare_lq_images(item, 1).reference))[0]
+            for item in as_image_list(image)
+        ]
         seed = _seed_from(generator[0] if isinstance(generator, list) else generator)
-        captioner = Captioner(self.captioner, self.captioner_processor)
-        return captioner.caption(self.image_processor.numpy_to_pil(pil_images), seed=seed)
+        return Captioner(self.captioner, self.captioner_processor).caption(images, seed=seed)
 
     def lq_features(self, image: torch.Tensor) -> torch.Tensor:
         """LQ features of ``image`` (``[B, 3, H, W]`` in [-1, 1]): the LQ encoder's (or VAE encoder's) mid-block output.
@@ -257,7 +282,9 @@ class FaithDiffSDXLPipeline(
         encode = self.lq_encoder if self.lq_encoder is not None else partial(vae_encoder_features, self.vae)
         if not getattr(self.vae, "use_tiling", False):
             return encode(image)
-        return tiled_encode(encode, image, self.vae.tile_sample_min_size, self.vae.tile_overlap_factor, self.vae_scale_factor)
+        return tiled_encode(
+            encode, image, self.vae.tile_sample_min_size, self.vae.tile_overlap_factor, self.vae_scale_factor
+        )
 
     def prepare_latents(
         self,
@@ -274,13 +301,22 @@ class FaithDiffSDXLPipeline(
         """
         repeats = batch_size // image.shape[0]
         device = self._execution_device
-        shape = (batch_size, self.vae.config.latent_channels, image.shape[-2] // self.vae_scale_factor, image.shape[-1] // self.vae_scale_factor)
+        shape = (
+            batch_size,
+            self.vae.config.latent_channels,
+            image.shape[-2] // self.vae_scale_factor,
+            image.shape[-1] // self.vae_scale_factor,
+        )
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"`generator` is a list of {len(generator)} generators, expected {batch_size} (images x num_images_per_prompt).")
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, expected {batch_size} (images x num_images_per_prompt)."
+            )
         if latents is None:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape} (batch x channels x padded size / 8), got {tuple(latents.shape)}.")
+            raise ValueError(
+                f"`latents` must have shape {shape} (batch x channels x padded size / 8), got {tuple(latents.shape)}."
+            )
         else:
             noise = latents.to(device=device, dtype=torch.float32)
         noise = noise * self.scheduler.init_noise_sigma
@@ -310,7 +346,10 @@ class FaithDiffSDXLPipeline(
             [(*padded_size, top, left, tile_size, tile_size) for top, left in tiling.origins], dtype=torch.float32
         )
         return [
-            rows[list(indices)].repeat_interleave(samples, dim=0).repeat(cfg_copies, 1).to(tiling.device, self.unet.dtype)
+            rows[list(indices)]
+            .repeat_interleave(samples, dim=0)
+            .repeat(cfg_copies, 1)
+            .to(tiling.device, self.unet.dtype)
             for indices in batches
         ]
 
@@ -415,7 +454,10 @@ class FaithDiffSDXLPipeline(
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
-        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> FaithDiffPipelineOutput | tuple:
         r"""
@@ -481,9 +523,22 @@ class FaithDiffSDXLPipeline(
 
         # 1. Check inputs and prepare the LQ images
         self.check_inputs(
-            image, prompt, negative_prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
-            negative_pooled_prompt_embeds, num_inference_steps, start_point, tile_size, tile_stride, tile_batch_size,
-            color_fix, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+            image,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            num_inference_steps,
+            start_point,
+            tile_size,
+            tile_stride,
+            tile_batch_size,
+            color_fix,
+            num_images_per_prompt,
+            output_type,
+            callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale = guidance_scale
         self._cross_attention_kwargs = cross_attention_kwargs
@@ -500,25 +555,31 @@ class FaithDiffSDXLPipeline(
             prompt = self._batch_prompts("" if prompt is None else prompt, image_count, "prompt")
             prompt_2 = self._batch_prompts(prompt_2, image_count, "prompt_2")
         elif prompt_embeds.shape[0] != image_count:
-            raise ValueError(f"`prompt_embeds` has batch size {prompt_embeds.shape[0]}, expected one per image ({image_count}).")
+            raise ValueError(
+                f"`prompt_embeds` has batch size {prompt_embeds.shape[0]}, expected one per image ({image_count})."
+            )
         if negative_prompt_embeds is None:
-            negative_prompt = self._batch_prompts("" if negative_prompt is None else negative_prompt, image_count, "negative_prompt")
+            negative_prompt = self._batch_prompts(
+                "" if negative_prompt is None else negative_prompt, image_count, "negative_prompt"
+            )
             negative_prompt_2 = self._batch_prompts(negative_prompt_2, image_count, "negative_prompt_2")
         lora_scale = cross_attention_kwargs.get("scale") if cross_attention_kwargs else None
-        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
-            prompt=prompt,
-            prompt_2=prompt_2,
-            device=device,
-            num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
-            negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            lora_scale=lora_scale,
-            clip_skip=clip_skip,
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
+            self.encode_prompt(
+                prompt=prompt,
+                prompt_2=prompt_2,
+                device=device,
+                num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=self.do_classifier_free_guidance,
+                negative_prompt=negative_prompt,
+                negative_prompt_2=negative_prompt_2,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                lora_scale=lora_scale,
+                clip_skip=clip_skip,
+            )
         )
         add_text_embeds = pooled_prompt_embeds
         if self.do_classifier_free_guidance:
@@ -526,14 +587,18 @@ class FaithDiffSDXLPipeline(
             add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds])
 
         # 3. Timesteps, LQ features and initial latents
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
         padded = lq.padded.to(device)
         lq_features = self.lq_features(padded).repeat_interleave(num_images_per_prompt, dim=0)
         latents = self.prepare_latents(padded, batch_size, start_point, generator, latents)
 
         # 4. Tiles: layout, micro-conditioning and condition embeddings, all fixed for the whole run
         latent_tile = tile_size // self.vae_scale_factor
-        latent_stride = default_latent_stride(latent_tile) if tile_stride is None else tile_stride // self.vae_scale_factor
+        latent_stride = (
+            default_latent_stride(latent_tile) if tile_stride is None else tile_stride // self.vae_scale_factor
+        )
         tiling = LatentTiling.for_latent(latents.shape[-2], latents.shape[-1], latent_tile, latent_stride, device)
         batches = tiling.batches(tile_batch_size)
         time_ids = self._batch_time_ids(tiling, batches, tuple(padded.shape[-2:]), tile_size, batch_size)
@@ -547,12 +612,23 @@ class FaithDiffSDXLPipeline(
                 if self.interrupt:
                     continue
                 noise_pred = self.predict_noise(
-                    latents, t, tiling, batches, condition_embeds, time_ids, prompt_embeds, add_text_embeds,
+                    latents,
+                    t,
+                    tiling,
+                    batches,
+                    condition_embeds,
+                    time_ids,
+                    prompt_embeds,
+                    add_text_embeds,
                     guidance_rescale,
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    available = {"latents": latents, "prompt_embeds": prompt_embeds, "add_text_embeds": add_text_embeds}
+                    available = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "add_text_embeds": add_text_embeds,
+                    }
                     callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
@@ -568,7 +644,9 @@ class FaithDiffSDXLPipeline(
             decoded = self.decode_latents(latents)[..., :height, :width]
             reference = lq.reference.repeat_interleave(num_images_per_prompt, dim=0)
             restored = apply_color_fix(decoded, reference, color_fix)
-            images = self.image_processor.postprocess(restored, output_type=output_type, do_denormalize=[False] * batch_size)
+            images = self.image_processor.postprocess(
+                restored, output_type=output_type, do_denormalize=[False] * batch_size
+            )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -601,7 +679,11 @@ def _check_pipeline_folder(folder: str, provided: Any) -> None:
         )
     with open(index_path, encoding="utf-8") as handle:
         index = json.load(handle)
-    missing = [name for name in ("unet", "alignment", "vae", "text_encoder_2", "tokenizer_2", "scheduler") if name not in index and name not in provided]
+    missing = [
+        name
+        for name in ("unet", "alignment", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
+        if name not in index and name not in provided
+    ]
     if missing:
         raise ValueError(
             f"`pretrained_model_name_or_path` {folder!r} is not a FaithDiff pipeline: its model_index.json "

@@ -83,7 +83,9 @@ class LatentTiling:
     def crop(self, tensor: torch.Tensor, indices: range | list[int]) -> torch.Tensor:
         """Tiles ``indices`` of ``tensor`` (``[B, C, height, width]``), stacked tile-major: ``[len(indices) * B, C, th, tw]``."""
         th, tw = self.tile_height, self.tile_width
-        return torch.cat([tensor[..., top : top + th, left : left + tw] for top, left in (self.origins[i] for i in indices)])
+        return torch.cat(
+            [tensor[..., top : top + th, left : left + tw] for top, left in (self.origins[i] for i in indices)]
+        )
 
     @cached_property
     def weights(self) -> torch.Tensor:
@@ -121,7 +123,11 @@ def _edge_ramps(length: int, blend: int, ramp_start: bool, ramp_end: bool) -> to
 
 
 def tiled_encode(
-    encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, tile: int, overlap: float = 0.25, factor: int = 8
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    tile: int,
+    overlap: float = 0.25,
+    factor: int = 8,
 ) -> torch.Tensor:
     """Runs an image encoder (output at 1/``factor`` of the size) over overlapping ``tile``-pixel tiles and blends the
     outputs with linear ramps where tiles meet, so that memory stays bounded without visible seams.
@@ -141,7 +147,9 @@ def tiled_encode(
         for left in tile_starts(width, tile_w, stride):
             features = encode(image[..., top : top + tile_h, left : left + tile_w])
             if output is None:
-                output = features.new_zeros(*features.shape[:2], height // factor, width // factor, dtype=torch.float32)
+                output = features.new_zeros(
+                    *features.shape[:2], height // factor, width // factor, dtype=torch.float32
+                )
                 weight_sum = torch.zeros(height // factor, width // factor, device=features.device)
             rows = _edge_ramps(features.shape[-2], blend, top > 0, top + tile_h < height).to(features.device)
             cols = _edge_ramps(features.shape[-1], blend, left > 0, left + tile_w < width).to(features.device)

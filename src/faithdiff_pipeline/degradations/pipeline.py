@@ -77,7 +77,10 @@ class DegradationPlan:
 def _sample_resize(generator: torch.Generator, probs, factor_range, modes) -> ResizeSpec:
     direction = _random.choice(generator, _DIRECTIONS, probs)
     low, high = factor_range
-    factor = {"up": lambda: _random.uniform(generator, 1.0, high), "down": lambda: _random.uniform(generator, low, 1.0)}
+    factor = {
+        "up": lambda: _random.uniform(generator, 1.0, high),
+        "down": lambda: _random.uniform(generator, low, 1.0),
+    }
     value = factor[direction]() if direction in factor else 1.0
     return ResizeSpec(direction, value, _random.choice(generator, modes))
 
@@ -147,8 +150,14 @@ def sample_degradation_plan(
     final_mode = _random.choice(generator, config.resize_modes)
     samples = tuple(_sample_image(generator, config) for _ in range(batch_size))
     return DegradationPlan(
-        config.scale, config.two_stage, config.blur_kernel_size, config.blur_kernel_size2, resize1, resize2,
-        final_mode, samples,
+        config.scale,
+        config.two_stage,
+        config.blur_kernel_size,
+        config.blur_kernel_size2,
+        resize1,
+        resize2,
+        final_mode,
+        samples,
     )
 
 
@@ -267,9 +276,7 @@ def apply_degradation_plan(
     return (levels.to(exact) / 255.0).to(hq.dtype)
 
 
-def degrade(
-    hq: torch.Tensor, config: DegradationConfig, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def degrade(hq: torch.Tensor, config: DegradationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Synthesises low-quality images from ``hq`` with the second-order degradation model ``config``.
 
     Args:

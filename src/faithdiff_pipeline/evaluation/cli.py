@@ -98,11 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("methods, metrics and outputs")
     run.add_argument(
-        "--method", action="append", default=[], metavar="NAME=SOURCE",
+        "--method",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
         help="lanczos, faithdiff=PIPELINE_DIR_OR_HUB_ID, or NAME=RESULT_DIR for results of another method "
         "(paired by file name); repeat for several (default: lanczos)",
     )
-    run.add_argument("--metrics", help=f"comma-separated, among {', '.join(METRICS)} (default: all that are installed)")
+    run.add_argument(
+        "--metrics", help=f"comma-separated, among {', '.join(METRICS)} (default: all that are installed)"
+    )
     run.add_argument("--out", metavar="DIR", help="folder for results and reports")
     run.add_argument("--overwrite", action="store_true", help="recompute existing results (and rebuild --set-dir)")
     run.add_argument("--grid-images", type=int, default=4, help="images shown in the crop grid (default: 4)")
@@ -330,8 +335,13 @@ def _restore(run: Run, method: Method, pipe: Any, pair: ImagePair) -> PIL.Image.
     settings = method.settings
     generator = torch.Generator("cpu").manual_seed(settings["seed"])
     return pipe(
-        lq, prompt=settings["prompt"], upscale=settings["upscale"], num_inference_steps=settings["steps"],
-        tile_size=settings["tile_size"], generator=generator, output_type="pil",
+        lq,
+        prompt=settings["prompt"],
+        upscale=settings["upscale"],
+        num_inference_steps=settings["steps"],
+        tile_size=settings["tile_size"],
+        generator=generator,
+        output_type="pil",
     ).images[0]
 
 

@@ -19,7 +19,9 @@ import torch
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MANIFEST_NAME = "manifest.json"
 # How an HQ image is cut to a multiple of the scale; recorded in the manifest.
-CROP_RULE = "top-left: the bottom rows and right columns beyond a multiple of the scale are dropped (BasicSR's mod_crop)"
+CROP_RULE = (
+    "top-left: the bottom rows and right columns beyond a multiple of the scale are dropped (BasicSR's mod_crop)"
+)
 _NAMES_SHOWN = 10
 
 
@@ -96,10 +98,14 @@ def list_images(folder: str | os.PathLike, role: str) -> dict[str, Path]:
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
             found.setdefault(path.stem, []).append(path)
     if not found:
-        raise ValueError(f"{role} {str(folder)!r} holds no images; expected files ending in {', '.join(IMAGE_EXTENSIONS)}.")
+        raise ValueError(
+            f"{role} {str(folder)!r} holds no images; expected files ending in {', '.join(IMAGE_EXTENSIONS)}."
+        )
     clashes = [f"{', '.join(p.name for p in paths)}" for paths in found.values() if len(paths) > 1]
     if clashes:
-        raise ValueError(f"{role} {str(folder)!r} has several images with the same name: {format_names(clashes)}; keep one of each.")
+        raise ValueError(
+            f"{role} {str(folder)!r} has several images with the same name: {format_names(clashes)}; keep one of each."
+        )
     return {stem: paths[0] for stem, paths in found.items()}
 
 
@@ -127,9 +133,13 @@ def pair_folders(hq_dir: str | os.PathLike, lq_dir: str | os.PathLike) -> Paired
     lq = list_images(lq_dir, "LQ folder")
     problems = []
     if without_lq := missing_names(hq, lq):
-        problems.append(f"LQ folder {str(lq_dir)!r} lacks {len(without_lq)} image(s) of the HQ folder: {format_names(without_lq)}")
+        problems.append(
+            f"LQ folder {str(lq_dir)!r} lacks {len(without_lq)} image(s) of the HQ folder: {format_names(without_lq)}"
+        )
     if without_hq := missing_names(lq, hq):
-        problems.append(f"HQ folder {str(hq_dir)!r} lacks {len(without_hq)} image(s) of the LQ folder: {format_names(without_hq)}")
+        problems.append(
+            f"HQ folder {str(hq_dir)!r} lacks {len(without_hq)} image(s) of the LQ folder: {format_names(without_hq)}"
+        )
     if problems:
         raise ValueError("; ".join(problems) + " (images are paired by file name without extension).")
     pairs = [ImagePair(name, hq[name], lq[name], image_size(hq[name]), image_size(lq[name])) for name in sorted(hq)]
@@ -183,7 +193,12 @@ def _jsonable(value: Any) -> Any:
 def _versions() -> dict[str, str]:
     from .. import __version__
 
-    return {"faithdiff_pipeline": __version__, "torch": torch.__version__, "numpy": np.__version__, "Pillow": PIL.__version__}
+    return {
+        "faithdiff_pipeline": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "Pillow": PIL.__version__,
+    }
 
 
 def _set_description(preset: str, config: Any, seed: int, source: Path) -> dict[str, Any]:
@@ -237,7 +252,9 @@ def make_synthetic_set(
     set_dir = Path(set_dir)
     names = sorted(sources)
     description = _set_description(preset, config, seed, Path(hq_dir))
-    description["images"] = [{"name": name, "source": sources[name].name, "seed": image_seed(seed, name)} for name in names]
+    description["images"] = [
+        {"name": name, "source": sources[name].name, "seed": image_seed(seed, name)} for name in names
+    ]
     reuse = _check_existing_set(set_dir, description, overwrite)
     if not reuse:
         # Written first, so that an interrupted build is recognised and completed by the next one.
@@ -270,7 +287,9 @@ def _check_existing_set(set_dir: Path, description: dict[str, Any], overwrite: b
             )
         return False
     existing = json.loads(manifest_path.read_text(encoding="utf-8"))
-    differing = [key for key in ("preset", "config", "seed", "scale", "crop", "images") if existing.get(key) != description[key]]
+    differing = [
+        key for key in ("preset", "config", "seed", "scale", "crop", "images") if existing.get(key) != description[key]
+    ]
     if differing:
         raise ValueError(
             f"`set_dir` {str(set_dir)!r} holds a set made otherwise (its {', '.join(differing)} differ: preset "

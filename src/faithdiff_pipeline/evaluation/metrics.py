@@ -40,7 +40,9 @@ def rgb_to_y(image: torch.Tensor) -> torch.Tensor:
     return ((image * weights).sum(dim=1, keepdim=True) + _Y_OFFSET) / 255.0
 
 
-def psnr(restored: torch.Tensor, reference: torch.Tensor, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
+def psnr(
+    restored: torch.Tensor, reference: torch.Tensor, y_channel: bool = False, crop_border: int = 0
+) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB of each image of a batch (``[B]``, float64).
 
     Args:
@@ -56,7 +58,9 @@ def psnr(restored: torch.Tensor, reference: torch.Tensor, y_channel: bool = Fals
     return 10.0 * torch.log10(1.0 / mse)
 
 
-def ssim(restored: torch.Tensor, reference: torch.Tensor, y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
+def ssim(
+    restored: torch.Tensor, reference: torch.Tensor, y_channel: bool = False, crop_border: int = 0
+) -> torch.Tensor:
     """Structural similarity of each image of a batch (``[B]``, float64), with the conventions of the module docstring.
 
     Args:
@@ -113,7 +117,9 @@ def _check_batch(image: torch.Tensor, name: str) -> None:
         raise ValueError(f"`{name}` must be an RGB batch [B, 3, H, W] in [0, 1], got {shape}.")
 
 
-def _prepare(restored: torch.Tensor, reference: torch.Tensor, y_channel: bool, crop_border: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepare(
+    restored: torch.Tensor, reference: torch.Tensor, y_channel: bool, crop_border: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Both images in float64, cropped, and reduced to the luma when asked."""
     _check_batch(restored, "restored")
     _check_batch(reference, "reference")
@@ -122,7 +128,12 @@ def _prepare(restored: torch.Tensor, reference: torch.Tensor, y_channel: bool, c
             f"`restored` {tuple(restored.shape)} and `reference` {tuple(reference.shape)} must have the same shape."
         )
     height, width = restored.shape[-2:]
-    if isinstance(crop_border, bool) or not isinstance(crop_border, int) or crop_border < 0 or 2 * crop_border >= min(height, width):
+    if (
+        isinstance(crop_border, bool)
+        or not isinstance(crop_border, int)
+        or crop_border < 0
+        or 2 * crop_border >= min(height, width)
+    ):
         raise ValueError(
             f"`crop_border` must be an integer >= 0 leaving some of the {height}x{width} image, got {crop_border!r}."
         )
@@ -182,10 +193,14 @@ def parse_metric_names(text: str) -> list[str]:
     """The metric names of a comma-separated list (``--metrics``), validated and without duplicates."""
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     if not names:
-        raise ValueError(f"`--metrics` {text!r} names no metric; expected a comma-separated list of {', '.join(METRICS)}.")
+        raise ValueError(
+            f"`--metrics` {text!r} names no metric; expected a comma-separated list of {', '.join(METRICS)}."
+        )
     unknown = [name for name in names if name not in METRICS]
     if unknown:
-        raise ValueError(f"`--metrics` names unknown metric(s) {', '.join(unknown)}; expected some of {', '.join(METRICS)}.")
+        raise ValueError(
+            f"`--metrics` names unknown metric(s) {', '.join(unknown)}; expected some of {', '.join(METRICS)}."
+        )
     return list(dict.fromkeys(names))
 
 
@@ -252,4 +267,3 @@ def _load_pyiqa_metric(spec: MetricSpec, device: str | torch.device) -> ScoreFn:
         return values.detach().double().reshape(-1).cpu()
 
     return score
-

@@ -47,7 +47,10 @@ def method_means(rows: Sequence[Row], metric_names: Sequence[str]) -> dict[str, 
     for row in rows:
         grouped.setdefault(row["method"], []).append(row)
     return {
-        method: {"images": len(group), **{name: math.fsum(r[name] for r in group) / len(group) for name in metric_names}}
+        method: {
+            "images": len(group),
+            **{name: math.fsum(r[name] for r in group) / len(group) for name in metric_names},
+        }
         for method, group in grouped.items()
     }
 
@@ -111,7 +114,9 @@ def plot_metrics(rows: Sequence[Row], metric_names: Sequence[str], path: str | o
     return path
 
 
-def aligned_boxes(hq_size: tuple[int, int], scale: int, crop_size: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+def aligned_boxes(
+    hq_size: tuple[int, int], scale: int, crop_size: int
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """The central square crop of an HQ image of ``hq_size`` (width, height) and the same region in its LQ image.
 
     The side is at most ``crop_size`` and, like the corner, a multiple of ``scale``, so both boxes cover exactly the
@@ -138,7 +143,10 @@ def crop_tiles(
     hq_box, lq_box = aligned_boxes(hq.size, scale, crop_size)
     side = hq_box[2] - hq_box[0]
     lq_tile = lq.convert("RGB").crop(lq_box).resize((side, side), PIL.Image.NEAREST) if lq is not None else None
-    tiles = [result.convert("RGB").crop(hq_box) if result is not None and result.size == hq.size else None for result in results]
+    tiles = [
+        result.convert("RGB").crop(hq_box) if result is not None and result.size == hq.size else None
+        for result in results
+    ]
     return [lq_tile, *tiles, hq.convert("RGB").crop(hq_box)]
 
 

@@ -142,7 +142,9 @@ def export_pipeline(
             pipe.save_pretrained(path)
 
 
-def _pipeline_with_state(pipe: FaithDiffSDXLPipeline, model: FaithDiffTrainingModule, state: dict) -> FaithDiffSDXLPipeline:
+def _pipeline_with_state(
+    pipe: FaithDiffSDXLPipeline, model: FaithDiffTrainingModule, state: dict
+) -> FaithDiffSDXLPipeline:
     """A CPU copy of the trained components loaded from a gathered state dict, in a pipeline beside the frozen ones."""
     copies = {}
     for name in model.trained:

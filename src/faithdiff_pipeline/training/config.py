@@ -12,7 +12,13 @@ from typing import Any, Mapping
 STAGES = (1, 2)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
 )
 CAPTION_SOURCES = ("none", "sidecar")
 # Steps of each stage in the release (train_stage_1.sh, train_stage_2.sh).
@@ -145,7 +151,9 @@ class TrainingConfig:
         """Settings from a mapping (missing keys keep their defaults). Keys under ``stage1:``/``stage2:`` apply to that
         stage only, so one file can describe both stages; ``stage`` (e.g. from ``--stage``) picks the stage."""
         if not isinstance(values, Mapping):
-            raise TrainingSetupError(f"The training configuration must be a mapping of settings, got {type(values).__name__}.")
+            raise TrainingSetupError(
+                f"The training configuration must be a mapping of settings, got {type(values).__name__}."
+            )
         chosen = stage if stage is not None else values.get("stage", 1)
         chosen = _coerce("stage", chosen, int)
         if chosen not in STAGES:
@@ -163,16 +171,22 @@ class TrainingConfig:
         return cls(**{name: _coerce(name, value, hints[name]) for name, value in merged.items()})
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, stage: int | None = None, overrides: Mapping[str, Any] | None = None) -> "TrainingConfig":
+    def from_yaml(
+        cls, path: str | os.PathLike, stage: int | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> "TrainingConfig":
         """Settings from a YAML file, then ``overrides`` (e.g. from the command line) on top."""
         import yaml
 
         if not os.path.isfile(path):
-            raise TrainingSetupError(f"`--config` {os.fspath(path)!r} does not exist; expected a YAML file of training settings.")
+            raise TrainingSetupError(
+                f"`--config` {os.fspath(path)!r} does not exist; expected a YAML file of training settings."
+            )
         with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
         if not isinstance(values, Mapping):
-            raise TrainingSetupError(f"`--config` {os.fspath(path)!r} must hold a YAML mapping, got {type(values).__name__}.")
+            raise TrainingSetupError(
+                f"`--config` {os.fspath(path)!r} must hold a YAML mapping, got {type(values).__name__}."
+            )
         return cls.from_dict({**values, **(overrides or {})}, stage=stage)
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,7 +200,9 @@ class TrainingConfig:
         Raises:
             TrainingSetupError: naming the setting, its value and what was expected.
         """
-        config = dataclasses.replace(self, train_folders=list(self.train_folders), validation_images=list(self.validation_images))
+        config = dataclasses.replace(
+            self, train_folders=list(self.train_folders), validation_images=list(self.validation_images)
+        )
         config._check_model()
         config._check_data()
         config._check_optimisation()
@@ -233,7 +249,9 @@ class TrainingConfig:
             )
         for folder in self.train_folders:
             if not os.path.isdir(folder):
-                raise TrainingSetupError(f"`train_folders` entry {folder!r} is not a folder; expected folders of HQ images.")
+                raise TrainingSetupError(
+                    f"`train_folders` entry {folder!r} is not a folder; expected folders of HQ images."
+                )
         _check_int(self.hq_size, "hq_size", 8)
         if self.hq_size % 8:
             raise TrainingSetupError(f"`hq_size` must be a multiple of 8 (the VAE's factor), got {self.hq_size}.")
@@ -243,7 +261,9 @@ class TrainingConfig:
         _check_int(self.dataloader_num_workers, "dataloader_num_workers", 0)
         for path in self.validation_images:
             if not os.path.isfile(path):
-                raise TrainingSetupError(f"`validation_images` entry {path!r} does not exist; expected an LQ image file.")
+                raise TrainingSetupError(
+                    f"`validation_images` entry {path!r} does not exist; expected an LQ image file."
+                )
 
     def _check_optimisation(self) -> None:
         _check_int(self.train_batch_size, "train_batch_size", 1)
@@ -265,7 +285,9 @@ class TrainingConfig:
         if self.noise_offset < 0:
             raise TrainingSetupError(f"`noise_offset` must be >= 0, got {self.noise_offset!r}.")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
-            raise TrainingSetupError(f"`mixed_precision` must be one of {MIXED_PRECISION} or null, got {self.mixed_precision!r}.")
+            raise TrainingSetupError(
+                f"`mixed_precision` must be one of {MIXED_PRECISION} or null, got {self.mixed_precision!r}."
+            )
         _check_int(self.ema_update_interval, "ema_update_interval", 1)
 
     def _check_outputs(self) -> None:

@@ -85,7 +85,11 @@ def find_images(folders: Sequence[str | os.PathLike]) -> list[SourceImage]:
     for name, root in roots.items():
         for path in root.rglob("*"):
             relative = path.relative_to(root)
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not any(p.startswith(".") for p in relative.parts):
+            if (
+                path.is_file()
+                and path.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(p.startswith(".") for p in relative.parts)
+            ):
                 images.append(SourceImage(path, f"{name}/{relative.as_posix()}"))
     return sorted(images, key=lambda image: image.key)
 
@@ -118,7 +122,9 @@ def load_degradation(spec: str | os.PathLike | None) -> DegradationConfig:
 
 
 # -------------------------------------------------------------------------------------------------- crops
-def random_crop_box(width: int, height: int, size: int, scale: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+def random_crop_box(
+    width: int, height: int, size: int, scale: int, generator: torch.Generator
+) -> tuple[int, int, int, int]:
     """A random ``size`` x ``size`` box ``(left, top, right, bottom)`` inside a ``width`` x ``height`` image, its
     corners on multiples of ``scale`` so that the LQ crop is exactly the HQ box divided by ``scale``."""
     if width < size or height < size:
@@ -179,8 +185,13 @@ class ManifestRecord:
     def from_json(cls, line: str) -> "ManifestRecord":
         values = json.loads(line)
         return cls(
-            hq=values["hq"], lq=values["lq"], caption=values["caption"], source=values["source"],
-            source_size=tuple(values["source_size"]), crop_box=tuple(values["crop_box"]), seed=int(values["seed"]),
+            hq=values["hq"],
+            lq=values["lq"],
+            caption=values["caption"],
+            source=values["source"],
+            source_size=tuple(values["source_size"]),
+            crop_box=tuple(values["crop_box"]),
+            seed=int(values["seed"]),
             scale=int(values["scale"]),
         )
 
@@ -270,7 +281,9 @@ class PreparedPairsDataset(_AugmentedPairs):
         random_flip: flip pairs horizontally with probability 1/2.
     """
 
-    def __init__(self, manifest: str | os.PathLike, seed: int = 0, caption_dropout: float = 0.2, random_flip: bool = True) -> None:
+    def __init__(
+        self, manifest: str | os.PathLike, seed: int = 0, caption_dropout: float = 0.2, random_flip: bool = True
+    ) -> None:
         super().__init__(seed, caption_dropout, random_flip)
         self.root = Path(manifest).parent
         self.records = read_manifest(manifest)
@@ -298,7 +311,9 @@ class PreparedPairsDataset(_AugmentedPairs):
                 f"{self.hq_size // self.scale} px as the manifest says; prepare the set again."
             )
         time_ids = micro_conditioning(record.source_size, record.crop_box, record.scale)
-        return training_example(hq, lq, record.caption, time_ids, self._generator(index), self.caption_dropout, self.random_flip)
+        return training_example(
+            hq, lq, record.caption, time_ids, self._generator(index), self.caption_dropout, self.random_flip
+        )
 
     def validation_pair(self, index: int) -> tuple[PIL.Image.Image, str]:
         """The LQ crop and caption of pair ``index`` (fixed: no augmentation)."""
@@ -335,7 +350,9 @@ class DegradingDataset(_AugmentedPairs):
         super().__init__(seed, caption_dropout, random_flip)
         self.degradation = degradation if degradation is not None else DegradationConfig()
         if hq_size % self.degradation.scale:
-            raise ValueError(f"`hq_size` {hq_size} must be divisible by the degradation scale {self.degradation.scale}.")
+            raise ValueError(
+                f"`hq_size` {hq_size} must be divisible by the degradation scale {self.degradation.scale}."
+            )
         if captions not in ("none", "sidecar"):
             raise ValueError(f"`captions` must be 'none' or 'sidecar', got {captions!r}.")
         self.hq_size = hq_size
@@ -373,7 +390,9 @@ class DegradingDataset(_AugmentedPairs):
 
         return read_caption(path) or ""
 
-    def _pair(self, index: int, generator: torch.Generator) -> tuple[PIL.Image.Image, PIL.Image.Image, list[float], str]:
+    def _pair(
+        self, index: int, generator: torch.Generator
+    ) -> tuple[PIL.Image.Image, PIL.Image.Image, list[float], str]:
         for attempt in range(len(self.sources)):
             source = self.sources[(index + attempt) % len(self.sources)]
             try:

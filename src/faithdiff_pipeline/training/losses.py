@@ -26,7 +26,9 @@ def offset_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Ge
     offset, both from ``generator``."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
-        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        offset = torch.randn(
+            latents.shape[:2] + (1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
         noise = noise + noise_offset * offset
     return noise
 

@@ -77,7 +77,9 @@ class PreparationSummary:
         ]
         lines += [f"  unreadable: {path}: {reason}" for path, reason in self.unreadable]
         if self.missing_captions:
-            lines.append(f"  {self.missing_captions} image(s) had no caption sidecar; their crops have an empty caption.")
+            lines.append(
+                f"  {self.missing_captions} image(s) had no caption sidecar; their crops have an empty caption."
+            )
         return "\n".join(lines)
 
 
@@ -178,11 +180,20 @@ def prepare_training_set(
 
 
 def _check_settings(
-    hq_size: int, crops_per_image: int, degradation: DegradationConfig, seed: int, captions: str, captioner: Any,
-    captioner_name: str | None, caption_batch_size: int, workers: int,
+    hq_size: int,
+    crops_per_image: int,
+    degradation: DegradationConfig,
+    seed: int,
+    captions: str,
+    captioner: Any,
+    captioner_name: str | None,
+    caption_batch_size: int,
+    workers: int,
 ) -> PreparationSettings:
     for name, value, minimum in (
-        ("hq_size", hq_size, 8), ("crops_per_image", crops_per_image, 1), ("caption_batch_size", caption_batch_size, 1),
+        ("hq_size", hq_size, 8),
+        ("crops_per_image", crops_per_image, 1),
+        ("caption_batch_size", caption_batch_size, 1),
         ("workers", workers, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -232,7 +243,9 @@ def _run_tasks(tasks: list[_ImageTask], workers: int) -> Iterator[_ImageResult]:
         return
     # Spawned workers: forking a process whose torch thread pools are already running can deadlock.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
         yield from pool.map(_make_crops, tasks, chunksize=4)
 
 
@@ -255,7 +268,9 @@ def _make_crops(task: _ImageTask) -> _ImageResult:
         hq_path, lq_path = crop_paths(task.source, crop)
         write_png(hq, task.output / hq_path)
         write_png(lq, task.output / lq_path)
-        records.append(ManifestRecord(hq_path, lq_path, "", str(task.source.path), image.size, box, seed, degradation.scale))
+        records.append(
+            ManifestRecord(hq_path, lq_path, "", str(task.source.path), image.size, box, seed, degradation.scale)
+        )
     return _ImageResult(task, tuple(records))
 
 
@@ -332,17 +347,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hq-size", type=int, default=512, help="HQ crop size in pixels (default: 512)")
     parser.add_argument("--crops-per-image", type=int, default=1, help="random crops per image (default: 1)")
     parser.add_argument(
-        "--degradation", metavar="PRESET_OR_YAML",
+        "--degradation",
+        metavar="PRESET_OR_YAML",
         help=f"degradation preset ({', '.join(sorted(PRESETS))}) or YAML settings file (default: FaithDiff's settings)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the set (default: 0)")
     captions = parser.add_mutually_exclusive_group()
-    captions.add_argument("--captioner", metavar="MODEL_ID", help="caption each HQ crop with this model (e.g. llava-hf/llava-1.5-13b-hf)")
-    captions.add_argument("--sidecar-captions", action="store_true", help="use each photo's caption sidecar (photo.json)")
+    captions.add_argument(
+        "--captioner", metavar="MODEL_ID", help="caption each HQ crop with this model (e.g. llava-hf/llava-1.5-13b-hf)"
+    )
+    captions.add_argument(
+        "--sidecar-captions", action="store_true", help="use each photo's caption sidecar (photo.json)"
+    )
     parser.add_argument("--captioner-quantization", choices=("8bit", "4bit"), help="load the captioner quantised")
     parser.add_argument("--captioner-device", help="device of the captioner (default: the model's)")
     parser.add_argument("--caption-batch-size", type=int, default=8, help="images captioned together (default: 8)")
-    parser.add_argument("--workers", type=int, default=0, help="processes that crop and degrade (default: 0, this one)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="processes that crop and degrade (default: 0, this one)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -355,9 +377,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         degradation = load_degradation(args.degradation)
         captions, captioner = _caption_source(args)
         summary = prepare_training_set(
-            args.inputs, args.output, hq_size=args.hq_size, crops_per_image=args.crops_per_image,
-            degradation=degradation, seed=args.seed, captions=captions, captioner=captioner,
-            captioner_name=args.captioner, caption_batch_size=args.caption_batch_size, workers=args.workers,
+            args.inputs,
+            args.output,
+            hq_size=args.hq_size,
+            crops_per_image=args.crops_per_image,
+            degradation=degradation,
+            seed=args.seed,
+            captions=captions,
+            captioner=captioner,
+            captioner_name=args.captioner,
+            caption_batch_size=args.caption_batch_size,
+            workers=args.workers,
             progress=not args.no_progress,
         )
     except (ValueError, OSError) as error:
@@ -375,7 +405,9 @@ def _caption_source(args: argparse.Namespace) -> tuple[str, Any]:
         return "none", None
     from ..captioning import load_captioner
 
-    return "captioner", load_captioner(args.captioner, quantization=args.captioner_quantization, device=args.captioner_device)
+    return "captioner", load_captioner(
+        args.captioner, quantization=args.captioner_quantization, device=args.captioner_device
+    )
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ def starting_point(config: TrainingConfig) -> tuple[str, bool]:
     source = config.stage1_checkpoint or config.pretrained_model
     name = "stage1_checkpoint" if config.stage1_checkpoint else "pretrained_model"
     if _looks_local(source) and not os.path.isdir(source):
-        raise TrainingSetupError(f"`{name}` {source!r} is not a folder; expected a diffusers model folder or a Hub id.")
+        raise TrainingSetupError(
+            f"`{name}` {source!r} is not a folder; expected a diffusers model folder or a Hub id."
+        )
     faithdiff = is_faithdiff_pipeline(source)
     if config.stage1_checkpoint and not faithdiff:
         raise TrainingSetupError(
@@ -109,14 +111,21 @@ def load_starting_pipeline(config: TrainingConfig) -> FaithDiffSDXLPipeline:
 
 def _looks_local(name_or_path: str) -> bool:
     """Whether a model name is meant as a path (Hub ids are ``owner/name``)."""
-    return os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
+    return (
+        os.path.isabs(name_or_path)
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.count("/") > 1
+        or os.path.exists(name_or_path)
+    )
 
 
 def load_vae(name_or_path: str) -> AutoencoderKL:
     """A VAE from a folder or Hub id that holds one at its root or in a ``vae`` subfolder."""
     local_root = os.path.isdir(name_or_path) and os.path.isfile(os.path.join(name_or_path, "config.json"))
     if os.path.isdir(name_or_path) and not local_root and not os.path.isdir(os.path.join(name_or_path, "vae")):
-        raise TrainingSetupError(f"`vae` {name_or_path!r} holds no VAE: expected a config.json at its root or a `vae` subfolder.")
+        raise TrainingSetupError(
+            f"`vae` {name_or_path!r} holds no VAE: expected a config.json at its root or a `vae` subfolder."
+        )
     try:
         return AutoencoderKL.from_pretrained(name_or_path, subfolder=None if local_root else "vae")
     except OSError:

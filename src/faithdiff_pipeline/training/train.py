@@ -107,8 +107,13 @@ def training_dataset(config: TrainingConfig) -> Dataset:
         if config.train_manifest:
             return PreparedPairsDataset(config.train_manifest, config.seed, config.caption_dropout, config.random_flip)
         return DegradingDataset(
-            config.train_folders, config.hq_size, load_degradation(config.degradation), config.seed,
-            config.caption_dropout, config.random_flip, config.captions,
+            config.train_folders,
+            config.hq_size,
+            load_degradation(config.degradation),
+            config.seed,
+            config.caption_dropout,
+            config.random_flip,
+            config.captions,
         )
     except ValueError as error:
         raise TrainingSetupError(str(error)) from error
@@ -117,8 +122,12 @@ def training_dataset(config: TrainingConfig) -> Dataset:
 def _data_loader(dataset: Dataset, config: TrainingConfig) -> DataLoader:
     # Workers are not persistent: each epoch's iterator copies the dataset with its current epoch (see set_epoch).
     return DataLoader(
-        dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=True,
-        num_workers=config.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+        dataset,
+        batch_size=config.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=config.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -166,7 +175,9 @@ def _check_tracker(report_to: str) -> None:
     from accelerate.tracking import LoggerType, get_available_trackers
 
     if report_to not in LoggerType.list():
-        raise TrainingSetupError(f"`report_to` must be 'none', 'all' or one of {LoggerType.list()}, got {report_to!r}.")
+        raise TrainingSetupError(
+            f"`report_to` must be 'none', 'all' or one of {LoggerType.list()}, got {report_to!r}."
+        )
     if LoggerType(report_to) not in get_available_trackers():
         raise TrainingSetupError(
             f"`report_to` {report_to!r} needs its package installed (for TensorBoard: pip install tensorboard, or the "
@@ -179,7 +190,9 @@ def _make_accelerator(config: TrainingConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
+        ),
         # Seeds the shuffling with (seed + epoch), the same on every process, so that a resumed run can skip the
         # batches it has seen.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
@@ -238,8 +251,16 @@ class _TrainingLoop:
     """The optimisation loop and what it does every N steps (checkpoints, validation, logging)."""
 
     def __init__(
-        self, accelerator: Accelerator, config: TrainingConfig, pipe: Any, model: Any, optimizer: Any,
-        lr_scheduler: Any, noise_scheduler: DDPMScheduler, ema: EMAModel | None, examples: list[ValidationExample],
+        self,
+        accelerator: Accelerator,
+        config: TrainingConfig,
+        pipe: Any,
+        model: Any,
+        optimizer: Any,
+        lr_scheduler: Any,
+        noise_scheduler: DDPMScheduler,
+        ema: EMAModel | None,
+        examples: list[ValidationExample],
         scale: int,
     ) -> None:
         self.accelerator = accelerator
@@ -265,7 +286,9 @@ class _TrainingLoop:
         steps_per_epoch = math.ceil(len(dataloader) / accumulation)
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         start, last_loss, checkpoint = step, None, resumed
-        bar = tqdm(total=config.max_train_steps, initial=step, desc=PROG, disable=not accelerator.is_local_main_process)
+        bar = tqdm(
+            total=config.max_train_steps, initial=step, desc=PROG, disable=not accelerator.is_local_main_process
+        )
         while step < config.max_train_steps:
             dataset.set_epoch(epoch)
             dataloader.set_epoch(epoch)
@@ -309,7 +332,11 @@ class _TrainingLoop:
             latents = self._encode_hq(batch["hq"], generator)
         noised = noise_latents(self.noise_scheduler, latents, config.noise_offset, generator)
         noise_pred = self.model(
-            noised.noisy, noised.timesteps, batch["lq"], prompt_embeds, pooled_prompt_embeds,
+            noised.noisy,
+            noised.timesteps,
+            batch["lq"],
+            prompt_embeds,
+            pooled_prompt_embeds,
             batch["time_ids"],
         )
         return epsilon_loss(noise_pred, noised.noise)
@@ -317,7 +344,9 @@ class _TrainingLoop:
     def _encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
         with self.accelerator.autocast():
             return self.pipe.encode_prompt(
-                prompt=list(captions), device=self.accelerator.device, num_images_per_prompt=1,
+                prompt=list(captions),
+                device=self.accelerator.device,
+                num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
             )
 
@@ -363,8 +392,12 @@ class _TrainingLoop:
         upscale = self.config.validation_upscale or self.scale
         with ema_weights(self.accelerator.unwrap_model(self.model), self.ema):
             images = restore_examples(
-                self.pipe, self.examples, upscale, self.config.validation_inference_steps,
-                self.config.validation_guidance_scale, self.config.seed,
+                self.pipe,
+                self.examples,
+                upscale,
+                self.config.validation_inference_steps,
+                self.config.validation_guidance_scale,
+                self.config.seed,
             )
         folder = log_validation(self.accelerator, self.examples, images, self.config.output_dir, step)
         logger.info(f"Validation images of step {step} in {folder}.")
@@ -413,7 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     if PartialState().is_main_process:
-        print(f"Stage {config.stage} finished at step {result.step}; trained pipeline: {result.checkpoint / 'pipeline'}")
+        print(
+            f"Stage {config.stage} finished at step {result.step}; trained pipeline: {result.checkpoint / 'pipeline'}"
+        )
     return 0
 
 

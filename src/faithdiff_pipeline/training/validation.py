@@ -55,8 +55,12 @@ def restore_examples(
     for example in examples:
         generator = torch.Generator(device=device).manual_seed(seed)
         output = pipe(
-            example.image, prompt=example.caption, upscale=upscale, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generator=generator,
+            example.image,
+            prompt=example.caption,
+            upscale=upscale,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
         )
         restored.append(output.images[0])
     return restored
