@@ -444,3 +444,44 @@ def test_user_mistakes_give_one_clear_line(tmp_path, capsys, case, expected) -> 
         argv += ["--method", f"supir={results}"]
     assert eval_main(argv) == 2
     assert re.search(expected, _one_error_line(capsys))
+
+
+def test_faithdiff_prompts_from_caption_sidecars(photo_set, tiny_pipeline_dir, tmp_path, monkeypatch, capsys) -> None:
+    """--captions sidecar: each LQ image's sidecar (the release's format, cleaned on reading) is its prompt; an image
+    without one is reported as failed and the others go on."""
+    from faithdiff_pipeline.captioning import write_caption
+
+    hq, lq = photo_set
+    write_caption(lq / "astronaut.png", "The image features an astronaut. She smiles. Flags.")
+    write_caption(lq / "chelsea.png", "The image shows a cat with green eyes.")
+    prompts = []
+    original = FaithDiffSDXLPipeline.__call__
+    monkeypatch.setattr(
+        FaithDiffSDXLPipeline, "__call__", lambda self, *a, **k: prompts.append(k["prompt"]) or original(self, *a, **k)
+    )
+    argv = [
+        "--hq",
+        str(hq),
+        "--lq",
+        str(lq),
+        "--out",
+        str(tmp_path / "out"),
+        "--method",
+        f"faithdiff={tiny_pipeline_dir}",
+        "--captions",
+        "sidecar",
+        "--steps",
+        "1",
+        "--tile-size",
+        "64",
+        "--metrics",
+        "psnr",
+        "--device",
+        "cpu",
+    ]
+    assert eval_main(argv) == 1
+    assert prompts == ["An astronaut. She smiles.", "A cat with green eyes.."]
+    captured = capsys.readouterr()
+    assert "no caption sidecar coffee.json beside the LQ image" in captured.out + captured.err
+    assert eval_main([*argv, "--prompt", "x"]) == 2
+    assert "conflicts with `--captions sidecar`" in _one_error_line(capsys)

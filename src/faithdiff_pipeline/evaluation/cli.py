@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import PIL.Image
 import torch
 
+from ..captioning import read_caption
 from .datasets import (
     MANIFEST_NAME,
     ImagePair,
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--upscale", type=float, help="upscale factor (default: the set's scale)")
     sampling.add_argument("--sample-seed", type=int, default=0, help="seed of each image's sampling (default: 0)")
     sampling.add_argument("--prompt", default="", help="one prompt for every image (default: none)")
+    sampling.add_argument(
+        "--captions",
+        choices=["fixed", "sidecar"],
+        default="fixed",
+        help="fixed: --prompt for every image; sidecar: each LQ image's caption sidecar (NAME.json beside it, "
+        "the release's format, e.g. LLaVA captions written by faithdiff-upscale --write-captions)",
+    )
     sampling.add_argument("--tile-size", type=int, default=1024, help="latent tile size in pixels (default: 1024)")
     sampling.add_argument("--device", help="cuda, cpu, ... (default: cuda when available); also used by pyiqa")
     sampling.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on GPUs, float32 on CPUs")
@@ -263,6 +271,8 @@ def _faithdiff_settings(run: Run, method: Method) -> dict[str, Any]:
     upscale = args.upscale if args.upscale is not None else run.dataset.scale
     if not upscale > 0:
         raise ValueError(f"`--upscale` must be a number > 0, got {upscale}.")
+    if args.captions == "sidecar" and args.prompt:
+        raise ValueError("`--prompt` gives one prompt for every image; it conflicts with `--captions sidecar`.")
     if args.tile_size < 64 or args.tile_size % 8:
         raise ValueError(f"`--tile-size` must be a multiple of 8 of at least 64 pixels, got {args.tile_size}.")
     for pair in run.dataset.pairs:
@@ -282,6 +292,7 @@ def _faithdiff_settings(run: Run, method: Method) -> dict[str, Any]:
         "upscale": upscale,
         "seed": args.sample_seed,
         "prompt": args.prompt,
+        "captions": args.captions,
         "tile_size": args.tile_size,
     }
 
@@ -333,10 +344,13 @@ def _restore(run: Run, method: Method, pipe: Any, pair: ImagePair) -> PIL.Image.
     if method.kind == "lanczos":
         return lq.resize(pair.hq_size, PIL.Image.LANCZOS)
     settings = method.settings
+    prompt = read_caption(pair.lq) if settings["captions"] == "sidecar" else settings["prompt"]
+    if prompt is None:
+        raise ValueError(f"no caption sidecar {pair.lq.with_suffix('.json').name} beside the LQ image")
     generator = torch.Generator("cpu").manual_seed(settings["seed"])
     return pipe(
         lq,
-        prompt=settings["prompt"],
+        prompt=prompt,
         upscale=settings["upscale"],
         num_inference_steps=settings["steps"],
         tile_size=settings["tile_size"],
