@@ -232,3 +232,18 @@ def test_several_processes_split_the_inputs(model_dir, tmp_path) -> None:
     assert [process.returncode for process in processes] == [0, 0], outputs
     assert all("2 done, 0 skipped" in out for out, _ in outputs)
     assert len(list((tmp_path / "out").glob("*.png"))) == 4
+
+
+def test_captions_only_writes_missing_sidecars_and_loads_no_pipeline(
+    captioner_dir, tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    inputs = _lq_set(tmp_path / "in", 3)
+    (tmp_path / "in" / "photo_00.json").write_text(json.dumps({"caption": "kept as it is"}))
+    assert main([str(tmp_path / "in"), "--captions-only", "--captioner", str(captioner_dir), "--device", "cpu"]) == 0
+    assert "2 done, 1 skipped" in capsys.readouterr().out
+    assert json.loads((tmp_path / "in" / "photo_00.json").read_text()) == {"caption": "kept as it is"}
+    assert all(set(json.loads(p.with_suffix(".json").read_text())) == {"caption"} for p in inputs[1:])
+    assert not (tmp_path / "faithdiff-restored").exists()
+    assert main([str(tmp_path / "in"), "--captions-only"]) == 2
+    assert "--captions-only needs --captioner" in capsys.readouterr().err

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
     parser.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload")
     parser.add_argument("--vae-tiling", action="store_true", help="tile the VAE and LQ encoder (large images)")
+    parser.add_argument(
+        "--captions-only",
+        action="store_true",
+        help="only write caption sidecars (IMAGE.json) with --captioner, for images that have none; restore nothing",
+    )
     parser.add_argument("--compare", action="store_true", help="also write NAME_compare.png: LANCZOS | restored")
     parser.add_argument("--overwrite", action="store_true", help="restore again even where a result exists")
     return parser
@@ -123,6 +128,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--prompt gives a fixed prompt; it conflicts with --captioner")
     if args.captioner_quantization and not args.captioner:
         raise UsageError("--captioner-quantization needs --captioner")
+    if args.captions_only and not args.captioner:
+        raise UsageError("--captions-only needs --captioner")
     if args.upscale <= 0:
         raise UsageError(f"--upscale must be > 0, got {args.upscale}")
     if args.steps < 1 or args.tile_batch_size < 1:
@@ -281,6 +288,32 @@ def run(paths: list[Path], args: argparse.Namespace, pipe: Any, progress: bool =
     return summary
 
 
+def write_missing_captions(paths: list[Path], args: argparse.Namespace, device: torch.device) -> Summary:
+    """Captions the images that have no sidecar yet and writes their sidecars; loads only the captioner."""
+    from tqdm.auto import tqdm
+
+    from .captioning import load_captioner, read_caption, write_caption
+
+    captioner = load_captioner(
+        args.captioner, args.captioner_quantization, device=device, dtype=resolve_dtype(args.dtype, device)
+    )
+    summary, start = Summary(), time.perf_counter()
+    for path in tqdm(paths, desc="captions", unit="image"):
+        if read_caption(path) is not None and not args.overwrite:
+            summary.skipped.append(path.name)
+            continue
+        try:
+            with PIL.Image.open(path) as opened:
+                image = opened.convert("RGB")
+            write_caption(path, captioner.raw_captions([image], seed=args.seed)[0])
+        except (OSError, ValueError) as error:
+            summary.failed.append((path.name, str(error).splitlines()[0]))
+            continue
+        summary.done.append(path.name)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
 def _process_share(paths: list[Path], device: str) -> tuple[list[Path], torch.device | None]:
     """Under ``accelerate launch`` (or torchrun) with several processes, this process's share of the inputs and its
     device, split by accelerate itself."""
@@ -303,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     paths, process_device = _process_share(paths, args.device)
     device = process_device or resolve_device(args.device)
+    if args.captions_only:
+        summary = write_missing_captions(paths, args, device)
+        print(summary.report())
+        return 1 if summary.failed else 0
     args.output_dir.mkdir(parents=True, exist_ok=True)
     try:
         pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
