@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import PIL.Image
 import torch
+
+from .atomic_files import write_text_atomic
 
 INSTRUCTION = "Describe this image and its style in a very detailed manner."
 # LLaVA-1.5's conversation format, used when the processor brings no chat template of its own.
@@ -65,14 +66,7 @@ def write_caption(image_path: str | os.PathLike, caption: str, prompt: str | Non
     """Writes the sidecar of ``image_path`` (the raw ``caption``, and ``prompt`` if given) atomically."""
     path = sidecar_path(image_path)
     data = {"caption": caption} if prompt is None else {"caption": caption, "prompt": prompt}
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, ensure_ascii=False)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False))
     return path
 
 

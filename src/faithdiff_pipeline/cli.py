@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any, Sequence
 import PIL.Image
 import PIL.PngImagePlugin
 import torch
+
+from .atomic_files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_MODES = ("auto", "none", "sidecar")
@@ -204,14 +205,8 @@ def save_png(image: PIL.Image.Image, target: Path, metadata: dict[str, str]) -> 
     info = PIL.PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png.tmp", dir=target.parent)
-    os.close(descriptor)
-    try:
+    with atomic_path(target) as temporary:
         image.save(temporary, format="PNG", pnginfo=info)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def side_by_side(lq: PIL.Image.Image, restored: PIL.Image.Image) -> PIL.Image.Image:

@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic_files import write_text_atomic
 from ..degradations import PRESETS, DegradationConfig
 from ..evaluation.datasets import write_png
 from .data import (
@@ -226,7 +226,7 @@ def _claim_output(output: Path, settings: PreparationSettings) -> None:
                 "resume with the same settings or choose a new output folder."
             )
         return
-    _atomic_write(path, json.dumps(current, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(current, indent=2) + "\n")
 
 
 def _completed_records(manifest: Path, output: Path) -> dict[str, ManifestRecord]:
@@ -321,18 +321,7 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def _write_manifest(path: Path, records: list[ManifestRecord]) -> None:
     """Rewrites the manifest in the order of the inputs, without the duplicates and partial lines that appending
     during interrupted runs may have left."""
-    _atomic_write(path, "".join(record.to_json() + "\n" for record in records))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(record.to_json() + "\n" for record in records))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
