@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md: `bash benchmarks/run_on_gpu.sh compare` (ours beside the
-# community pipeline), then `... tune` (breakdown, bfloat16, compilation, offload). Expects in the repository root:
+# community pipeline), `... tune` (breakdown, bfloat16, compilation, offload) and `... fast` (the fastest
+# configuration beside the community pipeline). Expects in the repository root:
 #   .bench/sdxl_configs.json (../shared/bench/sdxl_configs.json), .bench/coffee.png (a sample photo),
 #   benchmarks/anchors/community_faithdiff.py (diffusers' examples/community/pipeline_faithdiff_stable_diffusion_xl.py)
 # and, where diffusers is not installed, wheels in .whl/. Results go to $OUT/results.jsonl (or ./results.jsonl).
@@ -16,6 +17,14 @@ bench() { timeout "$1" python3 benchmarks/benchmark.py --config .bench/sdxl_conf
   --output "$OUT/results.jsonl" "${@:2}" 2>&1 | grep -v -i -e "warn" -e "kept in float32"; }
 
 round=${1:-compare}
+if [ "$round" = fast ]; then
+# 1. The community pipeline beside ours, eager float16, all 9 tiles of 2048 in one call; stage breakdown of ours.
+bench 120 --sizes 1024 2048 --tile-batch-size 9 --breakdown --anchor benchmarks/anchors/community_faithdiff.py
+# 2. The fast configuration: bfloat16, whole UNet compiled (static shapes) and replayed as CUDA graphs, fused QKV,
+#    text encoders kept in host memory (group offloading); 1024 then 2048. perf_hints says if CUDA graphs are skipped.
+TORCH_LOGS=perf_hints bench 400 --sizes 1024 2048 --tile-batch-size 9 --dtype bfloat16 --compile full --compile-mode reduce-overhead \
+  --fuse-qkv --offload text-encoders --breakdown
+fi
 if [ "$round" = compare ]; then
 # 1. The community pipeline and ours, eager float16, side by side; tile batch sizes compared at 2048.
 bench 200 --sizes 1024 2048 --tile-batch-size 1 3 9 --anchor benchmarks/anchors/community_faithdiff.py
