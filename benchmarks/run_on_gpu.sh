@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md: `bash benchmarks/run_on_gpu.sh compare` (ours beside the
-# community pipeline), `... tune` (breakdown, bfloat16, compilation, offload) and `... fast` (the fastest
-# configuration beside the community pipeline). Expects in the repository root:
+# community pipeline), `... tune` (breakdown, bfloat16, compilation, offload) and `... fast` / `... lean` (the
+# fastest configurations beside the community pipeline). Expects in the repository root:
 #   .bench/sdxl_configs.json (../shared/bench/sdxl_configs.json), .bench/coffee.png (a sample photo),
 #   benchmarks/anchors/community_faithdiff.py (diffusers' examples/community/pipeline_faithdiff_stable_diffusion_xl.py)
 # and, where diffusers is not installed, wheels in .whl/. Results go to $OUT/results.jsonl (or ./results.jsonl).
@@ -14,7 +14,7 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 bench() { timeout "$1" python3 benchmarks/benchmark.py --config .bench/sdxl_configs.json --sample .bench/coffee.png \
-  --output "$OUT/results.jsonl" "${@:2}" 2>&1 | grep -v -i -e "warn" -e "kept in float32"; }
+  --output "$OUT/results.jsonl" "${@:2}" 2>&1 | grep -v -i -e "warn" -e "kept in float32"; return "${PIPESTATUS[0]}"; }
 
 round=${1:-compare}
 if [ "$round" = fast ]; then
@@ -24,6 +24,14 @@ bench 120 --sizes 1024 2048 --tile-batch-size 9 --breakdown --anchor benchmarks/
 #    text encoders kept in host memory (group offloading); 1024 then 2048. perf_hints says if CUDA graphs are skipped.
 TORCH_LOGS=perf_hints bench 400 --sizes 1024 2048 --tile-batch-size 9 --dtype bfloat16 --compile full --compile-mode reduce-overhead \
   --fuse-qkv --offload text-encoders --breakdown
+fi
+if [ "$round" = lean ]; then
+# The fast configuration without fused QKV (which keeps the unfused weights too, about 1.2 GiB), text encoders
+# offloaded four layers at a time; the community pipeline first, in the same call.
+bench 70 --sizes 1024 2048 --skip-ours --anchor benchmarks/anchors/community_faithdiff.py
+fast=(--tile-batch-size 9 --dtype bfloat16 --compile full --compile-mode reduce-overhead --offload text-encoders)
+bench 300 --sizes 1024 2048 "${fast[@]}" --breakdown ||
+  bench 150 --sizes 1024 "${fast[@]}" --text-encoder-offload-type leaf_level --breakdown
 fi
 if [ "$round" = compare ]; then
 # 1. The community pipeline and ours, eager float16, side by side; tile batch sizes compared at 2048.
