@@ -165,20 +165,6 @@ def stage_timers(pipe: FaithDiffSDXLPipeline, device: str) -> Iterator[dict[str,
             delattr(pipe, name)
 
 
-def offload_text_encoders(pipe: FaithDiffSDXLPipeline, device: str, offload_type: str = "leaf_level") -> None:
-    """diffusers' group offloading for the text encoders only, layer by layer, prefetched on a side stream: they run once per
-    image, so keeping them in host memory costs one transfer per call and frees their ~1.6 GiB for tile batches."""
-    on_device = [name for name in ("unet", "vae", "lq_encoder", "alignment") if getattr(pipe, name) is not None]
-    pipe.enable_group_offload(
-        torch.device(device),
-        offload_type=offload_type,
-        num_blocks_per_group=4 if offload_type == "block_level" else None,
-        use_stream=torch.device(device).type == "cuda",
-        record_stream=torch.device(device).type == "cuda",
-        exclude_modules=on_device,
-    )
-
-
 def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], None]) -> None:
     dtype = getattr(torch, args.dtype)
     unet = build_unet(components["unet_config"], args.device, dtype)
@@ -191,7 +177,7 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device=args.device)
     elif args.offload == "text-encoders":
-        offload_text_encoders(pipe, args.device, args.text_encoder_offload_type)
+        pipe.enable_text_encoder_offload(args.device)
     else:
         pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -239,7 +225,6 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
                     "fuse_qkv": args.fuse_qkv,
                     "channels_last": args.channels_last,
                     "offload": args.offload,
-                    **({"offload_type": args.text_encoder_offload_type} if args.offload == "text-encoders" else {}),
                     "vae_tiling": tiled_vae,
                     "steps": args.steps,
                     **result,
@@ -349,14 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--offload",
         choices=["none", "model", "text-encoders"],
         default="none",
-        help="model CPU offload, or group offloading of the text encoders alone",
-    )
-    parser.add_argument(
-        "--text-encoder-offload-type",
-        choices=["leaf_level", "block_level"],
-        default="leaf_level",
-        help="group offloading granularity for --offload text-encoders (with a CUDA stream, block_level moves one "
-        "layer at a time and measured far slower)",
+        help="model CPU offload, or the text encoders alone (pipe.enable_text_encoder_offload)",
     )
     parser.add_argument("--breakdown", action="store_true", help="also time each stage of the pipeline")
     parser.add_argument("--fuse-qkv", action="store_true", help="fuse the UNet's attention projections")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md: `bash benchmarks/run_on_gpu.sh compare` (ours beside the
-# community pipeline), `... tune` (breakdown, bfloat16, compilation, offload) and `... fast` / `... lean` (the
-# fastest configurations beside the community pipeline). Expects in the repository root:
+# community pipeline), `... tune` (breakdown, bfloat16, compilation, offload) and `... fast` and `... final`
+# (the fastest configurations; the community pipeline beside them in `fast`). Expects in the repository root:
 #   .bench/sdxl_configs.json (../shared/bench/sdxl_configs.json), .bench/coffee.png (a sample photo),
 #   benchmarks/anchors/community_faithdiff.py (diffusers' examples/community/pipeline_faithdiff_stable_diffusion_xl.py)
 # and, where diffusers is not installed, wheels in .whl/. Results go to $OUT/results.jsonl (or ./results.jsonl).
@@ -25,15 +25,9 @@ bench 120 --sizes 1024 2048 --tile-batch-size 9 --breakdown --anchor benchmarks/
 TORCH_LOGS=perf_hints bench 400 --sizes 1024 2048 --tile-batch-size 9 --dtype bfloat16 --compile full --compile-mode reduce-overhead \
   --fuse-qkv --offload text-encoders --breakdown
 fi
-if [ "$round" = lean ]; then
-# The fast configuration without fused QKV (which keeps the unfused weights too, about 1.2 GiB), text encoders
-# offloaded in groups (which diffusers reduces to one layer per group with a stream); the community pipeline first.
-bench 70 --sizes 1024 2048 --skip-ours --anchor benchmarks/anchors/community_faithdiff.py
-fast=(--tile-batch-size 9 --dtype bfloat16 --compile full --compile-mode reduce-overhead --offload text-encoders)
-bench 300 --sizes 1024 2048 "${fast[@]}" --text-encoder-offload-type block_level --breakdown
-fi
 if [ "$round" = final ]; then
-# The recommended configuration at 2048: as "lean", text encoders offloaded layer by layer.
+# The recommended configuration at 2048: as "fast" without fused QKV (it keeps the unfused weights too, about
+# 1.2 GiB, and gained nothing compiled), text encoders offloaded layer by layer.
 bench 150 --sizes 2048 --tile-batch-size 9 --dtype bfloat16 --compile full --compile-mode reduce-overhead \
   --offload text-encoders --breakdown
 fi

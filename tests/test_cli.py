@@ -172,6 +172,11 @@ def test_caption_modes(model_dir, captioner_dir, tmp_path, capsys) -> None:
             "--captioner-quantization needs --captioner",
         ),
         (
+            lambda tmp: (tmp / "a.png").write_bytes(b""),
+            ["a.png", "--compile", "--offload", "model"],
+            "--compile keeps the UNet on the device; use --offload text-encoders, not model",
+        ),
+        (
             lambda tmp: [(tmp / d).mkdir() for d in "xy"] and [(tmp / d / "a.png").write_bytes(b"") for d in "xy"],
             ["x", "y"],
             "would both be written as a.png",
@@ -185,6 +190,24 @@ def test_user_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys, make, 
     err = capsys.readouterr().err
     assert err.startswith("faithdiff-upscale: error: ") and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_compiled_unet_and_offloaded_text_encoders_restore_the_same_images(model_dir, tmp_path) -> None:
+    """--compile (whole UNet, static shapes) with --offload text-encoders gives the plain run's images: float32
+    agreement to 1e-4 before quantisation, so PNG levels differ by at most one."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    _lq_set(tmp_path / "in", 2)
+    common = [str(tmp_path / "in"), "--prompt", "An old photo.", "--seed", "3"]
+    assert _cli(model_dir, *common, "-o", str(tmp_path / "plain")) == 0
+    counters.clear()
+    assert _cli(model_dir, *common, "-o", str(tmp_path / "fast"), "--compile", "--offload", "text-encoders") == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # the UNet did run compiled
+    for plain in sorted((tmp_path / "plain").glob("*.png")):
+        with PIL.Image.open(plain) as a, PIL.Image.open(tmp_path / "fast" / plain.name) as b:
+            difference = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert difference.max() <= 1
 
 
 def test_not_a_pipeline_folder_is_a_one_line_error(tmp_path, capsys) -> None:

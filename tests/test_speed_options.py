@@ -74,3 +74,23 @@ def test_half_precision_alignment_follows_the_unet(tiny_pipe, tiled_lq) -> None:
     tiny_pipe.to(torch.bfloat16)
     half = _run(tiny_pipe, tiled_lq)
     assert half.dtype == torch.float32 and (half - plain).abs().mean() < 0.05
+
+
+def test_text_encoder_offload_leaves_the_rest_resident_and_changes_nothing(tiny_pipe, tiled_lq) -> None:
+    """enable_text_encoder_offload group-offloads the two text encoders alone (the UNet, VAE, LQ encoder and
+    alignment get no hooks) and the pipeline still finds its execution device: the result is unchanged."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    plain = _run(tiny_pipe, tiled_lq)
+    tiny_pipe.enable_text_encoder_offload("cpu")
+    modules = {name: c for name, c in tiny_pipe.components.items() if isinstance(c, torch.nn.Module)}
+    offloaded = {name for name, module in modules.items() if _is_group_offload_enabled(module)}
+    assert offloaded == {"text_encoder", "text_encoder_2"}
+    assert tiny_pipe._execution_device == torch.device("cpu")
+    torch.testing.assert_close(_run(tiny_pipe, tiled_lq), plain, rtol=0, atol=0)
+
+
+def test_text_encoder_offload_needs_a_text_encoder(tiny_pipe) -> None:
+    tiny_pipe.text_encoder = tiny_pipe.text_encoder_2 = None
+    with pytest.raises(ValueError, match="needs a text encoder"):
+        tiny_pipe.enable_text_encoder_offload("cpu")

@@ -153,6 +153,37 @@ class FaithDiffSDXLPipeline(
         _check_pipeline_folder(folder, provided=kwargs.keys())
         return super().from_pretrained(folder, **kwargs)
 
+    def enable_text_encoder_offload(self, device: torch.device | str = "cuda") -> None:
+        r"""
+        Keeps the two text encoders in host memory and streams them to ``device`` layer by layer while a prompt is
+        encoded (diffusers' leaf-level group offloading, prefetched on a side stream on CUDA); every other component
+        moves to ``device`` and stays there.
+
+        The text encoders run once per call, the UNet hundreds of times: this frees their memory (about 1.6 GiB for
+        SDXL in half precision) for larger tile batches, for one host-to-device transfer per call (about 0.15 s on an
+        H200). Unlike [`~DiffusionPipeline.enable_model_cpu_offload`], the UNet never leaves the device.
+
+        Args:
+            device (`torch.device` or `str`, defaults to `"cuda"`): Where the pipeline runs.
+        """
+        device = torch.device(device)
+        encoders = [name for name in ("text_encoder", "text_encoder_2") if getattr(self, name) is not None]
+        if not encoders:
+            raise ValueError("`enable_text_encoder_offload` needs a text encoder; this pipeline has none.")
+        resident = [
+            name
+            for name, component in self.components.items()
+            if isinstance(component, torch.nn.Module) and name not in encoders
+        ]
+        self.enable_group_offload(
+            device,
+            offload_type="leaf_level",
+            # Layer-by-layer prefetching on a side stream; diffusers allows streams only at this granularity or
+            # with one block per group, and the latter measured several times slower for CLIP.
+            use_stream=device.type == "cuda",
+            exclude_modules=resident,
+        )
+
     @property
     def guidance_scale(self) -> float:
         return self._guidance_scale
