@@ -161,7 +161,9 @@ class FaithDiffSDXLPipeline(
 
         The text encoders run once per call, the UNet hundreds of times: this frees their memory (about 1.6 GiB for
         SDXL in half precision) for larger tile batches, for one host-to-device transfer per call (about 0.15 s on an
-        H200). Unlike [`~DiffusionPipeline.enable_model_cpu_offload`], the UNet never leaves the device.
+        H200). Unlike [`~DiffusionPipeline.enable_model_cpu_offload`], the UNet never leaves the device. A captioner
+        stays on the device too: streamed layer by layer it would move all its weights for every generated token, so
+        caption beforehand (``faithdiff-upscale --captions-only``) or load it quantised where memory is short.
 
         Args:
             device (`torch.device` or `str`, defaults to `"cuda"`): Where the pipeline runs.
