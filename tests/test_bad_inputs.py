@@ -73,7 +73,7 @@ def test_bad_images(tiny_pipe, lq_image, tmp_path) -> None:
         _call(tiny_pipe, np.zeros((0, 5, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"`image\[0\]` array must be \[H, W, 3\]"):
         _call(tiny_pipe, np.zeros((4, 5, 4), dtype=np.uint8))
-    with pytest.raises(TypeError, match=r"uint8 or floating point.*int64"):
+    with pytest.raises(TypeError, match=r"uint8, uint16 or floating point.*int64"):
         _call(tiny_pipe, np.zeros((4, 5, 3), dtype=np.int64))
     with pytest.raises(ValueError, match=r"`image\[0\]` tensor must be \[3, H, W\]"):
         _call(tiny_pipe, torch.zeros(5, 4, 4))

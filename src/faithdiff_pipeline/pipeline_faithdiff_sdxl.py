@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -33,7 +35,7 @@ from .captioning import Captioner
 from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
 from .lq_features import FaithDiffLQEncoder, vae_encoder_features
-from .preprocessing import LQImage, as_image_list, prepare_lq_images
+from .preprocessing import DEFAULT_MAX_OUTPUT_PIXELS, LQImage, as_image_list, check_upscale, prepare_lq_images
 from .tiling import LatentTiling, default_latent_stride, tiled_encode
 
 START_POINTS = ("lr", "noise")
@@ -187,6 +189,12 @@ class FaithDiffSDXLPipeline(
         )
 
     @property
+    def min_output_size(self) -> int:
+        """The smallest side, in pixels, of a result the model can restore: one latent pixel at the UNet's lowest
+        resolution."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def guidance_scale(self) -> float:
         return self._guidance_scale
 
@@ -212,6 +220,9 @@ class FaithDiffSDXLPipeline(
         negative_prompt_embeds: torch.Tensor | None,
         negative_pooled_prompt_embeds: torch.Tensor | None,
         num_inference_steps: int,
+        upscale: float,
+        guidance_scale: float,
+        max_output_pixels: int | None,
         start_point: str,
         tile_size: int,
         tile_stride: int | None,
@@ -223,6 +234,17 @@ class FaithDiffSDXLPipeline(
     ) -> None:
         if image is None:
             raise ValueError("`image` is required: the low-quality image (or list of images) to restore.")
+        check_upscale(upscale)
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, numbers.Real)
+            or not math.isfinite(guidance_scale)
+        ):
+            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
+        if max_output_pixels is not None and (
+            isinstance(max_output_pixels, bool) or not isinstance(max_output_pixels, int) or max_output_pixels < 1
+        ):
+            raise ValueError(f"`max_output_pixels` must be a positive integer or None, got {max_output_pixels!r}.")
         if start_point not in START_POINTS:
             raise ValueError(f"`start_point` must be one of {START_POINTS}, got {start_point!r}.")
         if color_fix is not None and color_fix not in COLOR_FIXES:
@@ -476,6 +498,7 @@ class FaithDiffSDXLPipeline(
         tile_stride: int | None = None,
         tile_batch_size: int = 4,
         color_fix: str | None = "adain",
+        max_output_pixels: int | None = DEFAULT_MAX_OUTPUT_PIXELS,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -498,8 +521,13 @@ class FaithDiffSDXLPipeline(
 
         Args:
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, path, or a list of them):
-                The low-quality input(s). Arrays are ``[H, W, 3]`` (uint8, or float in [0, 1]); tensors ``[3, H, W]``
-                or a batch ``[B, 3, H, W]`` in [0, 1]. All images of a batch must have the same size.
+                The low-quality input(s), in sRGB. Arrays are ``[H, W, 3]`` (uint8, uint16 as 16-bit, or float in
+                [0, 1]: other values are an error); tensors ``[3, H, W]`` or a batch ``[B, 3, H, W]`` in [0, 1].
+                Files and PIL images are read by :mod:`~faithdiff_pipeline.image_io`: turned upright by their EXIF
+                orientation, converted to sRGB from an embedded profile, 16-bit greyscale kept at 16 bits, and the
+                colour under transparent pixels replaced by their surroundings' (the result is RGB; writing it with
+                :func:`~faithdiff_pipeline.image_io.save_result` restores alpha, greyscale, bit depth and profile).
+                All images of a batch must have the same size.
             prompt (`str` or `list[str]`, *optional*):
                 Description of each image (the release uses a LLaVA caption). One string applies to every image.
                 When omitted, the pipeline's `captioner` writes one per image; without a captioner the prompt is
@@ -526,6 +554,9 @@ class FaithDiffSDXLPipeline(
                 call for about the same peak memory (benchmarks/RESULTS.md).
             color_fix (`str`, *optional*, defaults to `"adain"`): ``"adain"``, ``"wavelet"`` or ``None``: colour
                 correction against the LANCZOS-upscaled input.
+            max_output_pixels (`int`, *optional*, defaults to 8192 * 8192): Largest result (width x height) accepted;
+                a larger one is refused before anything is allocated. ``None`` removes the limit. Results must also
+                be at least ``vae_scale_factor * 2 ** (UNet levels - 1)`` pixels on each side (32 for SDXL).
             num_images_per_prompt (`int`, defaults to 1): Restorations per input image.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Seeds the noise and the VAE sample;
                 a list gives one generator per output (images x num_images_per_prompt).
@@ -564,6 +595,9 @@ class FaithDiffSDXLPipeline(
             negative_prompt_embeds,
             negative_pooled_prompt_embeds,
             num_inference_steps,
+            upscale,
+            guidance_scale,
+            max_output_pixels,
             start_point,
             tile_size,
             tile_stride,
@@ -576,7 +610,13 @@ class FaithDiffSDXLPipeline(
         self._guidance_scale = guidance_scale
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
-        lq = prepare_lq_images(image, upscale, multiple=self.vae_scale_factor)
+        lq = prepare_lq_images(
+            image,
+            upscale,
+            multiple=self.vae_scale_factor,
+            min_size=self.min_output_size,
+            max_pixels=max_output_pixels,
+        )
         image_count = lq.padded.shape[0]
         batch_size = image_count * num_images_per_prompt
         device = self._execution_device

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+import math
+import numbers
 from typing import Sequence, Union
 
 import numpy as np
 import PIL.Image
 import torch
+
+from .image_io import from_pil, read_image
+
+# A result larger than this is refused before anything is allocated: 8192 x 8192 fits a 24 GB card with tiling.
+DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
 
 LQImage = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
@@ -31,21 +38,18 @@ class PreparedImages:
         return tuple(self.reference.shape[-2:])
 
 
-def _open(path: str | os.PathLike) -> PIL.Image.Image:
-    try:
-        with PIL.Image.open(path) as opened:
-            opened.load()
-            return opened.copy()
-    except (OSError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"`image` {os.fspath(path)!r} could not be read as an image: {error}") from error
-
-
 def _as_hwc(item: LQImage, index: int) -> PIL.Image.Image | np.ndarray:
-    """A PIL RGB image (8-bit input) or a float32 ``[H, W, 3]`` array in [0, 1] (floating-point input)."""
+    """A PIL RGB image (8-bit input) or a float32 ``[H, W, 3]`` array in [0, 1] (16-bit or floating-point input).
+
+    Files and PIL images go through :mod:`~faithdiff_pipeline.image_io`: upright, in sRGB, 16-bit kept, the colour
+    under transparent pixels replaced by their surroundings'."""
     if isinstance(item, (str, os.PathLike)):
-        item = _open(item)
+        try:
+            return read_image(item).pipeline_input()
+        except ValueError as error:
+            raise ValueError(f"`image` {error}") from error
     if isinstance(item, PIL.Image.Image):
-        return item.convert("RGB")
+        return from_pil(item).pipeline_input()
     if isinstance(item, torch.Tensor):
         if item.ndim != 3 or item.shape[0] not in (1, 3):
             raise ValueError(f"`image[{index}]` tensor must be [3, H, W] (or [1, H, W]), got {tuple(item.shape)}.")
@@ -60,9 +64,19 @@ def _as_hwc(item: LQImage, index: int) -> PIL.Image.Image | np.ndarray:
     array = np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
     if array.dtype == np.uint8:
         return PIL.Image.fromarray(np.ascontiguousarray(array))
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0
     if not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"`image[{index}]` must be uint8 or floating point in [0, 1], got dtype {array.dtype}.")
-    return array.astype(np.float32)
+        raise TypeError(
+            f"`image[{index}]` must be uint8, uint16 or floating point in [0, 1], got dtype {array.dtype}."
+        )
+    array = array.astype(np.float32)
+    if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+        raise ValueError(
+            f"`image[{index}]` has float values from {np.nanmin(array):g} to {np.nanmax(array):g}; float images must "
+            "be in [0, 1] (divide 8-bit values by 255)."
+        )
+    return array
 
 
 def _size_of(image: PIL.Image.Image | np.ndarray) -> tuple[int, int]:
@@ -82,6 +96,7 @@ def _upscale(image: PIL.Image.Image | np.ndarray, size: tuple[int, int]) -> np.n
         np.asarray(PIL.Image.fromarray(np.ascontiguousarray(image[..., c])).resize((width, height), PIL.Image.LANCZOS))
         for c in range(3)
     ]
+    # LANCZOS overshoots at edges; the 8-bit path clips the same way when PIL rounds.
     return np.stack(channels, axis=-1).clip(0.0, 1.0)
 
 
@@ -96,26 +111,50 @@ def as_image_list(image: LQImage | Sequence[LQImage]) -> list[LQImage]:
     return [image]
 
 
-def prepare_lq_images(image: LQImage | Sequence[LQImage], upscale: float, multiple: int = 8) -> PreparedImages:
+def check_upscale(upscale: object) -> float:
+    """``upscale`` as a float: any real number type (numpy's too), finite and > 0."""
+    if isinstance(upscale, bool) or not isinstance(upscale, numbers.Real) or not math.isfinite(upscale) or upscale <= 0:
+        raise ValueError(f"`upscale` must be a number > 0, got {upscale!r} (a finite real number).")
+    return float(upscale)
+
+
+def prepare_lq_images(
+    image: LQImage | Sequence[LQImage],
+    upscale: float,
+    multiple: int = 8,
+    min_size: int = 1,
+    max_pixels: int | None = DEFAULT_MAX_OUTPUT_PIXELS,
+) -> PreparedImages:
     """Upscales each LQ image by ``upscale`` with LANCZOS and pads it to a multiple of ``multiple`` by edge replication.
 
-    All images of a batch must have the same size after upscaling.
+    All images of a batch must have the same size after upscaling. A result with a side under ``min_size`` pixels,
+    or of more than ``max_pixels`` pixels (``None``: no limit), is refused before anything is allocated.
     """
-    if isinstance(upscale, bool) or not isinstance(upscale, (int, float)) or not upscale > 0:
-        raise ValueError(f"`upscale` must be a number > 0, got {upscale!r}.")
+    upscale = check_upscale(upscale)
     items = [_as_hwc(item, i) for i, item in enumerate(as_image_list(image))]
     if not items:
         raise ValueError("`image` is an empty list; pass at least one image.")
-    upscaled = []
+    sizes = []
     for i, item in enumerate(items):
         height, width = _size_of(item)
         size = (round(height * upscale), round(width * upscale))
         if min(height, width) == 0 or min(size) == 0:
             raise ValueError(f"`image[{i}]` is empty or too small: {height}x{width} pixels, upscaled to {size}.")
-        upscaled.append(_upscale(item, size))
-    sizes = {array.shape[:2] for array in upscaled}
-    if len(sizes) > 1:
-        raise ValueError(f"All images of a batch must have the same size after upscaling; got sizes {sorted(sizes)}.")
+        if min(size) < min_size:
+            raise ValueError(
+                f"`image[{i}]` ({width}x{height} pixels) upscaled by {upscale:g} gives {size[1]}x{size[0]}; the model "
+                f"needs at least {min_size} pixels on each side: raise `upscale` or pass a larger image."
+            )
+        if max_pixels is not None and size[0] * size[1] > max_pixels:
+            raise ValueError(
+                f"`image[{i}]` ({width}x{height} pixels) upscaled by {upscale:g} gives {size[1]}x{size[0]} = "
+                f"{size[0] * size[1]} pixels, more than `max_output_pixels` ({max_pixels}); lower `upscale` or raise "
+                "`max_output_pixels`."
+            )
+        sizes.append(size)
+    if len(set(sizes)) > 1:
+        raise ValueError(f"All images of a batch must have the same size after upscaling; got sizes {sorted(set(sizes))}.")
+    upscaled = [_upscale(item, size) for item, size in zip(items, sizes)]
     reference = torch.from_numpy(np.stack(upscaled)).permute(0, 3, 1, 2).contiguous()
     height, width = reference.shape[-2:]
     pad = (0, -width % multiple, 0, -height % multiple)
