@@ -5,21 +5,36 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import PIL.Image
-import PIL.PngImagePlugin
-import torch
+from .image_io import (
+    DEFAULT_MAX_OUTPUT_PIXELS,
+    OUTPUT_FORMATS,
+    PROFILE_CHOICES,
+    READABLE_SUFFIXES,
+    SIXTEEN_BIT_INSTALL,
+    ImageFile,
+    OutputOptions,
+    needs_sixteen_bit_extra,
+    read_image,
+    result_text,
+    save_result,
+)
 
-from .atomic_files import atomic_path
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# torch and diffusers are imported where they are used: `--help` and every usage error answer at once.
+IMAGE_SUFFIXES = READABLE_SUFFIXES
 CAPTION_MODES = ("auto", "none", "sidecar")
+_NAMES_SHOWN = 5
 
 
 class UsageError(ValueError):
@@ -42,10 +57,24 @@ class Summary:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One input and the files it gives."""
+
+    source: Path
+    result: Path
+    compare: Path | None = None
+
+    @property
+    def targets(self) -> list[Path]:
+        return [self.result] + ([self.compare] if self.compare else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="faithdiff-upscale",
-        description="Restore and upscale photos with FaithDiff. Finished images are skipped on a rerun.",
+        description="Restore and upscale photos with FaithDiff. Finished images are skipped on a rerun; inputs are "
+        "never overwritten.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or glob patterns")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("faithdiff-restored"), help="where results go")
@@ -61,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile-stride", type=int, help="tile stride in pixels (default: half a tile)")
     parser.add_argument("--tile-batch-size", type=int, default=4, help="tiles per UNet call")
     parser.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_OUTPUT_PIXELS,
+        help=f"largest result (width x height) accepted (default {DEFAULT_MAX_OUTPUT_PIXELS} = 8192x8192)",
+    )
     parser.add_argument(
         "--caption",
         choices=CAPTION_MODES,
@@ -97,24 +132,49 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only write caption sidecars (IMAGE.json) with --captioner, for images that have none; restore nothing",
     )
-    parser.add_argument("--compare", action="store_true", help="also write NAME_compare.png: LANCZOS | restored")
-    parser.add_argument("--overwrite", action="store_true", help="restore again even where a result exists")
+    files = parser.add_argument_group("result files")
+    files.add_argument("--format", choices=list(OUTPUT_FORMATS), default="png", help="file format of the results")
+    files.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality, 1-100 (default 95)")
+    files.add_argument(
+        "--bit-depth",
+        choices=["auto", "8", "16"],
+        default="auto",
+        help="auto: 16-bit where the input was (PNG and TIFF results), else 8",
+    )
+    files.add_argument(
+        "--keep-colour",
+        action="store_true",
+        help="write the results of greyscale inputs in colour (default: greyscale, the luminance of the result)",
+    )
+    files.add_argument(
+        "--profile",
+        choices=PROFILE_CHOICES,
+        default="srgb",
+        help="srgb: results in sRGB with an sRGB profile; source: converted back to the input's embedded profile",
+    )
+    files.add_argument("--compare", action="store_true", help="also write NAME_compare.png: LANCZOS | restored")
+    files.add_argument(
+        "--overwrite", action="store_true", help="restore again where a result of ours exists (never an input)"
+    )
     return parser
 
 
 def collect_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Image paths from files, folders (their images, sorted) and glob patterns; mistakes raise UsageError."""
+    """Image paths from files, folders (their images, sorted) and glob patterns; mistakes raise UsageError.
+
+    A path that exists is taken literally, even with ``*?[`` in its name."""
     found: list[Path] = []
     for pattern in patterns:
-        if any(char in pattern for char in "*?["):
+        path = Path(pattern)
+        if not path.exists() and any(char in pattern for char in "*?["):
             matches = sorted(Path(p) for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
             if not matches:
                 raise UsageError(f"no images match {pattern!r}")
             found += matches
-            continue
-        path = Path(pattern)
-        if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_dir():
+            images = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."
+            )
             if not images:
                 raise UsageError(f"folder {pattern!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             found += images
@@ -124,13 +184,93 @@ def collect_inputs(patterns: Sequence[str]) -> list[Path]:
             raise UsageError(f"input {pattern!r} is not a supported image ({', '.join(IMAGE_SUFFIXES)})")
         else:
             found.append(path)
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    stems: dict[str, Path] = {}
-    for path in unique:
-        if path.stem in stems:
-            raise UsageError(f"{stems[path.stem]} and {path} would both be written as {path.stem}.png; rename one")
-        stems[path.stem] = path
-    return unique
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def _names(items: Sequence[str]) -> str:
+    shown = "; ".join(items[:_NAMES_SHOWN])
+    return shown + (f"; and {len(items) - _NAMES_SHOWN} more" if len(items) > _NAMES_SHOWN else "")
+
+
+def plan_jobs(paths: list[Path], args: argparse.Namespace) -> list[Job]:
+    """The result files of every input; refuses, before any work, results that would share a name or replace an
+    input file."""
+    out = args.output_dir.resolve()
+    suffix = OUTPUT_FORMATS[args.format]
+    jobs = [
+        Job(path, out / f"{path.stem}{suffix}", out / f"{path.stem}_compare.png" if args.compare else None)
+        for path in paths
+    ]
+    writers: dict[Path, list[Path]] = {}
+    for job in jobs:
+        for target in job.targets:
+            writers.setdefault(target, []).append(job.source)
+    clashes = [
+        f"{' and '.join(str(p) for p in sources)} would both be written as {target.name}"
+        for target, sources in writers.items()
+        if len(sources) > 1
+    ]
+    if clashes:
+        raise UsageError(f"results would clash: {_names(clashes)}; rename the inputs or split the job")
+    inputs = set(paths)
+    replaced = [str(target) for target in writers if target in inputs]
+    if replaced:
+        raise UsageError(
+            f"results would replace input files: {_names(replaced)}; choose another --output-dir (inputs are never "
+            "overwritten, --overwrite or not)"
+        )
+    return jobs
+
+
+def sort_jobs(jobs: list[Job], overwrite: bool) -> tuple[list[Job], list[Job]]:
+    """``(todo, skipped)``. A result that exists is skipped only if it is one of ours (our metadata); any other file
+    in a result's place is a clash, reported before any work."""
+    foreign = [str(t) for job in jobs for t in job.targets if t.exists() and result_text(t) is None]
+    if foreign:
+        raise UsageError(
+            f"files that are not faithdiff results are in the way: {_names(foreign)}; move them or choose another "
+            "--output-dir"
+        )
+    skipped = [job for job in jobs if job.result.exists() and not overwrite]
+    return [job for job in jobs if job not in skipped], skipped
+
+
+def _finite(value: float, flag: str) -> None:
+    if not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, got {value}")
+
+
+def _check_output_dir(folder: Path) -> None:
+    """An output folder that cannot be created is a usage error; it is created only once the model has loaded, so
+    that a failed load leaves nothing behind."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise UsageError(f"output directory {str(folder)!r} is a file")
+        return
+    parent = folder.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"output directory {str(folder)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {str(folder)!r} cannot be created: no permission to write in {str(parent)!r}")
+
+
+def output_options(args: argparse.Namespace) -> OutputOptions:
+    try:
+        return OutputOptions(
+            format=args.format,
+            quality=args.quality,
+            bit_depth=None if args.bit_depth == "auto" else int(args.bit_depth),
+            keep_colour=args.keep_colour,
+            profile=args.profile,
+        )
+    except ValueError as error:
+        flags = {"`format`": "--format", "`quality`": "--quality", "`bit_depth`": "--bit-depth", "`profile`": "--profile"}
+        message = str(error)
+        for name, flag in flags.items():
+            message = message.replace(name, flag)
+        raise UsageError(message.rstrip(".")) from error
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -144,15 +284,33 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--compile keeps the UNet on the device; use --offload text-encoders, not {args.offload}")
     if args.captions_only and not args.captioner:
         raise UsageError("--captions-only needs --captioner")
+    _finite(args.upscale, "--upscale")
+    _finite(args.guidance, "--guidance")
     if args.upscale <= 0:
         raise UsageError(f"--upscale must be > 0, got {args.upscale}")
     if args.steps < 1 or args.tile_batch_size < 1:
         raise UsageError("--steps and --tile-batch-size must be at least 1")
-    if args.output_dir.exists() and not args.output_dir.is_dir():
-        raise UsageError(f"output directory {str(args.output_dir)!r} is a file")
+    if args.max_pixels < 1:
+        raise UsageError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    output_options(args)
+    from .tiling import check_tile_arguments
+
+    try:
+        check_tile_arguments(args.tile_size, args.tile_stride)
+    except ValueError as error:
+        raise UsageError(str(error).replace("`tile_size`", "--tile-size").replace("`tile_stride`", "--tile-stride"))
+    _check_output_dir(args.output_dir)
 
 
-def resolve_device(name: str) -> torch.device:
+def _check_sixteen_bit(paths: list[Path]) -> None:
+    missing = [str(path) for path in paths if needs_sixteen_bit_extra(path)]
+    if missing:
+        raise UsageError(f"16-bit colour inputs need imagecodecs and tifffile ({SIXTEEN_BIT_INSTALL}): {_names(missing)}")
+
+
+def resolve_device(name: str) -> "torch.device":
+    import torch
+
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -162,13 +320,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype":
+    import torch
+
     if name != "auto":
         return getattr(torch, name)
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
-def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+def load_pipeline(args: argparse.Namespace, device: "torch.device", dtype: "torch.dtype"):
+    import torch
+
     from .captioning import load_captioner
     from .conversion import converted_release
     from .pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
@@ -197,7 +359,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
     return pipe
 
 
-def prompt_for(path: Path, image: PIL.Image.Image, args: argparse.Namespace, pipe: Any) -> str:
+def prompt_for(path: Path, image: ImageFile, args: argparse.Namespace, pipe: Any) -> str:
     """The prompt of one image, following --prompt / --caption."""
     from .captioning import Captioner, clean_caption, read_caption, write_caption
 
@@ -213,22 +375,15 @@ def prompt_for(path: Path, image: PIL.Image.Image, args: argparse.Namespace, pip
     if pipe.captioner is None:
         return ""
     captioner = Captioner(pipe.captioner, pipe.captioner_processor)
-    raw = captioner.raw_captions([image], seed=args.seed)[0]
+    raw = captioner.raw_captions([image.to_pil()], seed=args.seed)[0]
     if args.write_captions:
         write_caption(path, raw)
     return clean_caption(raw)
 
 
-def save_png(image: PIL.Image.Image, target: Path, metadata: dict[str, str]) -> None:
-    """Writes ``image`` with ``metadata`` in PNG text chunks under a temporary name, then renames it."""
-    info = PIL.PngImagePlugin.PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, value)
-    with atomic_path(target) as temporary:
-        image.save(temporary, format="PNG", pnginfo=info)
+def side_by_side(lq: "PIL.Image.Image", restored: "PIL.Image.Image") -> "PIL.Image.Image":
+    import PIL.Image
 
-
-def side_by_side(lq: PIL.Image.Image, restored: PIL.Image.Image) -> PIL.Image.Image:
     upscaled = lq.convert("RGB").resize(restored.size, PIL.Image.LANCZOS)
     canvas = PIL.Image.new("RGB", (restored.width * 2, restored.height))
     canvas.paste(upscaled, (0, 0))
@@ -236,17 +391,20 @@ def side_by_side(lq: PIL.Image.Image, restored: PIL.Image.Image) -> PIL.Image.Im
     return canvas
 
 
-def restore_one(path: Path, args: argparse.Namespace, pipe: Any) -> None:
+def restore_one(job: Job, args: argparse.Namespace, pipe: Any) -> None:
+    import PIL.Image
+    import torch
+
     from . import __version__
 
+    path = job.source
     try:
-        with PIL.Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (OSError, PIL.Image.DecompressionBombError) as error:
+        image = read_image(path)
+    except ValueError as error:
         raise ValueError(f"not a readable image ({error})") from error
     prompt = prompt_for(path, image, args, pipe)
     result = pipe(
-        image,
+        image.pipeline_input(),
         prompt=prompt,
         negative_prompt=args.negative_prompt,
         upscale=args.upscale,
@@ -257,7 +415,9 @@ def restore_one(path: Path, args: argparse.Namespace, pipe: Any) -> None:
         tile_stride=args.tile_stride,
         tile_batch_size=args.tile_batch_size,
         color_fix=None if args.color_fix == "none" else args.color_fix,
+        max_output_pixels=args.max_pixels,
         generator=torch.Generator("cpu").manual_seed(args.seed),
+        output_type="np",  # float: a 16-bit input keeps its 16 bits
     ).images[0]
     parameters = {
         "input": path.name,
@@ -275,34 +435,29 @@ def restore_one(path: Path, args: argparse.Namespace, pipe: Any) -> None:
         "faithdiff_pipeline": __version__,
     }
     metadata = {"parameters": json.dumps(parameters), "caption": prompt}
-    if args.compare:
-        save_png(side_by_side(image, result), args.output_dir / f"{path.stem}_compare.png", metadata)
-    save_png(result, args.output_dir / f"{path.stem}.png", metadata)
+    if job.compare:
+        restored_8bit = PIL.Image.fromarray((result * 255.0).round().clip(0, 255).astype("uint8"))
+        save_result(side_by_side(image.to_pil(), restored_8bit), job.compare, text=metadata)
+    save_result(result, job.result, source=image, options=output_options(args), text=metadata)
 
 
-def run(paths: list[Path], args: argparse.Namespace, pipe: Any, progress: bool = True) -> Summary:
+def run(jobs: list[Job], args: argparse.Namespace, pipe: Any, progress: bool = True) -> Summary:
     from tqdm.auto import tqdm
 
     summary = Summary()
-    todo = []
-    for path in paths:
-        if (args.output_dir / f"{path.stem}.png").exists() and not args.overwrite:
-            summary.skipped.append(path.name)
-        else:
-            todo.append(path)
     start = time.perf_counter()
-    for path in tqdm(todo, desc="images", unit="image", disable=not progress):
+    for job in tqdm(jobs, desc="images", unit="image", disable=not progress):
         try:
-            restore_one(path, args, pipe)
+            restore_one(job, args, pipe)
         except (ValueError, TypeError, OSError, RuntimeError) as error:
-            summary.failed.append((path.name, str(error).splitlines()[0] if str(error) else type(error).__name__))
+            summary.failed.append((job.source.name, str(error).splitlines()[0] if str(error) else type(error).__name__))
             continue
-        summary.done.append(path.name)
+        summary.done.append(job.source.name)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def write_missing_captions(paths: list[Path], args: argparse.Namespace, device: torch.device) -> Summary:
+def write_missing_captions(paths: list[Path], args: argparse.Namespace, device: "torch.device") -> Summary:
     """Captions the images that have no sidecar yet and writes their sidecars; loads only the captioner."""
     from tqdm.auto import tqdm
 
@@ -317,8 +472,7 @@ def write_missing_captions(paths: list[Path], args: argparse.Namespace, device: 
             summary.skipped.append(path.name)
             continue
         try:
-            with PIL.Image.open(path) as opened:
-                image = opened.convert("RGB")
+            image = read_image(path).to_pil()
             write_caption(path, captioner.raw_captions([image], seed=args.seed)[0])
         except (OSError, ValueError) as error:
             summary.failed.append((path.name, str(error).splitlines()[0]))
@@ -328,46 +482,69 @@ def write_missing_captions(paths: list[Path], args: argparse.Namespace, device: 
     return summary
 
 
-def _process_share(paths: list[Path], device: str) -> tuple[list[Path], torch.device | None]:
-    """Under ``accelerate launch`` (or torchrun) with several processes, this process's share of the inputs and its
+def _process_share(jobs: list[Job], device: str) -> tuple[list[Job], "torch.device | None"]:
+    """Under ``accelerate launch`` (or torchrun) with several processes, this process's share of the work and its
     device, split by accelerate itself."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return paths, None
+        return jobs, None
+    import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-    with state.split_between_processes(paths) as share:
+    with state.split_between_processes(jobs) as share:
         return list(share), state.device
+
+
+def _error(message: str) -> int:
+    print(f"faithdiff-upscale: error: {message}", file=sys.stderr)
+    return 2
+
+
+def restore(args: argparse.Namespace) -> int:
+    """The whole command once the arguments are parsed: every check first, then the model, then the images."""
+    try:
+        check_arguments(args)
+        paths = collect_inputs(args.inputs)
+        _check_sixteen_bit(paths)
+        if args.captions_only:
+            jobs, skipped = [Job(path, path) for path in paths], []
+        else:
+            from .atomic_files import remove_leftovers
+
+            remove_leftovers(args.output_dir)
+            jobs, skipped = sort_jobs(plan_jobs(paths, args), args.overwrite)
+    except UsageError as error:
+        return _error(str(error))
+    share, process_device = _process_share(jobs, args.device)
+    device = process_device or resolve_device(args.device)
+    if args.captions_only:
+        summary = write_missing_captions([job.source for job in share], args, device)
+        print(summary.report())
+        return 1 if summary.failed else 0
+    summary = Summary(skipped=[job.source.name for job in skipped])
+    if share:
+        try:
+            pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
+        except (ValueError, OSError) as error:
+            return _error(f"could not load the pipeline: {str(error).splitlines()[0] if str(error) else error!r}")
+        pipe.set_progress_bar_config(leave=False, desc="steps")
+        try:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return _error(f"output directory {str(args.output_dir)!r} cannot be created: {error.strerror or error}")
+        worked = run(share, args, pipe)
+        summary.done, summary.failed, summary.seconds = worked.done, worked.failed, worked.seconds
+    print(summary.report())
+    return 1 if summary.failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        check_arguments(args)
-        paths = collect_inputs(args.inputs)
-    except UsageError as error:
-        print(f"faithdiff-upscale: error: {error}", file=sys.stderr)
-        return 2
-    paths, process_device = _process_share(paths, args.device)
-    device = process_device or resolve_device(args.device)
-    if args.captions_only:
-        summary = write_missing_captions(paths, args, device)
-        print(summary.report())
-        return 1 if summary.failed else 0
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
-    except (ValueError, OSError) as error:
-        print(f"faithdiff-upscale: error: could not load the pipeline: {error}", file=sys.stderr)
-        return 2
-    pipe.set_progress_bar_config(leave=False, desc="steps")
-    try:
-        summary = run(paths, args, pipe)
+        return restore(args)
     except KeyboardInterrupt:
         print("faithdiff-upscale: interrupted; finished images are kept, rerun to continue", file=sys.stderr)
         return 130
-    print(summary.report())
-    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ PROFILE_CHOICES = ("srgb", "source")
 SIXTEEN_BIT_INSTALL = "pip install 'faithdiff-pipeline[16bit]'"
 # Marks our results (EXIF/TIFF Software tag), so that a rerun tells them from a user's files of the same name.
 SOFTWARE = "faithdiff-pipeline"
+# A result larger than this is refused before anything is allocated: 8192 x 8192 fits a 24 GB card with tiling.
+DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
 
 _ORIENTATION, _DESCRIPTION, _SOFTWARE = 0x0112, 0x010E, 0x0131
 _METRES_PER_INCH = 0.0254

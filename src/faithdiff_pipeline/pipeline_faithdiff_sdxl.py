@@ -36,11 +36,10 @@ from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
 from .lq_features import FaithDiffLQEncoder, vae_encoder_features
 from .preprocessing import DEFAULT_MAX_OUTPUT_PIXELS, LQImage, as_image_list, check_upscale, prepare_lq_images
-from .tiling import LatentTiling, default_latent_stride, tiled_encode
+from .tiling import LatentTiling, check_tile_arguments, default_latent_stride, tiled_encode
 
 START_POINTS = ("lr", "noise")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-MIN_TILE_SIZE = 64
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -258,19 +257,7 @@ class FaithDiffSDXLPipeline(
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < MIN_TILE_SIZE or tile_size % 8:
-            raise ValueError(
-                f"`tile_size` must be a multiple of 8 of at least {MIN_TILE_SIZE} pixels, got {tile_size!r}."
-            )
-        if tile_stride is not None and (
-            isinstance(tile_stride, bool)
-            or not isinstance(tile_stride, int)
-            or not 8 <= tile_stride <= tile_size
-            or tile_stride % 8
-        ):
-            raise ValueError(
-                f"`tile_stride` must be a multiple of 8 between 8 and `tile_size` ({tile_size}) pixels, got {tile_stride!r}."
-            )
+        check_tile_arguments(tile_size, tile_stride)
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is not None and not isinstance(prompt, (str, list)):

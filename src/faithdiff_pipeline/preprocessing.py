@@ -12,10 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .image_io import from_pil, read_image
-
-# A result larger than this is refused before anything is allocated: 8192 x 8192 fits a 24 GB card with tiling.
-DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
+from .image_io import DEFAULT_MAX_OUTPUT_PIXELS, from_pil, read_image
 
 LQImage = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
