@@ -202,3 +202,11 @@ def tiny_captioner(seed: int = 0) -> tuple:
         vision_feature_layer=-2,
     )
     return LlavaForConditionalGeneration(config).eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved pipeline folder of the tiny components, for command-line tests."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    FaithDiffSDXLPipeline(**tiny_components()).save_pretrained(folder)
+    return folder

@@ -238,7 +238,7 @@ def _from_pil(image: PIL.Image.Image, path: Path | None, high_bit: np.ndarray | 
     if profile is not None:
         colour = _to_srgb(colour, profile, path)
     elif colour_space == "CMYK":
-        colour = np.asarray(PIL.Image.fromarray(colour, "CMYK").convert("RGB"))
+        colour = np.asarray(_pil_image(colour, "CMYK").convert("RGB"))
     if colour.shape[-1] == 1:
         colour = np.repeat(colour, 3, axis=-1)
     colour, alpha = _orient(colour, orientation), None if alpha is None else _orient(alpha, orientation)
@@ -266,7 +266,7 @@ def _samples_of(image: PIL.Image.Image) -> np.ndarray:
         return np.clip(array, 0, 65535).astype(np.uint16)[..., None]
     if mode == "F":
         array = np.asarray(image, dtype=np.float32)
-        _check_unit_range(array, "a 32-bit float image")
+        check_unit_range(array, "a 32-bit float image")
         return _quantise(array, 16)[..., None]
     if mode == "P" or mode == "PA":
         image = image.convert("RGBA" if mode == "PA" or "transparency" in image.info else "RGB")
@@ -352,7 +352,7 @@ def _transform(samples: np.ndarray, source: bytes, target: bytes, spaces: tuple[
     if samples.dtype == np.uint16:
         return _transform_16bit(samples, source, target, spaces, what)
     modes = {"GRAY": "L", "RGB": "RGB", "CMYK": "CMYK"}
-    image = PIL.Image.fromarray(samples[..., 0] if spaces[0] == "GRAY" else samples, modes[spaces[0]])
+    image = _pil_image(samples, modes[spaces[0]])
     try:
         converted = ImageCms.profileToProfile(image, _profile(source), _profile(target), outputMode=modes[spaces[1]])
     except ImageCms.PyCMSError as error:
@@ -522,15 +522,17 @@ def _float_rgb(image: np.ndarray | PIL.Image.Image) -> np.ndarray:
     array = np.asarray(image, dtype=np.float32)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"`image` must be [H, W, 3], got shape {array.shape}.")
-    _check_unit_range(array, "`image`")
+    check_unit_range(array, "`image`")
     return array
 
 
 def _resize_alpha(source: ImageFile, size: tuple[int, int]) -> np.ndarray:
-    """The source's alpha in [0, 1], LANCZOS-resized to ``size`` = (width, height) in float (no 8-bit rounding)."""
-    alpha = source.alpha.astype(np.float32) / _max_value(source.alpha.dtype)
-    resized = PIL.Image.fromarray(alpha, "F").resize(size, PIL.Image.LANCZOS)
-    return np.asarray(resized).clip(0.0, 1.0)
+    """The source's alpha in [0, 1], LANCZOS-resized to ``size`` = (width, height) (16-bit alpha in float)."""
+    if source.alpha.dtype == np.uint8:
+        # As the colour is upscaled: LANCZOS in 8 bits.
+        return np.asarray(PIL.Image.fromarray(source.alpha).resize(size, PIL.Image.LANCZOS), dtype=np.float32) / 255.0
+    alpha = source.alpha.astype(np.float32) / 65535.0
+    return np.asarray(PIL.Image.fromarray(alpha).resize(size, PIL.Image.LANCZOS)).clip(0.0, 1.0)
 
 
 def _encode(pixels: np.ndarray, path: Path, options: OutputOptions, metadata: _Metadata) -> None:
@@ -539,10 +541,10 @@ def _encode(pixels: np.ndarray, path: Path, options: OutputOptions, metadata: _M
         _encode_16bit_colour(pixels, path, options, metadata)
         return
     if pixels.dtype == np.uint16:
-        image = PIL.Image.fromarray(pixels[..., 0].astype("<u2"), "I;16")
+        image = PIL.Image.fromarray(pixels[..., 0].astype("<u2"))
     else:
         modes = {1: "L", 2: "LA", 3: "RGB", 4: "CMYK" if metadata.cmyk else "RGBA"}
-        image = PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels, modes[channels])
+        image = _pil_image(pixels, modes[channels])
     params: dict[str, Any] = {"icc_profile": metadata.icc_profile} if metadata.icc_profile else {}
     if metadata.dpi and options.format != "webp":
         params["dpi"] = metadata.dpi
@@ -613,6 +615,12 @@ def _insert_png_chunks(png: bytes, chunks: list[tuple[bytes, bytes]]) -> bytes:
 # ------------------------------------------------------------------------------------------------------------ samples
 
 
+def _pil_image(samples: np.ndarray, mode: str) -> PIL.Image.Image:
+    """8-bit ``[H, W, C]`` samples as a PIL image of ``mode`` (``fromarray`` cannot tell CMYK from RGBA)."""
+    height, width = samples.shape[:2]
+    return PIL.Image.frombytes(mode, (width, height), np.ascontiguousarray(samples).tobytes())
+
+
 def _max_value(dtype: np.dtype) -> float:
     return 65535.0 if dtype == np.uint16 else 255.0
 
@@ -628,7 +636,8 @@ def _quantise(values: np.ndarray, bit_depth: int) -> np.ndarray:
     return (np.asarray(values, dtype=np.float32) * 255.0).round().clip(0, 255).astype(np.uint8)
 
 
-def _check_unit_range(array: np.ndarray, what: str) -> None:
+def check_unit_range(array: np.ndarray, what: str) -> None:
+    """Refuses float samples outside [0, 1] (and nan/inf), naming ``what`` and the range found."""
     if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
         raise ValueError(
             f"{what} has float values from {np.nanmin(array):g} to {np.nanmax(array):g}; float images must be in "

@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .image_io import DEFAULT_MAX_OUTPUT_PIXELS, from_pil, read_image
+from .image_io import DEFAULT_MAX_OUTPUT_PIXELS, check_unit_range, from_pil, read_image
 
 LQImage = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
@@ -68,11 +68,7 @@ def _as_hwc(item: LQImage, index: int) -> PIL.Image.Image | np.ndarray:
             f"`image[{index}]` must be uint8, uint16 or floating point in [0, 1], got dtype {array.dtype}."
         )
     array = array.astype(np.float32)
-    if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
-        raise ValueError(
-            f"`image[{index}]` has float values from {np.nanmin(array):g} to {np.nanmax(array):g}; float images must "
-            "be in [0, 1] (divide 8-bit values by 255)."
-        )
+    check_unit_range(array, f"`image[{index}]`")
     return array
 
 
