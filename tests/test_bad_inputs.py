@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -113,3 +114,51 @@ def test_nothing_is_left_hooked_after_an_error(tiny_pipe, lq_image) -> None:
         _call(tiny_pipe, lq_image, callback_on_step_end=fail)
     hooks = list(tiny_pipe.unet.conv_in._forward_hooks.values())
     assert all(getattr(hook, "condition", None) is None for hook in hooks)  # the UNet is plain SDXL again
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        ({"upscale": float("nan")}, r"`upscale` must be a number > 0, got nan"),
+        ({"upscale": float("inf")}, r"`upscale` must be a number > 0, got inf"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a finite number, got nan"),
+        ({"guidance_scale": float("-inf")}, r"`guidance_scale` must be a finite number, got -inf"),
+        ({"max_output_pixels": 0}, r"`max_output_pixels` must be a positive integer or None, got 0"),
+    ],
+)
+def test_non_finite_numbers_are_refused(tiny_pipe, lq_image, overrides, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        _call(tiny_pipe, lq_image, **overrides)
+
+
+def test_numpy_numbers_are_accepted(tiny_pipe, lq_image) -> None:
+    seeded = dict(generator=torch.Generator().manual_seed(0))
+    plain = _call(tiny_pipe, lq_image, upscale=2.0, guidance_scale=5.0, **seeded).images
+    seeded = dict(generator=torch.Generator().manual_seed(0))
+    numpy_typed = _call(tiny_pipe, lq_image, upscale=np.float32(2.0), guidance_scale=np.float64(5.0), **seeded).images
+    assert torch.equal(plain, numpy_typed)
+
+
+def test_float_images_outside_0_1_are_an_error_not_clipped(tiny_pipe) -> None:
+    with pytest.raises(ValueError, match=r"`image\[0\]` has float values from 0 to 255.*\[0, 1\]"):
+        _call(tiny_pipe, np.linspace(0, 255, 20 * 24 * 3).reshape(20, 24, 3))
+    with pytest.raises(ValueError, match=r"`image\[0\]` has float values from -0.5 to 1"):
+        _call(tiny_pipe, torch.linspace(-0.5, 1, 3 * 20 * 24).reshape(3, 20, 24))
+
+
+def test_uint16_arrays_are_16_bit(tiny_pipe) -> None:
+    levels = np.random.default_rng(0).integers(0, 65536, (20, 24, 3)).astype(np.uint16)
+    as_uint16 = _call(tiny_pipe, levels, generator=torch.Generator().manual_seed(0)).images
+    as_float = _call(tiny_pipe, levels.astype(np.float32) / 65535.0, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(as_uint16, as_float)
+
+
+def test_results_below_the_models_minimum_or_above_the_pixel_limit_are_refused(tiny_pipe) -> None:
+    minimum = tiny_pipe.min_output_size
+    assert minimum == 16  # 8 (VAE) x 2 (the tiny UNet's two levels)
+    with pytest.raises(ValueError, match=rf"gives 2x2; the model needs at least {minimum} pixels on each side"):
+        _call(tiny_pipe, PIL.Image.new("RGB", (1, 1)))
+    with pytest.raises(ValueError, match=r"gives 512000x340000 = .* more than `max_output_pixels` \(67108864\)"):
+        _call(tiny_pipe, PIL.Image.new("RGB", (512, 340)), upscale=1000)
+    # The limit is the caller's to raise; None removes it (checked here on a small image only).
+    assert _call(tiny_pipe, PIL.Image.new("RGB", (24, 20)), max_output_pixels=None).images.shape[-2:] == (40, 48)
