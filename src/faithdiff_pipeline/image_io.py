@@ -167,7 +167,9 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with PIL.Image.open(path) as opened:
             width, height = opened.size
-            turned = opened.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+            # A PNG's eXIf chunk, if any, comes before the pixels; without one, getexif() would decode them all.
+            has_exif = opened.format != "PNG" or "exif" in opened.info
+            turned = has_exif and opened.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
     except _UNREADABLE as error:
         raise ValueError(f"{os.fspath(path)!r} could not be read as an image: {error}") from error
     return (height, width) if turned else (width, height)
