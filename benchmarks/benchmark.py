@@ -35,6 +35,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from faithdiff_pipeline import FaithDiffAlignmentModel, FaithDiffLQEncoder, FaithDiffSDXLPipeline  # noqa: E402
+from faithdiff_pipeline.image_io import read_image  # noqa: E402
 
 PROMPT = "A detailed photograph of an old stone house by a lake, soft evening light."
 
@@ -89,8 +90,7 @@ def build_unet(
 def lq_input(size: int, sample: Path | None) -> PIL.Image.Image:
     """The half-size input for a ``size`` output: a real photo if given, else smooth random structure."""
     if sample is not None:
-        with PIL.Image.open(sample) as image:
-            return image.convert("RGB").resize((size // 2, size // 2), PIL.Image.LANCZOS)
+        return read_image(sample).to_pil().resize((size // 2, size // 2), PIL.Image.LANCZOS)
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
     return PIL.Image.fromarray(coarse).resize((size // 2, size // 2), PIL.Image.BICUBIC)

@@ -1,7 +1,8 @@
 """Web demo: restore and upscale a photo with FaithDiff in the browser.
 
 Upload a photo, let the captioner describe it (or write the caption yourself), restore it, compare before and after
-with the slider and download the PNG. Needs gradio (``pip install "faithdiff-pipeline[demo]"``).
+with the slider and download the PNG, which keeps the photo's bit depth (8 or 16), greyscale, alpha and metadata, as
+faithdiff-upscale writes it. Needs gradio (``pip install "faithdiff-pipeline[demo]"``).
 
     python examples/gradio_demo.py                                      # the official release, converted on first use
     python examples/gradio_demo.py --captioner llava-hf/llava-1.5-13b-hf  # with the release's captioner
@@ -19,11 +20,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import PIL.Image
 import torch
 
 from faithdiff_pipeline import FaithDiffSDXLPipeline, converted_release
 from faithdiff_pipeline.captioning import load_captioner
+from faithdiff_pipeline.image_io import ImageFile, from_pil, read_image, save_result
 
 try:
     import gradio as gr
@@ -71,7 +74,7 @@ def caption_image(pipe: FaithDiffSDXLPipeline, image: PIL.Image.Image | str | No
             title="No captioner",
         )
     try:
-        caption = pipe.caption(image, generator=_generator(seed))[0]
+        caption = pipe.caption(_read(image).pipeline_input(), generator=_generator(seed))[0]
     except (ValueError, TypeError, OSError) as error:
         raise gr.Error(str(error), title="Captioning failed") from error
     if not caption:
@@ -92,9 +95,12 @@ def restore_image(
     tile_size: float = 1024,
     progress: Progress | None = None,
 ) -> tuple[PIL.Image.Image, PIL.Image.Image, Path, str]:
-    """Restores ``image``: returns (before, after, PNG path, caption used).
+    """Restores ``image`` (a path, as the app passes uploads, or a PIL image): returns (before, after, PNG path,
+    caption used).
 
-    A non-empty ``caption`` is the prompt, unchanged. An empty one lets the pipeline decide, as ``pipe(prompt=None)``
+    The photo is read through :mod:`faithdiff_pipeline.image_io` (upright, in sRGB, 16-bit kept) and the PNG is
+    written by ``image_io.save_result`` with what the photo had: its bit depth, greyscale, alpha and metadata. A
+    non-empty ``caption`` is the prompt, unchanged. An empty one lets the pipeline decide, as ``pipe(prompt=None)``
     does: its captioner writes the prompt (returned, so that the box shows what was used), or, without a captioner,
     the prompt is empty. "Before" is the photo upscaled to the result's size with LANCZOS, as the pipeline upscales
     it, so that the two line up in the slider. Errors of the pipeline become ``gr.Error`` with their message.
@@ -103,14 +109,17 @@ def restore_image(
     steps = int(steps)
     generator = _generator(seed)
     try:
+        source = _read(image)
+        lq = source.pipeline_input()
         prompt = caption if caption and caption.strip() else None
         if prompt is None and pipe.captioner is not None:
             # Caption here instead of inside pipe(...) to show the caption; pipe.caption does not advance the
             # generator, so the result is the one pipe(prompt=None) gives.
             _report(progress, 0.0, "Captioning")
-            prompt = pipe.caption(image, generator=generator)[0]
+            prompt = pipe.caption(lq, generator=generator)[0]
+        # Floats, not 8-bit PIL: a 16-bit photo's result keeps its 16 bits in the PNG.
         restored = pipe(
-            image,
+            lq,
             prompt=prompt or "",
             upscale=float(upscale),
             num_inference_steps=steps,
@@ -119,9 +128,10 @@ def restore_image(
             tile_size=int(tile_size),
             color_fix=color_fix,
             generator=generator,
-            output_type="pil",
+            output_type="np",
             callback_on_step_end=_step_reporter(progress, steps),
         ).images[0]
+        path = _save_result(restored, source)
     except (ValueError, TypeError, OSError) as error:
         raise gr.Error(str(error), title="Restoration failed") from error
     except torch.OutOfMemoryError as error:
@@ -129,8 +139,9 @@ def restore_image(
             "Out of GPU memory: lower the upscale or the tile size, or restart the demo with --offload.",
             title="Out of memory",
         ) from error
-    before = _as_pil(image).resize(restored.size, PIL.Image.LANCZOS)
-    return before, restored, _save_png(restored), prompt or ""
+    after = pipe.image_processor.numpy_to_pil(restored[None])[0]  # what output_type="pil" gives
+    before = source.to_pil().resize(after.size, PIL.Image.LANCZOS)
+    return before, after, path, prompt or ""
 
 
 def _report(progress: Progress | None, value: float | tuple[int, int], desc: str) -> None:
@@ -150,17 +161,19 @@ def _step_reporter(progress: Progress | None, steps: int) -> Callable[..., dict]
     return on_step_end
 
 
-def _as_pil(image: PIL.Image.Image | str) -> PIL.Image.Image:
-    return image.convert("RGB") if isinstance(image, PIL.Image.Image) else PIL.Image.open(image).convert("RGB")
+def _read(image: PIL.Image.Image | str) -> ImageFile:
+    """The photo as image_io reads it: an upload's file (16-bit, alpha, profile and EXIF as they are) or a PIL
+    image."""
+    return from_pil(image) if isinstance(image, PIL.Image.Image) else read_image(image)
 
 
-def _save_png(image: PIL.Image.Image) -> Path:
+def _save_result(restored: np.ndarray, source: ImageFile) -> Path:
+    """Writes the result (float ``[H, W, 3]`` in [0, 1]) as a PNG with the source's bit depth, greyscale, alpha and
+    metadata."""
     # One folder per result: concurrent users never overwrite each other, and every download has the same name.
     folder = _results_folder() / uuid.uuid4().hex
     folder.mkdir()
-    path = folder / "faithdiff_restored.png"
-    image.save(path)
-    return path
+    return save_result(restored, folder / "faithdiff_restored.png", source=source)
 
 
 def _option_controls() -> list[gr.components.Component]:
@@ -208,9 +221,11 @@ def build_demo(pipe: FaithDiffSDXLPipeline) -> gr.Blocks:
         )
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
+                # The uploaded file itself (type "filepath", no image_mode): gradio would reduce a 16-bit photo to
+                # 8 bits and drop its alpha and profile; image_io reads them.
                 image = gr.Image(
-                    type="pil",
-                    image_mode="RGB",
+                    type="filepath",
+                    image_mode=None,
                     label="Low-quality photo",
                     height=320,
                     sources=["upload", "clipboard"],
@@ -225,12 +240,12 @@ def build_demo(pipe: FaithDiffSDXLPipeline) -> gr.Blocks:
                 comparison = _comparison_outputs()
                 download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
 
-        def on_caption(image: PIL.Image.Image | None, seed: float) -> str:
+        def on_caption(image: str | None, seed: float) -> str:
             return caption_image(pipe, image, seed)
 
         # gradio finds the progress bar by its default value, so it has to be gr.Progress() there.
         def on_restore(
-            image: PIL.Image.Image | None,
+            image: str | None,
             caption: str,
             upscale: float,
             steps: float,

@@ -140,7 +140,8 @@ def fast_call(**overrides) -> dict:
 
 CAPTION_WORDS = (
     "USER: ASSISTANT: Describe this image and its style in a very detailed manner. The features photo of cat dog "
-    "house tree red blue old garden."
+    "house tree red blue old garden. A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 ).split()
 
 

@@ -56,13 +56,16 @@ def test_request_and_generation_settings_reach_generate(lq_image, monkeypatch) -
     assert (
         captioner.request
         == CAPTION_REQUEST
-        == "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
+        == "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nDescribe this image and its style in a "
+        "very detailed manner. ASSISTANT:"
     )
     captions = captioner.raw_captions([lq_image, lq_image], seed=3)
     assert (seen["do_sample"], seen["temperature"], seen["top_p"], seen["max_new_tokens"]) == (True, 0.2, 0.7, 512)
     prompt_ids = seen["input_ids"][0][seen["attention_mask"][0].bool()]
     decoded = processor.tokenizer.decode(prompt_ids)
-    assert decoded.startswith("USER:") and decoded.endswith("detailed manner. ASSISTANT:") and "<image>" in decoded
+    assert decoded.replace("<image>", "").split() == CAPTION_REQUEST.replace("<image>", "").split()
+    assert "<image>" in decoded
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     assert captioner.raw_captions([lq_image, lq_image], seed=3) == captions  # seeded sampling is reproducible
 
@@ -175,3 +178,22 @@ def test_quantization_without_bitsandbytes_is_a_clear_error(monkeypatch) -> None
     monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
     with pytest.raises(ValueError, match="needs bitsandbytes: pip install bitsandbytes"):
         load_captioner("unused", quantization="8bit")
+
+
+# LLaVA-1.5's chat template as llava-hf ships it, in behaviour: a system message's text verbatim, each user turn as
+# "USER: ", images first, each text followed by a space, and "ASSISTANT:" as the generation prompt.
+LLAVA_15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_chat_template_request_is_the_releases_text_word_for_word() -> None:
+    model, processor = tiny_captioner()
+    processor.chat_template = LLAVA_15_TEMPLATE
+    assert Captioner(model, processor).request == CAPTION_REQUEST
+    # A template that ignores system messages still gets the instruction.
+    processor.chat_template = LLAVA_15_TEMPLATE.replace("{{ item['text'] + ' ' }}", "{% if message['role'] != 'system' %}{{ item['text'] + ' ' }}{% endif %}")
+    assert Captioner(model, processor).request == "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"

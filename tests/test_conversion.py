@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import pickle
+import re
+import shlex
 import shutil
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from huggingface_hub import constants as hub_constants
+from safetensors.torch import save_file
 
 from conftest import shared_path, tiny_components
-from faithdiff_pipeline import FaithDiffSDXLPipeline, convert_official_release
-from faithdiff_pipeline import hub
+from faithdiff_pipeline import FaithDiffSDXLPipeline, convert_official_release, converted_release
+from faithdiff_pipeline import conversion, hub
+from faithdiff_pipeline.conversion import load_official_checkpoint
 from faithdiff_pipeline.conversion import main as convert_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+OFFICIAL = ("parity", "tiny-official")
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +223,320 @@ def test_folder_that_is_not_a_faithdiff_pipeline(release, tmp_path) -> None:
     )
     with pytest.raises(ValueError, match=r"StableDiffusionXLPipeline.*alignment"):
         FaithDiffSDXLPipeline.from_pretrained(tmp_path)
+
+
+# --- Unsafe, truncated and malformed checkpoints --------------------------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command that creates ``marker``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def _faithdiff_args(release: Path, checkpoint: Path, output: Path) -> list[str]:
+    return [str(output), "--faithdiff", str(checkpoint), "--base", str(release / "base"), "--vae", str(release / "vae")]
+
+
+def _one_error_line(capsys) -> str:
+    """The command's only stderr line besides the progress bars of model loading (redrawn with carriage returns)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if line and "\r" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on pickle.dump's newer protocol
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(writer, release, tmp_path, capsys) -> None:
+    marker = tmp_path / "code-ran"
+    state = {"conv_in.weight": torch.zeros(1), "payload": _RunsCode(marker)}
+    checkpoint = tmp_path / "FaithDiff.bin"
+    if writer == "torch.save":
+        torch.save(state, checkpoint)
+    else:
+        with open(checkpoint, "wb") as handle:
+            pickle.dump(state, handle)
+    # The file really is malicious: unpickling it without torch's restrictions runs its command.
+    if writer == "torch.save":
+        torch.load(checkpoint, weights_only=False)
+    else:
+        with open(checkpoint, "rb") as handle:
+            pickle.load(handle)
+    assert marker.exists()
+    marker.unlink()
+    assert convert_main(_faithdiff_args(release, checkpoint, tmp_path / "out")) == 2
+    err = _one_error_line(capsys)
+    assert re.search(r"refused as unsafe: it is not a plain state dict.*may run code", err)
+    assert "weights_only" not in err
+    # torch names the refused function only for its own format (its weights-only reader stops earlier on others).
+    assert (f"{os.system.__module__}.system" in err) == (writer == "torch.save")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _truncated_archive(release: Path, path: Path) -> None:
+    shutil.copyfile(release / "FaithDiff.bin", path)
+    _cut_in_half(path)
+
+
+def _truncated_legacy_pickle(release: Path, path: Path) -> None:
+    torch.save({"a": torch.zeros(64)}, path, _use_new_zipfile_serialization=False)
+    _cut_in_half(path)
+
+
+def _truncated_safetensors(release: Path, path: Path) -> None:
+    save_file({"a": torch.zeros(64, 64)}, path)
+    _cut_in_half(path)
+
+
+@pytest.mark.parametrize(
+    "name, make, message",
+    [
+        ("FaithDiff.bin", _truncated_archive, r"not a readable PyTorch checkpoint \(truncated or corrupt\?\): Pytorch"),
+        ("legacy.bin", _truncated_legacy_pickle, r"not a readable PyTorch checkpoint \(truncated or corrupt\?\)"),
+        ("empty.bin", lambda release, path: path.write_bytes(b""), r"not a PyTorch checkpoint: it is neither"),
+        ("list.bin", lambda release, path: torch.save([torch.zeros(1)], path), r"holds a list, not a state dict"),
+        ("tensor.bin", lambda release, path: torch.save(torch.zeros(2), path), r"holds a Tensor, not a state dict"),
+        (
+            "values.bin",
+            lambda release, path: torch.save({"a": torch.zeros(1), "b": 3}, path),
+            r"not a state dict of tensors: 'b' is a int",
+        ),
+        ("FaithDiff.safetensors", _truncated_safetensors, r"not a readable safetensors file \(truncated or corrupt"),
+        ("header.safetensors", lambda release, path: path.write_bytes(b"\x00" * 3), r"not a readable safetensors file"),
+    ],
+    ids=["truncated", "truncated-legacy", "empty", "list", "tensor", "not-tensors", "truncated-st", "corrupt-st"],
+)
+def test_broken_checkpoints_are_one_line_errors(name, make, message, release, tmp_path, capsys) -> None:
+    checkpoint = tmp_path / name
+    make(release, checkpoint)
+    with pytest.raises(ValueError, match=message):
+        load_official_checkpoint(checkpoint)
+    assert convert_main(_faithdiff_args(release, checkpoint, tmp_path / "out")) == 2
+    assert re.match(r"faithdiff-convert: error: `faithdiff` .*" + message, _one_error_line(capsys))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["pre-1.6 pickle", "safetensors"])
+def test_plain_state_dicts_in_other_formats_load(fmt, release, tmp_path) -> None:
+    state = torch.load(release / "FaithDiff.bin", weights_only=True)
+    if fmt == "safetensors":
+        path = tmp_path / "FaithDiff.safetensors"
+        save_file({key: value.contiguous() for key, value in state.items()}, path)
+    else:
+        path = tmp_path / "FaithDiff.bin"
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    loaded = load_official_checkpoint(path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[key], state[key]) for key in state)
+
+
+# --- Sizes checked at conversion ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def official_state() -> dict[str, torch.Tensor]:
+    return torch.load(shared_path(*OFFICIAL) / "FaithDiff.bin", weights_only=True)
+
+
+def _edited_copy(source: Path, target: Path, config: str, **changes) -> Path:
+    """A writable copy of ``source`` (the shared files are read-only) with ``changes`` made to its ``config``."""
+    shutil.copytree(source, target, copy_function=shutil.copyfile)
+    values = json.loads((target / config).read_text())
+    (target / config).write_text(json.dumps({**values, **changes}))
+    return target
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"denoise_encoder.conv_in.weight": (32, 4, 3, 3)}, r"LQ encoder's conv_in takes 4 channels, not RGB's 3"),
+        (
+            {"condition_embedding.conv_in.weight": (64, 32, 3, 3)},
+            r"alignment module's lq_channels \(32\) must equal the LQ encoder's output \(mid-block\) width.*\(64\)",
+        ),
+        (
+            {"condition_embedding.conv_out.weight": (16, 64, 3, 3)},
+            r"alignment module's latent_channels \(16\) must equal the UNet's conv_in output width.*\(32\)",
+        ),
+        ({"denoise_encoder.down_blocks.3.": None}, r"LQ encoder has 3 down blocks but the VAE 4"),
+        ({"conv_in.weight": (32, 8, 3, 3)}, r"tensors for the SDXL UNet.*conv_in\.weight \(32, 8, 3, 3\) instead of"),
+        ({"denoise_encoder.conv_in.weight": None}, r"lacks the LQ-encoder weight 'encoder\.conv_in\.weight'"),
+    ],
+    ids=["lq-input-channels", "lq-channels", "latent-channels", "lq-down-blocks", "unet-conv-in", "lq-conv-in-gone"],
+)
+def test_mismatched_tensors_are_found_at_conversion(changes, message, official_state, tmp_path) -> None:
+    """Each case alters (a shape) or removes (None: every key with that prefix) tensors of the tiny release."""
+    official = shared_path(*OFFICIAL)
+    state = dict(official_state)
+    for key, shape in changes.items():
+        if shape is None:
+            state = {name: value for name, value in state.items() if not name.startswith(key)}
+        else:
+            state[key] = torch.randn(shape)
+    torch.save(state, tmp_path / "FaithDiff.bin")
+    with pytest.raises(ValueError, match=message):
+        convert_official_release(
+            tmp_path / "FaithDiff.bin", official / "base", official / "vae-fp16-fix", tmp_path / "o"
+        )
+    assert not (tmp_path / "o").exists()
+
+
+def test_mismatched_configs_are_found_at_conversion(tmp_path) -> None:
+    official = shared_path(*OFFICIAL)
+    checkpoint, base, vae = official / "FaithDiff.bin", official / "base", official / "vae-fp16-fix"
+    output = tmp_path / "o"
+    wide_vae = _edited_copy(vae, tmp_path / "vae8", "config.json", latent_channels=8)
+    with pytest.raises(ValueError, match=r"UNet's in_channels \(4\) must equal the VAE's latent_channels \(8\)"):
+        convert_official_release(checkpoint, base, wide_vae, output)
+    cross = _edited_copy(base, tmp_path / "cross", "unet/config.json", cross_attention_dim=96)
+    with pytest.raises(ValueError, match=r"cross_attention_dim \(96\) must equal .*hidden_size \(32 \+ 32 = 64\)"):
+        convert_official_release(checkpoint, cross, vae, output)
+    pooled = _edited_copy(base, tmp_path / "pooled", "text_encoder_2/config.json", projection_dim=16)
+    with pytest.raises(ValueError, match=r"projection_class_embeddings_input_dim \(80\) .*\(16 \+ 48 = 64\)"):
+        convert_official_release(checkpoint, pooled, vae, output)
+    with pytest.raises(ValueError, match=r"2 x latent_channels \(64\) must be divisible by its 7 attention heads"):
+        convert_official_release(checkpoint, base, vae, output, num_attention_heads=7)
+    untuned = _edited_copy(base, tmp_path / "tok", "tokenizer_2/tokenizer_config.json")
+    (untuned / "tokenizer_2" / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match=r"tokenizer_2 pads prompts to \d+ tokens but text_encoder_2 has 77 posit"):
+        convert_official_release(checkpoint, untuned, vae, output)
+    assert not output.exists()
+
+
+# --- Leftovers, modes and interruptions -----------------------------------------------------------------------------
+
+
+def test_leftovers_of_an_interrupted_conversion_are_removed(release, tmp_path) -> None:
+    ours = [".out.faithdiff-staging-0badc0de", ".out.faithdiff-retired", ".out.old"]
+    others = [".out.keep", ".other.faithdiff-staging-0badc0de", ".out.1234abcd", ".outer.faithdiff-retired", ".o.old"]
+    for name in ours + others:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.safetensors").write_text("left behind")
+    _convert(release, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *others])
+
+
+def test_interrupted_conversion_exits_130_and_removes_its_staging_folder(release, tmp_path, monkeypatch, capsys):
+    staged = []
+
+    def interrupted_save(self, folder, **kwargs) -> None:
+        staged.append(Path(folder))
+        (Path(folder) / "model_index.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FaithDiffSDXLPipeline, "save_pretrained", interrupted_save)
+    output = tmp_path / "out"
+    assert convert_main(_faithdiff_args(release, release / "FaithDiff.bin", output)) == 130
+    assert _one_error_line(capsys).startswith("faithdiff-convert: interrupted")
+    assert staged[0].parent == tmp_path and re.fullmatch(r"\.out\.faithdiff-staging-[0-9a-f]{8}", staged[0].name)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)], ids=["umask-022", "umask-027"]
+)
+def test_converted_folder_gets_the_umask_mode(umask, folder_mode, file_mode, release, tmp_path) -> None:
+    previous = os.umask(umask)
+    try:
+        output = _convert(release, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    paths = [output, *output.rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()} == {folder_mode}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {file_mode}
+
+
+# --- The Hub unreachable, and local paths that do not exist ---------------------------------------------------------
+
+
+def _hub_behind_a_closed_port(monkeypatch, tmp_path: Path) -> None:
+    """The offline flag unset and the Hub endpoint at a local port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    # huggingface_hub reads its environment once, at import: its constants are what its functions look at.
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", endpoint)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+@pytest.mark.parametrize("hub_state, reason", [("offline", "HF_HUB_OFFLINE is set"), ("closed port", "refused")])
+def test_unreachable_hub_fails_fast_with_one_clear_error(hub_state, reason, tmp_path, monkeypatch, capsys) -> None:
+    if hub_state == "closed port":
+        _hub_behind_a_closed_port(monkeypatch, tmp_path)
+    else:
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"Hugging Face Hub could not be reached") as converting:
+        converted_release(cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"Hugging Face Hub could not be reached") as loading:
+        FaithDiffSDXLPipeline.from_pretrained("someone/not-cached")
+    assert convert_main([str(tmp_path / "out")]) == 2
+    # An upper bound against retries and hangs (huggingface_hub alone takes about half a minute), not a benchmark.
+    assert time.monotonic() - start < 15
+    assert "could not be reached" in _one_error_line(capsys)
+    for error, instead in ((converting, "--model FOLDER"), (loading, "from_pretrained(FOLDER)")):
+        message = str(error.value)
+        assert reason in message and instead in message and "\n" not in message
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_local_paths_that_do_not_exist_are_not_taken_for_hub_ids(release, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("./missing", tmp_path / "missing", "~/missing", "someone/models/faithdiff"):
+        with pytest.raises(ValueError, match=r"`pretrained_model_name_or_path` .* does not exist"):
+            FaithDiffSDXLPipeline.from_pretrained(name)
+    with pytest.raises(ValueError, match=r"`pretrained_model_name_or_path` .* is a file"):
+        FaithDiffSDXLPipeline.from_pretrained(release / "FaithDiff.bin")
+    checkpoint, base, vae, output = release / "FaithDiff.bin", release / "base", release / "vae", tmp_path / "out"
+    with pytest.raises(ValueError, match=r"`base` '\./missing-base' does not exist"):
+        convert_official_release(checkpoint, "./missing-base", vae, output)
+    with pytest.raises(ValueError, match=r"`faithdiff` 'someone/FaithDiff\.bin' does not exist"):
+        convert_official_release("someone/FaithDiff.bin", base, vae, output)
+    with pytest.raises(ValueError, match=r"`vae` .* is a file"):
+        convert_official_release(checkpoint, base, checkpoint, output)
+
+
+# --- Imports ------------------------------------------------------------------------------------------------------
+
+HEAVY_MODULES = ("torch", "diffusers", "transformers", "safetensors", "huggingface_hub")
+
+
+def test_conversion_imports_nothing_heavy_at_module_level() -> None:
+    """The package's own submodules count as heavy: they import torch and diffusers."""
+    tree = ast.parse(Path(conversion.__file__).read_text(encoding="utf-8"))
+    imported = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+    imported += ["." * node.level + (node.module or "") for node in tree.body if isinstance(node, ast.ImportFrom)]
+    assert [name for name in imported if name.startswith(".") or name.split(".")[0] in HEAVY_MODULES] == []
+
+
+def test_help_loads_neither_torch_nor_diffusers() -> None:
+    # The module is loaded from its file, not through the package, whose __init__ is not this module's to keep lean.
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("faithdiff_pipeline.conversion", {conversion.__file__!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            module.main(["--help"])
+        except SystemExit as exit:
+            assert exit.code == 0, exit.code
+        print("loaded:", [name for name in {HEAVY_MODULES!r} if name in sys.modules])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: faithdiff-convert" in result.stdout and "loaded: []" in result.stdout

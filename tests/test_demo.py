@@ -143,6 +143,39 @@ def test_bad_inputs_are_gradio_errors_with_the_message(demo, plain_pipe, lq_imag
         demo.restore_image(plain_pipe, lq_image, "a cat", seed=None)
 
 
+@pytest.mark.parametrize("kind", ["grey16", "rgb16", "rgba"])
+def test_the_download_keeps_the_uploads_bit_depth_greyscale_and_alpha(demo, plain_pipe, tmp_path, kind) -> None:
+    """Uploads reach the callbacks as the file itself (gradio's ``type="filepath"``), read through image_io; the
+    PNG offered for download is written by ``image_io.save_result`` with what the photo had."""
+    from faithdiff_pipeline.image_io import read_image
+
+    y, x = np.mgrid[0:20, 0:24]
+    photo = tmp_path / f"{kind}.png"
+    if kind == "grey16":
+        PIL.Image.fromarray((8000 + 1500 * x + 900 * y).astype(np.uint16)).save(photo)
+    elif kind == "rgb16":
+        imagecodecs = pytest.importorskip("imagecodecs")
+        rgb = np.stack([x * 2500, y * 3000, (x * y) * 100], axis=-1).astype(np.uint16)
+        photo.write_bytes(imagecodecs.png_encode(rgb))
+    else:
+        rgba = np.stack([x * 10, y * 12, (x * y) % 256, np.where(x < 12, 255, 0)], axis=-1).astype(np.uint8)
+        PIL.Image.fromarray(rgba, "RGBA").save(photo)
+    source = read_image(photo)
+    before, after, path, _ = demo.restore_image(plain_pipe, str(photo), "a photo", steps=1, tile_size=64)
+    assert before.size == after.size == (48, 40) and after.mode == "RGB"
+    result = read_image(path)
+    assert (result.size, result.bit_depth, result.greyscale) == ((48, 40), source.bit_depth, source.greyscale)
+    assert (result.alpha is None) == (source.alpha is None)
+    shown = np.asarray(after, dtype=np.float64) / 255  # the result rounded to 8 bits
+    if kind == "rgba":
+        assert result.alpha[:, :16].min() == 255 and result.alpha[:, 32:].max() == 0  # LANCZOS rings at the edge
+        assert np.array_equal(result.pixels[:, :16], np.asarray(after)[:, :16])
+    elif kind == "grey16":  # the luminance (Rec. 709) of the restored colour, in 16 bits
+        assert np.abs(result.as_float()[..., 0] - shown @ [0.2126, 0.7152, 0.0722]).max() <= 1 / 255
+    else:
+        assert np.abs(result.as_float() - shown).max() <= 0.5 / 255 + 1e-6
+
+
 def test_command_line_loads_a_converted_folder_and_a_captioner(demo, captioning_pipe, tmp_path) -> None:
     captioning_pipe.captioner.save_pretrained(tmp_path / "captioner")
     captioning_pipe.captioner_processor.save_pretrained(tmp_path / "captioner")

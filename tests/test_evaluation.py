@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import PIL.ImageFilter
+import PIL.ImageOps
 import pytest
 import torch
 from skimage.color import rgb2ycbcr
@@ -21,6 +22,7 @@ from conftest import shared_path, tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 from faithdiff_pipeline.degradations import get_preset
 from faithdiff_pipeline.evaluation import MetricUnavailableError, load_metric, make_synthetic_set, psnr, read_csv, ssim
+from faithdiff_pipeline.evaluation.datasets import pair_folders, read_tensor
 from faithdiff_pipeline.evaluation.cli import main as eval_main
 from faithdiff_pipeline.evaluation.metrics import default_metric_names
 
@@ -485,3 +487,92 @@ def test_faithdiff_prompts_from_caption_sidecars(photo_set, tiny_pipeline_dir, t
     assert "no caption sidecar coffee.json beside the LQ image" in captured.out + captured.err
     assert eval_main([*argv, "--prompt", "x"]) == 2
     assert "conflicts with `--captions sidecar`" in _one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Photos are read as image_io reads them: upright by EXIF, 16-bit levels kept; only image_io opens or saves images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _turned_jpeg(path: Path, width: int = 48, height: int = 32) -> np.ndarray:
+    """A JPEG stored ``width`` x ``height`` with EXIF orientation 6 (shown turned 90 degrees clockwise); returns the
+    upright RGB pixels, as Pillow's ``exif_transpose`` shows them."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    _gradient(width, height).save(path, quality=95, exif=exif)
+    with PIL.Image.open(path) as opened:
+        return np.asarray(PIL.ImageOps.exif_transpose(opened).convert("RGB"))
+
+
+def _grey16(path: Path, width: int = 32, height: int = 24, step: int = 1) -> float:
+    """A 16-bit greyscale PNG of a ramp (every ``step``-th sample of the full-size ramp); returns its mean level in
+    [0, 1]."""
+    y, x = np.mgrid[0:height:step, 0:width:step]
+    levels = (12000 + 700 * x + 900 * y).astype(np.uint16)
+    PIL.Image.fromarray(levels).save(path)
+    return float(levels.mean()) / 65535.0
+
+
+def test_eval_reads_exif_turned_and_16_bit_photos(tmp_path) -> None:
+    upright = _turned_jpeg(tmp_path / "turned.jpg")
+    level = _grey16(tmp_path / "grey16.png")
+    assert upright.shape == (48, 32, 3)
+
+    turned = read_tensor(tmp_path / "turned.jpg")
+    assert turned.shape == (1, 3, 48, 32) and turned.dtype == torch.float32
+    assert torch.equal((turned * 255).round().to(torch.uint8), torch.from_numpy(upright.copy()).permute(2, 0, 1)[None])
+    grey = read_tensor(tmp_path / "grey16.png")
+    assert grey.shape == (1, 3, 24, 32) and abs(grey.mean().item() - level) < 1 / 255  # not washed out to white
+    assert torch.equal(grey[:, 0], grey[:, 2])
+
+    # A synthetic set is made from the upright photo, at the 16-bit photo's levels.
+    made = make_synthetic_set(tmp_path, tmp_path / "set", "dasr-level1", seed=0, progress=False)
+    pairs = {pair.name: pair for pair in made.pairs}
+    assert pairs["turned"].hq_size == (32, 48) and pairs["grey16"].hq_size == (32, 24)
+    assert np.array_equal(np.asarray(PIL.Image.open(pairs["turned"].hq)), upright)
+    assert abs(np.asarray(PIL.Image.open(pairs["grey16"].hq)).mean() / 255 - level) < 1 / 255
+
+
+def test_eval_cli_pairs_scores_and_restores_turned_and_16_bit_photos(tmp_path) -> None:
+    hq, lq = tmp_path / "hq", tmp_path / "lq"
+    hq.mkdir()
+    lq.mkdir()
+    upright = _turned_jpeg(hq / "turned.jpg")  # stored 48 x 32, upright 32 x 48
+    PIL.Image.fromarray(upright).resize((16, 24), PIL.Image.BICUBIC).save(lq / "turned.png")
+    _grey16(hq / "grey16.png")
+    lq_level = _grey16(lq / "grey16.png", step=2)  # 16 x 12, 16-bit too
+    dataset = pair_folders(hq, lq)
+    assert [(p.name, p.hq_size, p.lq_size) for p in dataset.pairs] == [
+        ("grey16", (32, 24), (16, 12)),
+        ("turned", (32, 48), (16, 24)),
+    ]
+
+    out = tmp_path / "out"
+    assert eval_main(["--hq", str(hq), "--lq", str(lq), "--out", str(out), "--metrics", "psnr"]) == 0
+    rows = {row["image"]: row for row in read_csv(out / "metrics.csv")}
+    # Read as white (the old 8-bit conversion), both would be identical: an infinite PSNR.
+    assert 20 < rows["grey16"]["psnr"] < float("inf") and 15 < rows["turned"]["psnr"] < float("inf")
+    with PIL.Image.open(out / "results" / "lanczos" / "grey16.png") as result:
+        assert (result.mode, result.size) == ("RGB", (32, 24))
+        assert abs(np.asarray(result).mean() / 255 - lq_level) < 1 / 255
+    with PIL.Image.open(out / "results" / "lanczos" / "turned.png") as result:
+        assert (result.mode, result.size) == ("RGB", (32, 48))
+    assert (out / "crops.png").is_file() and not list(out.rglob("*.faithdiff-tmp"))
+
+
+def test_only_image_io_opens_or_saves_image_files() -> None:
+    """What ``grep -rn "PIL.Image.open\\|\\.save(" src examples benchmarks`` finds, less image_io itself, model
+    and checkpoint saves, and docstring examples."""
+    pattern = re.compile(r"Image\.open\(|\.save\(")
+    allowed = re.compile(r"save_pretrained|torch\.save\(|self\.save\(|^\s*>>> ")
+    found = []
+    for folder in ("src", "examples", "benchmarks"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path.name == "image_io.py":
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if pattern.search(line) and not allowed.search(line):
+                    found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not found, "image files read or written outside image_io:\n" + "\n".join(found)
+

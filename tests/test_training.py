@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -190,6 +191,54 @@ def test_prepare_data_captions_from_sidecars_and_a_captioner(photos: Path, tmp_p
     )
     records = read_manifest(tmp_path / "model" / "manifest.jsonl")
     assert len(records) == 4 and all(r.caption == f"a crop of {HQ}x{HQ}" for r in records)
+
+
+def _turned_jpeg(path: Path, width: int, height: int) -> np.ndarray:
+    """A JPEG stored ``width`` x ``height`` with EXIF orientation 6 (shown turned 90 degrees clockwise); returns the
+    upright RGB pixels, as Pillow's ``exif_transpose`` shows them."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    _photo(width, height, seed=7).save(path, quality=95, exif=exif)
+    with PIL.Image.open(path) as opened:
+        return np.asarray(PIL.ImageOps.exif_transpose(opened).convert("RGB"))
+
+
+def _grey16(path: Path, width: int, height: int) -> np.ndarray:
+    """A 16-bit greyscale PNG of a ramp; returns its levels in [0, 1]."""
+    y, x = np.mgrid[0:height, 0:width]
+    levels = (9000 + 400 * x + 500 * y).astype(np.uint16)
+    PIL.Image.fromarray(levels).save(path)
+    return levels / 65535.0
+
+
+def test_training_reads_exif_turned_and_16_bit_photos(tmp_path: Path) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    upright = _turned_jpeg(folder / "turned.jpg", 96, 72)  # upright 72 x 96
+    levels = _grey16(folder / "grey16.png", 80, 72)
+    assert np.array_equal(np.asarray(load_rgb(folder / "turned.jpg")), upright)
+    grey = np.asarray(load_rgb(folder / "grey16.png"))
+    assert grey.shape == (72, 80, 3) and abs(grey.mean() / 255 - levels.mean()) < 1 / 255  # not washed out
+
+    output = tmp_path / "set"
+    prepare_training_set([folder], output, hq_size=HQ, progress=False)
+    records = {Path(r.source).name: r for r in read_manifest(output / "manifest.jsonl")}
+    turned, grey16 = records["turned.jpg"], records["grey16.png"]
+    assert turned.source_size == (72, 96) and grey16.source_size == (80, 72)
+    left, top, right, bottom = turned.crop_box
+    assert np.array_equal(np.asarray(load_rgb(output / turned.hq)), upright[top:bottom, left:right])
+    left, top, right, bottom = grey16.crop_box
+    crop = np.asarray(load_rgb(output / grey16.hq))
+    assert abs(crop.mean() / 255 - levels[top:bottom, left:right].mean()) < 1 / 255
+
+    # On the fly: the same readers (sources sorted by key: grey16 first).
+    dataset = DegradingDataset([folder], hq_size=HQ, seed=0, caption_dropout=0.0)
+    assert len(dataset) == 2 and not dataset.unreadable and not dataset.skipped_small
+    example = dataset[0]
+    _, _, top, left, size, _ = (int(v) for v in example["time_ids"].tolist())
+    expected = levels[top : top + size, left : left + size].mean()
+    assert abs((example["hq"].mean().item() + 1) / 2 - expected) < 1 / 255
+    assert dataset[1]["time_ids"].tolist()[:2] == [96.0, 72.0]  # (height, width) of the upright photo
 
 
 # ------------------------------------------------------------------------------------------------ datasets

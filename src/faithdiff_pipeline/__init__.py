@@ -1,10 +1,23 @@
-"""FaithDiff image restoration as a diffusers pipeline."""
+"""FaithDiff image restoration as a diffusers pipeline.
 
-from .alignment import FaithDiffAlignmentModel, aligned_conv_in
-from .color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
-from .conversion import convert_official_release, converted_release
-from .lq_features import FaithDiffLQEncoder, encoder_mid_block_features
-from .pipeline_faithdiff_sdxl import FaithDiffPipelineOutput, FaithDiffSDXLPipeline
+The public names are imported on first use, so that ``import faithdiff_pipeline`` (and every command's ``--help``)
+stays fast and does not load torch, diffusers or transformers.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from ._imports import export_table, lazy_export, quiet_diffusers_import_notices
+
+__version__ = "0.1.0"
+
+_import_structure = {
+    "alignment": ["FaithDiffAlignmentModel", "aligned_conv_in"],
+    "color_fix": ["adain_color_fix", "apply_color_fix", "wavelet_color_fix"],
+    "conversion": ["convert_official_release", "converted_release"],
+    "lq_features": ["FaithDiffLQEncoder", "encoder_mid_block_features"],
+    "pipeline_faithdiff_sdxl": ["FaithDiffPipelineOutput", "FaithDiffSDXLPipeline"],
+}
+_exports = export_table(_import_structure)
 
 __all__ = [
     "FaithDiffAlignmentModel",
@@ -19,4 +32,21 @@ __all__ = [
     "encoder_mid_block_features",
     "wavelet_color_fix",
 ]
-__version__ = "0.1.0"
+
+# Before any submodule can import diffusers: whichever of them comes first, its import stays quiet.
+quiet_diffusers_import_notices()
+
+if TYPE_CHECKING:
+    from .alignment import FaithDiffAlignmentModel, aligned_conv_in
+    from .color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
+    from .conversion import convert_official_release, converted_release
+    from .lq_features import FaithDiffLQEncoder, encoder_mid_block_features
+    from .pipeline_faithdiff_sdxl import FaithDiffPipelineOutput, FaithDiffSDXLPipeline
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_export(__name__, _exports, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_exports})

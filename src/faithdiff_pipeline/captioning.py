@@ -14,8 +14,13 @@ import torch
 from .atomic_files import write_text_atomic
 
 INSTRUCTION = "Describe this image and its style in a very detailed manner."
-# LLaVA-1.5's conversation format, used when the processor brings no chat template of its own.
-CAPTION_REQUEST = f"USER: <image>\n{INSTRUCTION} ASSISTANT:"
+# The system sentence of LLaVA's vicuna_v1 conversation, which the release's request starts with.
+SYSTEM_MESSAGE = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# The release's request, word for word; used as is when the processor brings no chat template of its own.
+CAPTION_REQUEST = f"{SYSTEM_MESSAGE} USER: <image>\n{INSTRUCTION} ASSISTANT:"
 RELEASE_GENERATION = {"do_sample": True, "temperature": 0.2, "top_p": 0.7, "max_new_tokens": 512}
 RELEASE_CAPTIONER = "llava-hf/llava-1.5-13b-hf"
 QUANTIZATIONS = ("8bit", "4bit")
@@ -37,6 +42,12 @@ def clean_caption(text: str) -> str:
     words[0] = words[0].capitalize()
     sentences = " ".join(words).split(". ")
     return ". ".join(sentences[:2]) + "."
+
+
+def caption_seed(generator: torch.Generator | None) -> int | None:
+    """The seed of a caption: the generator's initial seed, so that one integer seed gives one caption in every
+    front-end (``--seed``, the demo's seed, ``torch.Generator().manual_seed(seed)``)."""
+    return None if generator is None else generator.initial_seed()
 
 
 def sidecar_path(image_path: str | os.PathLike) -> Path:
@@ -87,10 +98,18 @@ class Captioner:
 
     @property
     def request(self) -> str:
-        if getattr(self.processor, "chat_template", None):
-            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}]
-            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return CAPTION_REQUEST
+        """The text sent with each image: the release's, through the processor's chat template where it has one.
+
+        LLaVA-1.5's template renders a system message verbatim before ``USER:``, which gives the release's text
+        exactly; a template that drops system messages gets the request without it."""
+        if not getattr(self.processor, "chat_template", None):
+            return CAPTION_REQUEST
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}
+        system = {"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]}
+        rendered = self.processor.apply_chat_template([system, user], add_generation_prompt=True)
+        if SYSTEM_MESSAGE in rendered:
+            return rendered
+        return self.processor.apply_chat_template([user], add_generation_prompt=True)
 
     @torch.no_grad()
     def raw_captions(self, images: Sequence[PIL.Image.Image], seed: int | None = None) -> list[str]:

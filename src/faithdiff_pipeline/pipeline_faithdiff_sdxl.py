@@ -31,7 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel, ProcessorMixin
 
 from .alignment import FaithDiffAlignmentModel, aligned_conv_in
-from .captioning import Captioner
+from .captioning import Captioner, caption_seed
 from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
 from .lq_features import FaithDiffLQEncoder, vae_encoder_features
@@ -301,8 +301,9 @@ class FaithDiffSDXLPipeline(
     ) -> list[str]:
         """Prompts for the LQ images (before upscaling), written by the captioner as the release does: LLaVA's
         answer to the release's request, sampled with temperature 0.2 and top_p 0.7, then post-processed
-        (:func:`~faithdiff_pipeline.captioning.clean_caption`). ``generator`` seeds the sampling without being
-        advanced."""
+        (:func:`~faithdiff_pipeline.captioning.clean_caption`). The sampling is seeded with ``generator``'s initial
+        seed, without advancing it: ``torch.Generator().manual_seed(42)`` captions as ``faithdiff-upscale --seed 42``
+        and the web demo's seed 42 do."""
         if self.captioner is None or self.captioner_processor is None:
             raise ValueError(
                 "This pipeline has no `captioner`/`captioner_processor`; pass `prompt` or load a captioner."
@@ -312,7 +313,7 @@ class FaithDiffSDXLPipeline(
             to_pil(self.image_processor.pt_to_numpy(prepare_lq_images(item, 1).reference))[0]
             for item in as_image_list(image)
         ]
-        seed = _seed_from(generator[0] if isinstance(generator, list) else generator)
+        seed = caption_seed(generator[0] if isinstance(generator, list) else generator)
         return Captioner(self.captioner, self.captioner_processor).caption(images, seed=seed)
 
     def lq_features(self, image: torch.Tensor) -> torch.Tensor:
@@ -711,15 +712,6 @@ class FaithDiffSDXLPipeline(
         if not return_dict:
             return (images,)
         return FaithDiffPipelineOutput(images=images)
-
-
-def _seed_from(generator: torch.Generator | None) -> int | None:
-    """A seed drawn from a copy of ``generator``, so that the caller's generator is not advanced."""
-    if generator is None:
-        return None
-    copy = torch.Generator(generator.device)
-    copy.set_state(generator.get_state())
-    return int(torch.randint(0, 2**62, (1,), generator=copy, device=generator.device))
 
 
 def _tile_major(per_sample: torch.Tensor, tiles: int, cfg_copies: int) -> torch.Tensor:

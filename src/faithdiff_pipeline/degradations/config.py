@@ -9,7 +9,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .kernels import KERNEL_TYPES
+# Defined here rather than in `.kernels`, which needs torch: the settings (and the presets built from them) can then
+# be imported without it.
+KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+"""The six shaped kernel families of Real-ESRGAN, by the names its option files use."""
 
 RESIZE_MODES = ("area", "bilinear", "bicubic", "nearest")
 _ALL_KERNELS = KERNEL_TYPES

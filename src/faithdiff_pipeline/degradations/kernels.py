@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _random
-
-KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
-"""The six shaped kernel families of Real-ESRGAN, by the names its option files use."""
+from .config import KERNEL_TYPES
 
 SPECIAL_KERNELS = ("sinc", "pulse")
 ROTATION_RANGE = (-math.pi, math.pi)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
@@ -297,3 +299,12 @@ def degrade(hq: torch.Tensor, config: DegradationConfig, generator: torch.Genera
     params, noise = _random.split_generators(generator, hq.device)
     plan = sample_degradation_plan(config, hq.shape[0], params)
     return apply_degradation_plan(hq, plan, noise)
+
+
+def to_pil(image: torch.Tensor) -> PIL.Image.Image:
+    """An image tensor in [0, 1], ``[1, 3, H, W]`` or ``[3, H, W]`` (such as one image of :func:`degrade`'s
+    output), as an 8-bit RGB PIL image (rounded to the nearest level, clipped): to save it, or to crop and resize it
+    as PIL does."""
+    image = image[0] if image.ndim == 4 else image
+    array = (image.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return PIL.Image.fromarray(np.ascontiguousarray(array))

@@ -8,38 +8,33 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import PIL.Image
-import torch
 
-from ..captioning import read_caption
+from ..image_io import image_size, read_image, save_result
 from .datasets import (
     MANIFEST_NAME,
     ImagePair,
     PairedSet,
     format_names,
-    image_size,
     list_images,
     make_synthetic_set,
     missing_names,
     pair_folders,
-    read_image,
-    write_png,
+    read_tensor,
 )
-from .metrics import (
-    EVAL_EXTRA,
-    METRICS,
-    MetricUnavailableError,
-    ScoreFn,
-    default_metric_names,
-    load_metric,
-    parse_metric_names,
-)
+from .metric_specs import EVAL_EXTRA, METRICS, MetricUnavailableError
 from .report import crop_grid, crop_tiles, markdown_table, plot_metrics, write_csv
 
+if TYPE_CHECKING:
+    import torch
+
+    from .metrics import ScoreFn
+
 PROG = "faithdiff-eval"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Names of torch dtypes, looked up on torch once a run starts: `--help` and usage errors need no torch.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 SETTINGS_NAME = "settings.json"
 
@@ -128,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument("--tile-size", type=int, default=1024, help="latent tile size in pixels (default: 1024)")
     sampling.add_argument("--device", help="cuda, cpu, ... (default: cuda when available); also used by pyiqa")
-    sampling.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on GPUs, float32 on CPUs")
+    sampling.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float16 on GPUs, float32 on CPUs")
     sampling.add_argument("--variant", help="weights variant to load, e.g. fp16")
     return parser
 
@@ -203,6 +198,10 @@ class Run:
 
 
 def _prepare_run(args: argparse.Namespace, dataset: PairedSet) -> Run:
+    import torch
+
+    from .metrics import default_metric_names, load_metric, parse_metric_names
+
     methods = [parse_method(text) for text in args.method] or [Method("lanczos", "lanczos")]
     duplicates = sorted({m.name for m in methods if [n.name for n in methods].count(m.name) > 1})
     if duplicates:
@@ -211,7 +210,7 @@ def _prepare_run(args: argparse.Namespace, dataset: PairedSet) -> Run:
         if value < (0 if name == "--grid-images" else 1):
             raise ValueError(f"`{name}` must be a positive integer, got {value}.")
     device = _device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.float16)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device == "cpu" else torch.float16)
     if args.metrics:
         metric_names = parse_metric_names(args.metrics)
     else:
@@ -227,6 +226,8 @@ def _prepare_run(args: argparse.Namespace, dataset: PairedSet) -> Run:
 
 
 def _device(name: str | None) -> str:
+    import torch
+
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -339,17 +340,20 @@ def _load_pipelines(run: Run) -> dict[str, Any]:
 
 
 def _restore(run: Run, method: Method, pipe: Any, pair: ImagePair) -> PIL.Image.Image:
-    with PIL.Image.open(pair.lq) as opened:
-        lq = opened.convert("RGB")
+    import torch
+
+    from ..captioning import read_caption
+
+    lq = read_image(pair.lq)
     if method.kind == "lanczos":
-        return lq.resize(pair.hq_size, PIL.Image.LANCZOS)
+        return lq.to_pil().resize(pair.hq_size, PIL.Image.LANCZOS)
     settings = method.settings
     prompt = read_caption(pair.lq) if settings["captions"] == "sidecar" else settings["prompt"]
     if prompt is None:
         raise ValueError(f"no caption sidecar {pair.lq.with_suffix('.json').name} beside the LQ image")
     generator = torch.Generator("cpu").manual_seed(settings["seed"])
     return pipe(
-        lq,
+        lq.pipeline_input(),
         prompt=prompt,
         upscale=settings["upscale"],
         num_inference_steps=settings["steps"],
@@ -373,7 +377,9 @@ def _restore_all(run: Run, pipelines: dict[str, Any]) -> list[str]:
         (folder / SETTINGS_NAME).write_text(json.dumps(method.settings, indent=2) + "\n", encoding="utf-8")
         for pair in tqdm(todo, desc=f"restoring with {method.name}", unit="image"):
             try:
-                write_png(_restore(run, method, pipelines.get(method.name), pair), method.results[pair.name])
+                # 8-bit sRGB RGB PNG (no source metadata), atomically: what the metrics read back, and never a
+                # truncated file that a resumed run would take for a result.
+                save_result(_restore(run, method, pipelines.get(method.name), pair), method.results[pair.name])
             except Exception as error:  # one bad image must not stop a long run; it is reported and counted
                 failures.append(f"{method.name}/{pair.name}")
                 message = f"{PROG}: {method.name}/{pair.name}: restoring failed: {type(error).__name__}: {error}"
@@ -401,8 +407,8 @@ def _score_all(run: Run, failures: list[str]) -> list[dict]:
 
 
 def _score(run: Run, method: Method, pair: ImagePair) -> dict:
-    hq = read_image(pair.hq)
-    restored = read_image(method.results[pair.name])
+    hq = read_tensor(pair.hq)
+    restored = read_tensor(method.results[pair.name])
     if restored.shape != hq.shape:
         raise ValueError(
             f"result {str(method.results[pair.name])!r} is {restored.shape[-1]}x{restored.shape[-2]}; "
@@ -447,10 +453,10 @@ def _write_grid(run: Run) -> None:
 
 
 def _open_if_present(path: Path) -> PIL.Image.Image | None:
+    """The image at ``path`` as 8-bit RGB (upright, in sRGB), or ``None`` when it is missing or unreadable."""
     try:
-        with PIL.Image.open(path) as opened:
-            return opened.convert("RGB")
-    except (OSError, PIL.Image.DecompressionBombError):
+        return read_image(path).to_pil()
+    except (OSError, ValueError):
         return None
 
 

@@ -9,15 +9,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import PIL.Image
-import torch
 
-from ..atomic_files import atomic_path, write_text_atomic
+from ..atomic_files import write_text_atomic
+from ..image_io import READABLE_SUFFIXES, image_size, read_image, save_image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+if TYPE_CHECKING:
+    import torch
+
 MANIFEST_NAME = "manifest.json"
 # How an HQ image is cut to a multiple of the scale; recorded in the manifest.
 CROP_RULE = (
@@ -47,40 +49,17 @@ class PairedSet:
     lq_dir: Path
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as an RGB ``[1, 3, H, W]`` float32 tensor in [0, 1]."""
-    try:
-        with PIL.Image.open(path) as opened:
-            rgb = opened.convert("RGB")
-    except (OSError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"{os.fspath(path)!r} could not be read as an image: {error}") from error
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].float() / 255.0
+def read_tensor(path: str | os.PathLike) -> torch.Tensor:
+    """An image file, read by :func:`faithdiff_pipeline.image_io.read_image` (upright, in sRGB, 16-bit samples
+    kept), as the RGB ``[1, 3, H, W]`` float32 tensor in [0, 1] that the metrics and the degradations take.
 
+    Raises:
+        ValueError: the file is not a readable image (the message says why).
+    """
+    # torch is imported where tensors are made, so that the harness's command line and folder checks do not load it.
+    import torch
 
-def to_pil(image: torch.Tensor) -> PIL.Image.Image:
-    """A ``[1, 3, H, W]`` (or ``[3, H, W]``) tensor in [0, 1] as an 8-bit RGB image (rounded, clipped)."""
-    image = image[0] if image.ndim == 4 else image
-    array = (image.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return PIL.Image.fromarray(np.ascontiguousarray(array))
-
-
-def write_png(image: PIL.Image.Image, path: str | os.PathLike) -> Path:
-    """Saves ``image`` as PNG at ``path``, through a temporary file renamed when complete, so that an interrupted run
-    never leaves a truncated image that a resumed run would take for a result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        image.save(temporary, format="PNG")
-    return path
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of an image file, reading only its header."""
-    try:
-        with PIL.Image.open(path) as opened:
-            return opened.size
-    except (OSError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"{str(path)!r} could not be read as an image: {error}") from error
+    return torch.from_numpy(read_image(path).as_float()).permute(2, 0, 1)[None]
 
 
 def list_images(folder: str | os.PathLike, role: str) -> dict[str, Path]:
@@ -90,11 +69,11 @@ def list_images(folder: str | os.PathLike, role: str) -> dict[str, Path]:
         raise ValueError(f"{role} {str(folder)!r} is not a folder.")
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+        if path.is_file() and path.suffix.lower() in READABLE_SUFFIXES and not path.name.startswith("."):
             found.setdefault(path.stem, []).append(path)
     if not found:
         raise ValueError(
-            f"{role} {str(folder)!r} holds no images; expected files ending in {', '.join(IMAGE_EXTENSIONS)}."
+            f"{role} {str(folder)!r} holds no images; expected files ending in {', '.join(READABLE_SUFFIXES)}."
         )
     clashes = [f"{', '.join(p.name for p in paths)}" for paths in found.values() if len(paths) > 1]
     if clashes:
@@ -180,12 +159,16 @@ def crop_to_multiple(image: torch.Tensor, scale: int) -> torch.Tensor:
 
 def _jsonable(value: Any) -> Any:
     """Config values that JSON has no type for (tuples become lists by themselves) are written as text."""
+    import torch
+
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return value.tolist()
     return str(value)
 
 
 def _versions() -> dict[str, str]:
+    import torch
+
     from .. import __version__
 
     return {
@@ -238,7 +221,9 @@ def make_synthetic_set(
     Returns:
         The set as a :class:`PairedSet`.
     """
-    from ..degradations import degrade
+    import torch
+
+    from ..degradations import degrade, to_pil
 
     config = _resolve_preset(preset)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -257,15 +242,17 @@ def make_synthetic_set(
             shutil.rmtree(stale, ignore_errors=True)
         _write_json({**description, "versions": _versions()}, set_dir / MANIFEST_NAME)
     scale = description["scale"]
+    for folder in (set_dir / "hq", set_dir / "lq"):
+        folder.mkdir(parents=True, exist_ok=True)
     for name in _progress(names, progress, f"making {preset} set"):
         hq_path, lq_path = set_dir / "hq" / f"{name}.png", set_dir / "lq" / f"{name}.png"
         if reuse and hq_path.is_file() and lq_path.is_file():
             continue
-        hq = crop_to_multiple(read_image(sources[name]), scale)
+        hq = crop_to_multiple(read_tensor(sources[name]), scale)
         generator = torch.Generator("cpu").manual_seed(image_seed(seed, name))
         lq = degrade(hq, config, generator)
-        write_png(to_pil(hq), hq_path)
-        write_png(to_pil(lq), lq_path)
+        save_image(to_pil(hq), hq_path)
+        save_image(to_pil(lq), lq_path)
     return pair_folders(set_dir / "hq", set_dir / "lq")
 
 

@@ -11,7 +11,9 @@ from typing import Sequence
 import PIL.Image
 import PIL.ImageDraw
 
-from .metrics import METRICS
+from ..atomic_files import atomic_path
+from ..image_io import save_image
+from .metric_specs import METRICS
 
 # One evaluated image: {"method": ..., "image": ..., <metric name>: float, ...}.
 Row = dict
@@ -110,7 +112,8 @@ def plot_metrics(rows: Sequence[Row], metric_names: Sequence[str], path: str | o
         axes.set_xticks(range(1, len(methods) + 1), methods, rotation=30, ha="right")
         axes.set_title(column_label(name))
     path = Path(path)
-    figure.savefig(path, format="png", dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
     return path
 
 
@@ -156,8 +159,8 @@ def crop_grid(
     path: str | os.PathLike,
     tile_size: int = 256,
 ) -> Path:
-    """Writes a PNG grid: one row per image (its name on the left), one column per label, each crop shown at
-    ``tile_size`` pixels with nearest-neighbour enlargement; missing crops are grey."""
+    """Writes a grid (atomically; PNG for a ``.png`` path): one row per image (its name on the left), one column per
+    label, each crop shown at ``tile_size`` pixels with nearest-neighbour enlargement; missing crops are grey."""
     width = NAME_WIDTH + tile_size * len(column_labels)
     height = LABEL_HEIGHT + tile_size * len(grid_rows)
     canvas = PIL.Image.new("RGB", (width, height), _BACKGROUND)
@@ -173,6 +176,4 @@ def crop_grid(
                 draw.rectangle((left, top, left + tile_size - 1, top + tile_size - 1), fill=_MISSING)
             else:
                 canvas.paste(tile.resize((tile_size, tile_size), PIL.Image.NEAREST), (left, top))
-    path = Path(path)
-    canvas.save(path, format="PNG")
-    return path
+    return save_image(canvas, path)

@@ -21,15 +21,14 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from ..degradations import PRESETS, DegradationConfig, degrade, get_preset
-from ..evaluation.datasets import IMAGE_EXTENSIONS, to_pil
+from ..degradations import PRESETS, DegradationConfig, degrade, get_preset, to_pil
+from ..image_io import READABLE_SUFFIXES, image_size, read_image
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
 # The release upscales each LQ crop to the HQ size with one of these PIL filters, drawn uniformly.
 UPSCALE_FILTERS = (PIL.Image.NEAREST, PIL.Image.BILINEAR, PIL.Image.BICUBIC)
-_UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
 
 
 # ------------------------------------------------------------------------------------------------- seeding
@@ -87,7 +86,7 @@ def find_images(folders: Sequence[str | os.PathLike]) -> list[SourceImage]:
             relative = path.relative_to(root)
             if (
                 path.is_file()
-                and path.suffix.lower() in IMAGE_EXTENSIONS
+                and path.suffix.lower() in READABLE_SUFFIXES
                 and not any(p.startswith(".") for p in relative.parts)
             ):
                 images.append(SourceImage(path, f"{name}/{relative.as_posix()}"))
@@ -95,16 +94,13 @@ def find_images(folders: Sequence[str | os.PathLike]) -> list[SourceImage]:
 
 
 def load_rgb(path: str | os.PathLike) -> PIL.Image.Image:
-    """The image at ``path``, fully decoded, in RGB.
+    """The image at ``path`` as 8-bit RGB, read by :func:`faithdiff_pipeline.image_io.read_image`: upright (EXIF
+    orientation applied), in sRGB, 16-bit samples rounded to 8 bits, greyscale replicated.
 
     Raises:
         ValueError: the file is not a readable image (the message says why).
     """
-    try:
-        with PIL.Image.open(path) as opened:
-            return opened.convert("RGB")
-    except _UNREADABLE as error:
-        raise ValueError(f"{os.fspath(path)!r} could not be read as an image: {error}") from error
+    return read_image(path).to_pil()
 
 
 def load_degradation(spec: str | os.PathLike | None) -> DegradationConfig:
@@ -369,9 +365,8 @@ class DegradingDataset(_AugmentedPairs):
         usable, small, unreadable = [], [], []
         for image in images:
             try:
-                with PIL.Image.open(image.path) as opened:
-                    width, height = opened.size
-            except _UNREADABLE:
+                width, height = image_size(image.path)  # upright, as load_rgb reads it
+            except (OSError, ValueError):
                 unreadable.append(image.path)
                 continue
             if min(width, height) >= self.hq_size:

@@ -22,26 +22,18 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-import PIL.Image
-import torch
 from tqdm.auto import tqdm
 
 from ..atomic_files import write_text_atomic
 from ..degradations import PRESETS, DegradationConfig
-from ..evaluation.datasets import write_png
-from .data import (
-    MANIFEST_NAME,
-    ManifestRecord,
-    SourceImage,
-    degraded_crop,
-    derive_seed,
-    find_images,
-    load_degradation,
-    load_rgb,
-    read_manifest,
-)
+from ..image_io import image_size, save_image
+
+# torch, and `.data` which imports it, are imported by the functions that use them: `--help` and usage errors then
+# come at once.
+if TYPE_CHECKING:
+    from .data import ManifestRecord, SourceImage
 
 PROG = "faithdiff-prepare-data"
 SETTINGS_NAME = "dataset.json"
@@ -145,6 +137,8 @@ def prepare_training_set(
     Raises:
         ValueError: bad settings, missing input folders, or an output folder prepared with other settings.
     """
+    from .data import MANIFEST_NAME, find_images
+
     degradation = degradation if degradation is not None else DegradationConfig()
     settings = _check_settings(
         hq_size, crops_per_image, degradation, seed, captions, captioner, captioner_name, caption_batch_size, workers
@@ -231,6 +225,8 @@ def _claim_output(output: Path, settings: PreparationSettings) -> None:
 
 def _completed_records(manifest: Path, output: Path) -> dict[str, ManifestRecord]:
     """Records of earlier runs whose two images still exist, by HQ path. Anything else is redone."""
+    from .data import read_manifest
+
     if not manifest.is_file():
         return {}
     records = read_manifest(manifest, strict=False)
@@ -238,6 +234,8 @@ def _completed_records(manifest: Path, output: Path) -> dict[str, ManifestRecord
 
 
 def _run_tasks(tasks: list[_ImageTask], workers: int) -> Iterator[_ImageResult]:
+    import torch
+
     if workers == 0 or len(tasks) < 2:
         yield from map(_make_crops, tasks)
         return
@@ -251,14 +249,17 @@ def _run_tasks(tasks: list[_ImageTask], workers: int) -> Iterator[_ImageResult]:
 
 def _make_crops(task: _ImageTask) -> _ImageResult:
     """Crops and degrades one image and writes its pairs (captions come later, in the main process)."""
+    import torch
+
+    from .data import ManifestRecord, degraded_crop, derive_seed, load_rgb
+
     settings = task.settings
     try:
-        with PIL.Image.open(task.source.path) as opened:
-            width, height = opened.size
+        width, height = image_size(task.source.path)  # upright, from the header, as load_rgb reads it
         if min(width, height) < settings.hq_size:
             return _ImageResult(task, small=True)
         image = load_rgb(task.source.path)
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+    except (OSError, ValueError) as error:
         return _ImageResult(task, error=str(error.__cause__ or error))
     degradation = DegradationConfig.from_dict(settings.degradation)
     records = []
@@ -266,8 +267,9 @@ def _make_crops(task: _ImageTask) -> _ImageResult:
         seed = derive_seed(settings.seed, task.source.key, crop)
         hq, lq, box = degraded_crop(image, settings.hq_size, degradation, torch.Generator().manual_seed(seed))
         hq_path, lq_path = crop_paths(task.source, crop)
-        write_png(hq, task.output / hq_path)
-        write_png(lq, task.output / lq_path)
+        for crop_image, path in ((hq, task.output / hq_path), (lq, task.output / lq_path)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(crop_image, path)
         records.append(
             ManifestRecord(hq_path, lq_path, "", str(task.source.path), image.size, box, seed, degradation.scale)
         )
@@ -278,6 +280,8 @@ def _captioned(
     results: list[_ImageResult], settings: PreparationSettings, captioner: Any, summary: PreparationSummary
 ) -> list[ManifestRecord]:
     """The records of a chunk of images, with their captions; small and unreadable images go to the summary."""
+    from .data import derive_seed, load_rgb
+
     records = []
     for result in results:
         if result.small:
@@ -362,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``faithdiff-prepare-data``. Returns 0 when done (unreadable images are reported, not fatal), 2 on a usage
     error."""
     args = build_parser().parse_args(argv)
+    # Only now: parsing alone (`--help`, a usage error) must not wait for torch.
+    from .data import MANIFEST_NAME, load_degradation
+
     try:
         degradation = load_degradation(args.degradation)
         captions, captioner = _caption_source(args)

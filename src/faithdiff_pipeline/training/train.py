@@ -14,35 +14,35 @@ import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-from accelerate import Accelerator, PartialState
-from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoints import (
-    ema_weights,
-    is_sharded,
-    prune_checkpoints,
-    read_training_state,
-    resolve_resume,
-    save_checkpoint,
-)
 from .config import TrainingConfig, TrainingSetupError
-from .data import DegradingDataset, PreparedPairsDataset, derive_seed, load_degradation
-from .losses import epsilon_loss, noise_latents
-from .stages import load_starting_pipeline, parameter_groups, starting_point, training_module
-from .validation import ValidationExample, log_validation, restore_examples, validation_examples
+
+# torch, accelerate, diffusers and the modules of this package that need them are imported by the functions that
+# use them: the command line is parsed, and `--help` or a usage error answered, without loading them.
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.logging import MultiProcessAdapter
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+    from torch.utils.data import DataLoader, Dataset
+
+    from .validation import ValidationExample
 
 PROG = "faithdiff-train"
-logger = get_logger(__name__)
+
+
+@cache
+def _logger() -> MultiProcessAdapter:
+    """accelerate's logger, which logs on the main process only."""
+    from accelerate.logging import get_logger
+
+    return get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,12 @@ def train(config: TrainingConfig) -> TrainingResult:
     Raises:
         TrainingSetupError: a mistake in the settings, the data or the starting model, found before training.
     """
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+
+    from .stages import load_starting_pipeline, starting_point, training_module
+
     config = config.resolve()
     starting_point(config)
     _check_tracker(config.report_to)
@@ -103,6 +109,8 @@ def train(config: TrainingConfig) -> TrainingResult:
 # ------------------------------------------------------------------------------------------------- set-up
 def training_dataset(config: TrainingConfig) -> Dataset:
     """The prepared set of ``train_manifest``, or the on-the-fly set of ``train_folders``."""
+    from .data import DegradingDataset, PreparedPairsDataset, load_degradation
+
     try:
         if config.train_manifest:
             return PreparedPairsDataset(config.train_manifest, config.seed, config.caption_dropout, config.random_flip)
@@ -120,6 +128,9 @@ def training_dataset(config: TrainingConfig) -> Dataset:
 
 
 def _data_loader(dataset: Dataset, config: TrainingConfig) -> DataLoader:
+    import torch
+    from torch.utils.data import DataLoader
+
     # Workers are not persistent: each epoch's iterator copies the dataset with its current epoch (see set_epoch).
     return DataLoader(
         dataset,
@@ -133,6 +144,11 @@ def _data_loader(dataset: Dataset, config: TrainingConfig) -> DataLoader:
 
 def _optimization(model: Any, config: TrainingConfig, num_processes: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the stage's parameter groups, and the LR schedule."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from .stages import parameter_groups
+
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.stage, config),
         betas=(config.adam_beta1, config.adam_beta2),
@@ -151,12 +167,14 @@ def _optimization(model: Any, config: TrainingConfig, num_processes: int) -> tup
 
 def _resume(accelerator: Accelerator, config: TrainingConfig) -> tuple[int, Path | None]:
     """Loads the checkpoint to resume from, if any (after ``prepare``); returns its step and folder."""
+    from .checkpoints import read_training_state, resolve_resume
+
     checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if checkpoint is None:
         return 0, None
     step = read_training_state(checkpoint, config.stage)
     accelerator.load_state(str(checkpoint))
-    logger.info(f"Resumed from {checkpoint} at step {step}.")
+    _logger().info(f"Resumed from {checkpoint} at step {step}.")
     return step, checkpoint
 
 
@@ -187,6 +205,9 @@ def _check_tracker(report_to: str) -> None:
 
 def _make_accelerator(config: TrainingConfig) -> Accelerator:
     """The accelerator; its accumulation steps are set once the number of processes is known."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
     return Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -200,6 +221,8 @@ def _make_accelerator(config: TrainingConfig) -> Accelerator:
 
 
 def _check_distributed_setup(accelerator: Accelerator, config: TrainingConfig) -> None:
+    from .checkpoints import is_sharded
+
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         configured = plugin.deepspeed_config.get("gradient_accumulation_steps", "auto")
@@ -220,6 +243,8 @@ def _check_distributed_setup(accelerator: Accelerator, config: TrainingConfig) -
 def _make_ema(accelerator: Accelerator, model: Any, config: TrainingConfig) -> EMAModel | None:
     if not config.use_ema:
         return None
+    from diffusers.training_utils import EMAModel
+
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
@@ -229,6 +254,8 @@ def _make_ema(accelerator: Accelerator, model: Any, config: TrainingConfig) -> E
 def _validation_set(accelerator: Accelerator, config: TrainingConfig, dataset: Any) -> list[ValidationExample]:
     if not config.validation_steps or not accelerator.is_main_process:
         return []
+    from .validation import validation_examples
+
     return validation_examples(config.validation_images, dataset, config.num_validation_images)
 
 
@@ -239,7 +266,7 @@ def _tracker_config(config: TrainingConfig) -> dict[str, Any]:
 
 def _log_setup(accelerator: Accelerator, config: TrainingConfig, dataset: Any, step: int) -> None:
     effective = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    logger.info(
+    _logger().info(
         f"Stage {config.stage}: {len(dataset)} pairs of {dataset.hq_size} px, batch {config.train_batch_size} x "
         f"accumulation {config.gradient_accumulation_steps} x {accelerator.num_processes} process(es) = {effective}, "
         f"steps {step} -> {config.max_train_steps}, mixed precision {accelerator.mixed_precision}."
@@ -323,6 +350,11 @@ class _TrainingLoop:
     def loss(self, batch: dict[str, Any], step: int, micro_step: int) -> torch.Tensor:
         """The L1 epsilon loss of one batch. The noise comes from a generator seeded by (seed, process, step,
         micro-step): a resumed run draws what an uninterrupted one would, and processes draw different noise."""
+        import torch
+
+        from .data import derive_seed
+        from .losses import epsilon_loss, noise_latents
+
         accelerator, config = self.accelerator, self.config
         generator = torch.Generator(device=accelerator.device).manual_seed(
             derive_seed(config.seed, "noise", accelerator.process_index, step, micro_step)
@@ -376,17 +408,22 @@ class _TrainingLoop:
         return checkpoint
 
     def save(self, step: int) -> Path:
+        from .checkpoints import prune_checkpoints, save_checkpoint
+
         checkpoint = save_checkpoint(
             self.accelerator, self.pipe, self.model, self.ema, self.config.output_dir, step, self.config.stage
         )
         if self.accelerator.is_main_process:
             for removed in prune_checkpoints(self.config.output_dir, self.config.checkpoints_total_limit):
-                logger.info(f"Removed old checkpoint {removed}.")
-        logger.info(f"Saved {checkpoint}.")
+                _logger().info(f"Removed old checkpoint {removed}.")
+        _logger().info(f"Saved {checkpoint}.")
         return checkpoint
 
     def validate(self, step: int) -> None:
         """Restores the validation images on the main process (the others wait at their next synchronisation)."""
+        from .checkpoints import ema_weights
+        from .validation import log_validation, restore_examples
+
         if not self.accelerator.is_main_process or not self.examples:
             return
         upscale = self.config.validation_upscale or self.scale
@@ -400,7 +437,7 @@ class _TrainingLoop:
                 self.config.seed,
             )
         folder = log_validation(self.accelerator, self.examples, images, self.config.output_dir, step)
-        logger.info(f"Validation images of step {step} in {folder}.")
+        _logger().info(f"Validation images of step {step} in {folder}.")
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -445,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingSetupError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+
     if PartialState().is_main_process:
         print(
             f"Stage {config.stage} finished at step {result.step}; trained pipeline: {result.checkpoint / 'pipeline'}"

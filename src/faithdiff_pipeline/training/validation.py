@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 from accelerate import Accelerator
 
+from ..image_io import save_image
 from ..pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
 from .data import load_rgb
 
@@ -78,7 +79,7 @@ def log_validation(
     folder = Path(output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     for example, image in zip(examples, images):
-        image.save(folder / f"{example.name}.png")
+        save_image(image, folder / f"{example.name}.png")
     for tracker in accelerator.trackers:
         for example, image in zip(examples, images):
             key = f"validation/{example.name}"
