@@ -231,3 +231,14 @@ def test_a_failed_load_leaves_no_output_folder(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_unreachable_fails_fast_with_the_local_folder_hint(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FAITHDIFF_CACHE", str(tmp_path / "cache"))
+    _photo().save(tmp_path / "a.png")
+    assert main([str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("faithdiff-upscale: error: could not load the pipeline: The Hugging Face Hub could not")
+    assert "--model FOLDER" in err
+    assert not (tmp_path / "out").exists()

@@ -526,7 +526,8 @@ def restore(args: argparse.Namespace) -> int:
         try:
             pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
         except (ValueError, OSError) as error:
-            return _error(f"could not load the pipeline: {str(error).splitlines()[0] if str(error) else error!r}")
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            return _error(f"could not load the pipeline: {reason}")
         pipe.set_progress_bar_config(leave=False, desc="steps")
         try:
             args.output_dir.mkdir(parents=True, exist_ok=True)
