@@ -17,22 +17,7 @@ _import_structure = {
 }
 _exports = export_table(_import_structure)
 
-__all__ = [
-    "STAGE_RECIPES",
-    "DegradingDataset",
-    "FaithDiffTrainingModule",
-    "ManifestRecord",
-    "PreparedPairsDataset",
-    "TrainingConfig",
-    "TrainingSetupError",
-    "epsilon_loss",
-    "load_starting_pipeline",
-    "noise_latents",
-    "offset_noise",
-    "read_manifest",
-    "training_example",
-    "training_module",
-]
+__all__ = sorted(_exports)
 
 if TYPE_CHECKING:
     from .config import TrainingConfig, TrainingSetupError
