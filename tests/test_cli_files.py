@@ -42,7 +42,10 @@ def test_phone_photo_comes_out_upright(tiny_model_dir, tmp_path) -> None:
         PIL.ImageOps.exif_transpose(stored).save(tmp_path / "upright.png")
     inputs = [str(tmp_path / "phone.jpg"), str(tmp_path / "upright.png")]
     assert _cli(tiny_model_dir, *inputs, "-o", str(tmp_path / "out"), "--compare") == 0
-    with PIL.Image.open(tmp_path / "out" / "phone.png") as phone, PIL.Image.open(tmp_path / "out" / "upright.png") as ref:
+    with (
+        PIL.Image.open(tmp_path / "out" / "phone.png") as phone,
+        PIL.Image.open(tmp_path / "out" / "upright.png") as ref,
+    ):
         assert phone.size == (32, 48)  # portrait, as the phone shows it
         assert phone.getexif().get(0x0112, 1) == 1
         assert np.array_equal(np.asarray(phone), np.asarray(ref))
@@ -104,7 +107,10 @@ def test_rgba_keeps_its_alpha_and_ignores_hidden_colour(tiny_model_dir, tmp_path
         rgba = np.dstack([photo, alpha])
         rgba[alpha == 0, :3] = hidden
         PIL.Image.fromarray(rgba, "RGBA").save(tmp_path / f"{name}.png")
-    assert _cli(tiny_model_dir, str(tmp_path / "magenta.png"), str(tmp_path / "black.png"), "-o", str(tmp_path / "out")) == 0
+    assert (
+        _cli(tiny_model_dir, str(tmp_path / "magenta.png"), str(tmp_path / "black.png"), "-o", str(tmp_path / "out"))
+        == 0
+    )
     with PIL.Image.open(tmp_path / "out" / "magenta.png") as a, PIL.Image.open(tmp_path / "out" / "black.png") as b:
         assert a.mode == "RGBA" and a.size == (48, 32)
         assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -213,12 +219,12 @@ def test_a_too_large_result_is_refused_without_allocating(tiny_model_dir, tmp_pa
 
 
 def test_ctrl_c_while_loading_exits_130_without_traceback(tiny_model_dir, tmp_path, monkeypatch, capsys) -> None:
-    import faithdiff_pipeline.cli as cli
+    import faithdiff_pipeline.loading as loading
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_pipeline", interrupted)
+    monkeypatch.setattr(loading, "load_pipeline", interrupted)
     _photo().save(tmp_path / "a.png")
     assert _cli(tiny_model_dir, str(tmp_path / "a.png"), "-o", str(tmp_path / "out")) == 130
     err = capsys.readouterr().err

@@ -58,7 +58,9 @@ def test_16_bit_greyscale_png_and_tiff_keep_their_levels(tmp_path) -> None:
         loaded = read_image(tmp_path / name)
         assert loaded.bit_depth == 16 and loaded.greyscale
         assert np.array_equal(loaded.pixels[..., 1], ramp)
-        out = save_result(loaded.as_float(), tmp_path / f"out-{name}", loaded, OutputOptions(format=name[-3:].replace("tif", "tiff")))
+        out = save_result(
+            loaded.as_float(), tmp_path / f"out-{name}", loaded, OutputOptions(format=name[-3:].replace("tif", "tiff"))
+        )
         with PIL.Image.open(out) as written:
             assert written.mode == "I;16"
             assert np.array_equal(np.asarray(written), ramp)
@@ -74,7 +76,9 @@ def test_16_bit_colour_png_and_tiff_round_trip_with_profile_and_text(tmp_path) -
     for name, fmt in (("a.png", "png"), ("a.tif", "tiff")):
         loaded = read_image(tmp_path / name)
         assert loaded.bit_depth == 16 and np.array_equal(loaded.pixels, samples)
-        out = save_result(loaded.as_float(), tmp_path / f"out-{name}", loaded, OutputOptions(format=fmt), {"caption": "café"})
+        out = save_result(
+            loaded.as_float(), tmp_path / f"out-{name}", loaded, OutputOptions(format=fmt), {"caption": "café"}
+        )
         again = read_image(out)
         assert again.bit_depth == 16 and np.array_equal(again.pixels, samples)
         assert result_text(out)["caption"] == "café"
@@ -92,9 +96,13 @@ def test_adobe_rgb_is_converted_to_srgb_and_back(tmp_path) -> None:
     assert np.abs(raw - expected).mean() > 3  # the profile matters: ignoring it shifts colours
 
     srgb_out = save_result(loaded.as_float(), tmp_path / "srgb.png", loaded)
-    back = save_result(loaded.as_float(), tmp_path / "back.tif", loaded, OutputOptions(format="tiff", profile="source"))
+    back = save_result(
+        loaded.as_float(), tmp_path / "back.tif", loaded, OutputOptions(format="tiff", profile="source")
+    )
     with PIL.Image.open(srgb_out) as a, PIL.Image.open(back) as b:
-        assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(a.info["icc_profile"]))).startswith("sRGB")
+        assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(a.info["icc_profile"]))).startswith(
+            "sRGB"
+        )
         assert b.info["icc_profile"] == loaded.icc_profile
         assert np.abs(_to_srgb(a) - expected).max() <= 1
         assert np.abs(_to_srgb(b) - expected).mean() < 1.5
@@ -164,7 +172,9 @@ def test_metadata_dpi_and_formats(tmp_path) -> None:
     loaded = read_image(tmp_path / "scan.png")
     doubled = np.repeat(np.repeat(loaded.as_float(), 2, 0), 2, 1)
     for fmt in ("png", "tiff", "jpeg", "webp"):
-        out = save_result(doubled, tmp_path / f"out{image_io.OUTPUT_FORMATS[fmt]}", loaded, OutputOptions(format=fmt), {"k": "v"})
+        out = save_result(
+            doubled, tmp_path / f"out{image_io.OUTPUT_FORMATS[fmt]}", loaded, OutputOptions(format=fmt), {"k": "v"}
+        )
         with PIL.Image.open(out) as written:
             assert written.format == fmt.upper() and written.size == (96, 64)
             assert written.getexif()[0x010F] == "ScannerCo"

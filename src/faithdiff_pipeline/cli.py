@@ -9,9 +9,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .image_io import (
     DEFAULT_MAX_OUTPUT_PIXELS,
@@ -19,13 +20,13 @@ from .image_io import (
     PROFILE_CHOICES,
     READABLE_SUFFIXES,
     SIXTEEN_BIT_INSTALL,
-    ImageFile,
     OutputOptions,
     needs_sixteen_bit_extra,
     read_image,
     result_text,
     save_result,
 )
+from .loading import CAPTIONER_PRECISIONS, check_model_source, check_options
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -100,17 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--caption",
         choices=CAPTION_MODES,
         default="auto",
-        help="auto: sidecar if present, else the captioner if given, else no prompt; "
-        "sidecar: every image needs IMAGE.json; none: no prompt",
+        help="auto: the sidecar IMAGE.json if present, else a caption by the captioner (written as the sidecar), "
+        "else no prompt; sidecar: every image needs IMAGE.json; none: no prompt",
     )
     parser.add_argument("--prompt", help="one fixed prompt for every image (instead of captions)")
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--captioner", help="captioning model id or folder, e.g. llava-hf/llava-1.5-13b-hf")
     parser.add_argument(
-        "--captioner-quantization", choices=["8bit", "4bit"], help="load the captioner quantised (bitsandbytes)"
+        "--captioner",
+        default="auto",
+        help="auto (default): the release's llava-hf/llava-1.5-13b-hf on a CUDA GPU (about 28 GiB in half precision, "
+        "16 in 8-bit, 9 in 4-bit: the first that fits the free memory), no captions without one; "
+        "llava-hf/llava-1.5-7b-hf needs about 15 / 8.5 / 5.5 GiB; any LLaVA-family id or folder; none: no captions. "
+        "Images are all captioned first, then the captioner leaves the GPU before restoration starts",
     )
     parser.add_argument(
-        "--write-captions", action="store_true", help="save new captions as JSON sidecars beside the inputs"
+        "--captioner-quantization",
+        choices=["auto", *CAPTIONER_PRECISIONS],
+        default="auto",
+        help="captioner precision: auto (by free GPU memory), half, 8bit or 4bit (bitsandbytes, the [caption] extra)",
+    )
+    parser.add_argument(
+        "--preclean",
+        metavar="MODEL_FILE",
+        help="a restoration network (BSRNet, Real-ESRGAN, SwinIR, ...; .pth or .safetensors, loaded by spandrel: the "
+        "[preclean] extra) that cleans what the captioner sees, as the release's --use_bsrnet; restoration still "
+        "starts from the original",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
@@ -130,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--captions-only",
         action="store_true",
-        help="only write caption sidecars (IMAGE.json) with --captioner, for images that have none; restore nothing",
+        help="only write caption sidecars (IMAGE.json) for images that have none; restore nothing",
     )
     files = parser.add_argument_group("result files")
     files.add_argument("--format", choices=list(OUTPUT_FORMATS), default="png", help="file format of the results")
@@ -253,7 +268,9 @@ def _check_output_dir(folder: Path) -> None:
     if not parent.is_dir():
         raise UsageError(f"output directory {str(folder)!r} cannot be created: {str(parent)!r} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {str(folder)!r} cannot be created: no permission to write in {str(parent)!r}")
+        raise UsageError(
+            f"output directory {str(folder)!r} cannot be created: no permission to write in {str(parent)!r}"
+        )
 
 
 def output_options(args: argparse.Namespace) -> OutputOptions:
@@ -266,7 +283,12 @@ def output_options(args: argparse.Namespace) -> OutputOptions:
             profile=args.profile,
         )
     except ValueError as error:
-        flags = {"`format`": "--format", "`quality`": "--quality", "`bit_depth`": "--bit-depth", "`profile`": "--profile"}
+        flags = {
+            "`format`": "--format",
+            "`quality`": "--quality",
+            "`bit_depth`": "--bit-depth",
+            "`profile`": "--profile",
+        }
         message = str(error)
         for name, flag in flags.items():
             message = message.replace(name, flag)
@@ -276,14 +298,18 @@ def output_options(args: argparse.Namespace) -> OutputOptions:
 def check_arguments(args: argparse.Namespace) -> None:
     if args.prompt is not None and args.caption != "auto":
         raise UsageError(f"--prompt gives a fixed prompt; it conflicts with --caption {args.caption}")
-    if args.prompt is not None and args.captioner:
+    if args.prompt is not None and args.captioner not in ("auto", "none"):
         raise UsageError("--prompt gives a fixed prompt; it conflicts with --captioner")
-    if args.captioner_quantization and not args.captioner:
-        raise UsageError("--captioner-quantization needs --captioner")
+    if args.captioner == "none" and (args.captioner_quantization != "auto" or args.preclean):
+        raise UsageError("--captioner none writes no captions; drop --captioner-quantization and --preclean")
     if args.compile and args.offload in ("model", "sequential"):
         raise UsageError(f"--compile keeps the UNet on the device; use --offload text-encoders, not {args.offload}")
-    if args.captions_only and not args.captioner:
-        raise UsageError("--captions-only needs --captioner")
+    if args.captions_only and (args.captioner == "none" or args.prompt is not None or args.caption != "auto"):
+        raise UsageError("--captions-only needs a captioner and --caption auto, without --prompt")
+    try:
+        check_options(args.offload, args.captioner_quantization, args.preclean)
+    except ValueError as error:
+        raise UsageError(str(error).replace("`preclean`", "--preclean")) from error
     _finite(args.upscale, "--upscale")
     _finite(args.guidance, "--guidance")
     if args.upscale <= 0:
@@ -300,88 +326,75 @@ def check_arguments(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise UsageError(str(error).replace("`tile_size`", "--tile-size").replace("`tile_stride`", "--tile-stride"))
     _check_output_dir(args.output_dir)
+    try:
+        check_model_source(args.model)
+    except ValueError as error:
+        raise UsageError(str(error).replace("`model`", "--model")) from error
 
 
 def _check_sixteen_bit(paths: list[Path]) -> None:
     missing = [str(path) for path in paths if needs_sixteen_bit_extra(path)]
     if missing:
-        raise UsageError(f"16-bit colour inputs need imagecodecs and tifffile ({SIXTEEN_BIT_INSTALL}): {_names(missing)}")
+        raise UsageError(
+            f"16-bit colour inputs need imagecodecs and tifffile ({SIXTEEN_BIT_INSTALL}): {_names(missing)}"
+        )
 
 
-def resolve_device(name: str) -> "torch.device":
-    import torch
+def caption_first(
+    paths: list[Path], args: argparse.Namespace, device: torch.device, plan: Any, summary: Summary
+) -> dict:
+    """Captions every image that needs a caption and writes its sidecar (the release's format), then frees the
+    captioner, so that its memory peak and the restoration's never add up. Images with a sidecar are not captioned
+    again. Returns the captions of images whose sidecar could not be written (a read-only folder); a failure goes
+    to ``summary`` and takes the image out of the job."""
+    from tqdm.auto import tqdm
 
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    from . import loading
+    from .captioning import clean_caption, read_caption, write_caption
 
-
-def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype":
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.float32 if device.type == "cpu" else torch.float16
-
-
-def load_pipeline(args: argparse.Namespace, device: "torch.device", dtype: "torch.dtype"):
-    import torch
-
-    from .captioning import load_captioner
-    from .conversion import converted_release
-    from .pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
-
-    extra: dict[str, Any] = {}
-    if args.captioner:
-        captioner = load_captioner(args.captioner, args.captioner_quantization, dtype=dtype)
-        extra = {"captioner": captioner.model, "captioner_processor": captioner.processor}
-    variant = "fp16" if dtype == torch.float16 else None
-    model = args.model or converted_release(variant=variant)
-    pipe = FaithDiffSDXLPipeline.from_pretrained(model, dtype=dtype, variant=None if args.model else variant, **extra)
-    if args.offload == "text-encoders":
-        pipe.enable_text_encoder_offload(device)
-    elif args.offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif args.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    if args.vae_tiling:
-        pipe.vae.enable_tiling()
-    if args.compile:
-        # Static shapes: a new image size gets its own specialised graph instead of a slower dynamic one.
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        pipe.unet.compile(fullgraph=True, dynamic=False, mode=mode)
-    return pipe
+    needing = [path for path in paths if args.prompt is None and args.caption == "auto" and read_caption(path) is None]
+    if not needing or plan.model is None:
+        return {}
+    captioner = loading.load_planned_captioner(plan, device, loading.resolve_dtype(args.dtype, device))
+    clean = loading.load_preclean(args.preclean, device) if args.preclean else None
+    kept: dict[Path, str] = {}
+    try:
+        for path in tqdm(needing, desc="captions", unit="image"):
+            try:
+                image = read_image(path).to_pil()
+                raw = captioner.raw_captions([clean(image) if clean else image], seed=args.seed)[0]
+            except (ValueError, OSError, RuntimeError) as error:
+                summary.failed.append((path.name, f"captioning failed: {str(error).splitlines()[0]}"))
+                continue
+            try:
+                write_caption(path, raw)
+            except OSError:
+                kept[path] = clean_caption(raw)
+    finally:
+        loading.release(captioner)
+    if kept:
+        print(
+            f"faithdiff-upscale: {len(kept)} caption sidecar(s) could not be written beside the inputs",
+            file=sys.stderr,
+        )
+    return kept
 
 
-def prompt_for(path: Path, image: ImageFile, args: argparse.Namespace, pipe: Any) -> str:
-    """The prompt of one image, following --prompt / --caption."""
-    from .captioning import Captioner, clean_caption, read_caption, write_caption
+def prompt_for(path: Path, args: argparse.Namespace, captions: dict) -> str:
+    """The prompt of one image, following --prompt / --caption: a fixed prompt, its sidecar, or no prompt."""
+    from .captioning import read_caption
 
     if args.prompt is not None:
         return args.prompt
     if args.caption == "none":
         return ""
     stored = read_caption(path)
-    if stored is not None:
-        return stored
-    if args.caption == "sidecar":
+    if stored is None and args.caption == "sidecar":
         raise ValueError(f"no caption sidecar {path.with_suffix('.json').name}")
-    if pipe.captioner is None:
-        return ""
-    captioner = Captioner(pipe.captioner, pipe.captioner_processor)
-    raw = captioner.raw_captions([image.to_pil()], seed=args.seed)[0]
-    if args.write_captions:
-        write_caption(path, raw)
-    return clean_caption(raw)
+    return stored if stored is not None else captions.get(path, "")
 
 
-def side_by_side(lq: "PIL.Image.Image", restored: "PIL.Image.Image") -> "PIL.Image.Image":
+def side_by_side(lq: PIL.Image.Image, restored: PIL.Image.Image) -> PIL.Image.Image:
     import PIL.Image
 
     upscaled = lq.convert("RGB").resize(restored.size, PIL.Image.LANCZOS)
@@ -391,7 +404,7 @@ def side_by_side(lq: "PIL.Image.Image", restored: "PIL.Image.Image") -> "PIL.Ima
     return canvas
 
 
-def restore_one(job: Job, args: argparse.Namespace, pipe: Any) -> None:
+def restore_one(job: Job, args: argparse.Namespace, pipe: Any, captions: dict) -> None:
     import PIL.Image
     import torch
 
@@ -402,7 +415,7 @@ def restore_one(job: Job, args: argparse.Namespace, pipe: Any) -> None:
         image = read_image(path)
     except ValueError as error:
         raise ValueError(f"not a readable image ({error})") from error
-    prompt = prompt_for(path, image, args, pipe)
+    prompt = prompt_for(path, args, captions)
     result = pipe(
         image.pipeline_input(),
         prompt=prompt,
@@ -441,48 +454,25 @@ def restore_one(job: Job, args: argparse.Namespace, pipe: Any) -> None:
     save_result(result, job.result, source=image, options=output_options(args), text=metadata)
 
 
-def run(jobs: list[Job], args: argparse.Namespace, pipe: Any, progress: bool = True) -> Summary:
+def run(jobs: list[Job], args: argparse.Namespace, pipe: Any, captions: dict, progress: bool = True) -> Summary:
     from tqdm.auto import tqdm
 
     summary = Summary()
     start = time.perf_counter()
     for job in tqdm(jobs, desc="images", unit="image", disable=not progress):
         try:
-            restore_one(job, args, pipe)
+            restore_one(job, args, pipe, captions)
         except (ValueError, TypeError, OSError, RuntimeError) as error:
-            summary.failed.append((job.source.name, str(error).splitlines()[0] if str(error) else type(error).__name__))
+            summary.failed.append(
+                (job.source.name, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            )
             continue
         summary.done.append(job.source.name)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def write_missing_captions(paths: list[Path], args: argparse.Namespace, device: "torch.device") -> Summary:
-    """Captions the images that have no sidecar yet and writes their sidecars; loads only the captioner."""
-    from tqdm.auto import tqdm
-
-    from .captioning import load_captioner, read_caption, write_caption
-
-    captioner = load_captioner(
-        args.captioner, args.captioner_quantization, device=device, dtype=resolve_dtype(args.dtype, device)
-    )
-    summary, start = Summary(), time.perf_counter()
-    for path in tqdm(paths, desc="captions", unit="image"):
-        if read_caption(path) is not None and not args.overwrite:
-            summary.skipped.append(path.name)
-            continue
-        try:
-            image = read_image(path).to_pil()
-            write_caption(path, captioner.raw_captions([image], seed=args.seed)[0])
-        except (OSError, ValueError) as error:
-            summary.failed.append((path.name, str(error).splitlines()[0]))
-            continue
-        summary.done.append(path.name)
-    summary.seconds = time.perf_counter() - start
-    return summary
-
-
-def _process_share(jobs: list[Job], device: str) -> tuple[list[Job], "torch.device | None"]:
+def _process_share(jobs: list[Job], device: str) -> tuple[list[Job], torch.device | None]:
     """Under ``accelerate launch`` (or torchrun) with several processes, this process's share of the work and its
     device, split by accelerate itself."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -500,6 +490,19 @@ def _error(message: str) -> int:
     return 2
 
 
+def _captions_only(paths: list[Path], args: argparse.Namespace, device: torch.device, plan: Any) -> int:
+    from .captioning import read_caption
+
+    captioned_before = [path.name for path in paths if read_caption(path) is not None]
+    summary, start = Summary(skipped=captioned_before), time.perf_counter()
+    caption_first(paths, args, device, plan, summary)
+    failed = {name for name, _ in summary.failed}
+    summary.done = [p.name for p in paths if p.name not in failed and p.name not in captioned_before]
+    summary.seconds = time.perf_counter() - start
+    print(summary.report())
+    return 1 if summary.failed else 0
+
+
 def restore(args: argparse.Namespace) -> int:
     """The whole command once the arguments are parsed: every check first, then the model, then the images."""
     try:
@@ -515,16 +518,34 @@ def restore(args: argparse.Namespace) -> int:
             jobs, skipped = sort_jobs(plan_jobs(paths, args), args.overwrite)
     except UsageError as error:
         return _error(str(error))
+    from . import loading
+
     share, process_device = _process_share(jobs, args.device)
-    device = process_device or resolve_device(args.device)
+    try:
+        device = process_device or loading.resolve_device(args.device)
+    except ValueError as error:
+        return _error(str(error).replace("`device`", "--device"))
+    plan = loading.plan_captioner(args.captioner, device, args.captioner_quantization)
+    if args.captions_only and plan.model is None:
+        return _error(f"--captions-only has no captioner: {plan.note}")
+    if plan.note:
+        print(f"faithdiff-upscale: {plan.note}", file=sys.stderr)
     if args.captions_only:
-        summary = write_missing_captions([job.source for job in share], args, device)
-        print(summary.report())
-        return 1 if summary.failed else 0
+        return _captions_only([job.source for job in share], args, device, plan)
     summary = Summary(skipped=[job.source.name for job in skipped])
+    captions = caption_first([job.source for job in share], args, device, plan, summary)
+    failed = {name for name, _ in summary.failed}
+    share = [job for job in share if job.source.name not in failed]
     if share:
         try:
-            pipe = load_pipeline(args, device, resolve_dtype(args.dtype, device))
+            pipe = loading.load_pipeline(
+                args.model,
+                device,
+                loading.resolve_dtype(args.dtype, device),
+                offload=args.offload,
+                compile=args.compile,
+                vae_tiling=args.vae_tiling,
+            )
         except (ValueError, OSError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             return _error(f"could not load the pipeline: {reason}")
@@ -533,8 +554,8 @@ def restore(args: argparse.Namespace) -> int:
             args.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             return _error(f"output directory {str(args.output_dir)!r} cannot be created: {error.strerror or error}")
-        worked = run(share, args, pipe)
-        summary.done, summary.failed, summary.seconds = worked.done, worked.failed, worked.seconds
+        worked = run(share, args, pipe, captions)
+        summary.done, summary.failed, summary.seconds = worked.done, summary.failed + worked.failed, worked.seconds
     print(summary.report())
     return 1 if summary.failed else 0
 

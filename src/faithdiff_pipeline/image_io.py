@@ -19,10 +19,11 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -363,9 +364,13 @@ def _transform(samples: np.ndarray, source: bytes, target: bytes, spaces: tuple[
     return array[..., None] if array.ndim == 2 else array
 
 
-def _transform_16bit(samples: np.ndarray, source: bytes, target: bytes, spaces: tuple[str, str], what: str) -> np.ndarray:
+def _transform_16bit(
+    samples: np.ndarray, source: bytes, target: bytes, spaces: tuple[str, str], what: str
+) -> np.ndarray:
     if not _sixteen_bit_available():
-        raise ValueError(f"{what} has 16-bit samples and a colour profile, which need imagecodecs: {SIXTEEN_BIT_INSTALL}")
+        raise ValueError(
+            f"{what} has 16-bit samples and a colour profile, which need imagecodecs: {SIXTEEN_BIT_INSTALL}"
+        )
     import imagecodecs
 
     array = samples[..., 0] if spaces[0] == "GRAY" else samples
@@ -449,7 +454,9 @@ def save_result(
         if samples.shape[-1] == 4:
             raise ValueError(f"`target` {os.fspath(target)!r}: a CMYK result cannot carry the source's alpha.")
         if options.format == "jpeg":
-            raise ValueError(f"`target` {os.fspath(target)!r}: JPEG cannot store the alpha channel; use png, tiff or webp.")
+            raise ValueError(
+                f"`target` {os.fspath(target)!r}: JPEG cannot store the alpha channel; use png, tiff or webp."
+            )
         channels.append(_quantise(_resize_alpha(source, samples.shape[1::-1]), depth)[..., None])
     pixels = np.concatenate(channels, axis=-1)
     scale = pixels.shape[1] / source.size[0]
@@ -482,7 +489,9 @@ def result_text(path: str | os.PathLike) -> dict[str, str] | None:
             if opened.format == "PNG":
                 text = dict(opened.text)
                 # Results of 0.1.0 carry no Software chunk, only our version inside the parameters.
-                ours = text.get("Software", "").startswith(SOFTWARE) or '"faithdiff_pipeline"' in text.get("parameters", "")
+                ours = text.get("Software", "").startswith(SOFTWARE) or '"faithdiff_pipeline"' in text.get(
+                    "parameters", ""
+                )
                 return text if ours else None
             exif = opened.getexif()
     except _UNREADABLE:
@@ -609,7 +618,8 @@ def _insert_png_chunks(png: bytes, chunks: list[tuple[bytes, bytes]]) -> bytes:
     """``png`` with ``chunks`` (type, data) inserted right after its header chunk, where iCCP must come."""
     header_end = 8 + 4 + 4 + 13 + 4  # signature, then IHDR: length, type, 13 bytes of data, CRC
     encoded = b"".join(
-        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)) for kind, data in chunks
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        for kind, data in chunks
     )
     return png[:header_end] + encoded + png[header_end:]
 

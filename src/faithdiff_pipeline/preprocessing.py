@@ -106,7 +106,12 @@ def as_image_list(image: LQImage | Sequence[LQImage]) -> list[LQImage]:
 
 def check_upscale(upscale: object) -> float:
     """``upscale`` as a float: any real number type (numpy's too), finite and > 0."""
-    if isinstance(upscale, bool) or not isinstance(upscale, numbers.Real) or not math.isfinite(upscale) or upscale <= 0:
+    if (
+        isinstance(upscale, bool)
+        or not isinstance(upscale, numbers.Real)
+        or not math.isfinite(upscale)
+        or upscale <= 0
+    ):
         raise ValueError(f"`upscale` must be a number > 0, got {upscale!r} (a finite real number).")
     return float(upscale)
 
@@ -146,7 +151,9 @@ def prepare_lq_images(
             )
         sizes.append(size)
     if len(set(sizes)) > 1:
-        raise ValueError(f"All images of a batch must have the same size after upscaling; got sizes {sorted(set(sizes))}.")
+        raise ValueError(
+            f"All images of a batch must have the same size after upscaling; got sizes {sorted(set(sizes))}."
+        )
     upscaled = [_upscale(item, size) for item, size in zip(items, sizes)]
     reference = torch.from_numpy(np.stack(upscaled)).permute(0, 3, 1, 2).contiguous()
     height, width = reference.shape[-2:]
