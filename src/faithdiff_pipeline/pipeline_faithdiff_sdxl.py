@@ -26,7 +26,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
     retrieve_timesteps,
 )
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel, ProcessorMixin
 
@@ -44,14 +44,24 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
-        >>> from PIL import Image
-        >>> from faithdiff_pipeline import FaithDiffSDXLPipeline
+        >>> import torch
+        >>> from faithdiff_pipeline import FaithDiffSDXLPipeline, converted_release
+        >>> from faithdiff_pipeline.image_io import read_image, save_result
 
-        >>> pipe = FaithDiffSDXLPipeline.from_pretrained("path/to/converted-faithdiff", dtype=torch.float16)
-        >>> pipe.enable_model_cpu_offload()
-        >>> image = Image.open("old_photo.png")
-        >>> restored = pipe(image, prompt="A portrait of a woman in a garden.", upscale=2).images[0]
-        >>> restored.save("restored.png")
+        >>> device = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> dtype = torch.float16 if device == "cuda" else torch.float32
+        >>> variant = "fp16" if device == "cuda" else None
+        >>> pipe = FaithDiffSDXLPipeline.from_pretrained(converted_release(variant), dtype=dtype, variant=variant)
+        >>> pipe = pipe.to(device)
+        >>> photo = read_image("old_photo.png")  # upright, in sRGB; bit depth, alpha and profile kept for saving
+        >>> restored = pipe(
+        ...     photo.pipeline_input(),
+        ...     prompt="A portrait of a woman in a garden.",
+        ...     upscale=2,
+        ...     generator=torch.Generator("cpu").manual_seed(42),
+        ...     output_type="np",
+        ... ).images[0]
+        >>> save_result(restored, "restored.png", photo)
         ```
 """
 
@@ -99,7 +109,9 @@ class FaithDiffSDXLPipeline(
     model_cpu_offload_seq = "captioner->text_encoder->text_encoder_2->lq_encoder->unet->vae"
     # The alignment runs inside every UNet call; it is small, so it stays on the device instead of shuttling.
     _exclude_from_cpu_offload = ["alignment"]
-    _optional_components = ["tokenizer", "text_encoder", "lq_encoder", "captioner", "captioner_processor"]
+    # Only what the pipeline runs without: the LQ features fall back to the VAE encoder, captions to the prompt.
+    # Both text encoders are required, since SDXL's UNet attends to their concatenated states.
+    _optional_components = ["lq_encoder", "captioner", "captioner_processor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds"]
 
     def __init__(
@@ -118,6 +130,22 @@ class FaithDiffSDXLPipeline(
         force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         super().__init__()
+        required = dict(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            alignment=alignment,
+            scheduler=scheduler,
+        )
+        missing = [name for name, component in required.items() if component is None]
+        if missing:
+            raise ValueError(
+                f"FaithDiffSDXLPipeline needs {missing}, got None; only {self._optional_components} are optional "
+                "(SDXL's UNet attends to both text encoders' states)."
+            )
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -153,6 +181,51 @@ class FaithDiffSDXLPipeline(
         folder = resolve_pipeline_folder(pretrained_model_name_or_path, kwargs)
         _check_pipeline_folder(folder, provided=kwargs.keys())
         return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        r"""
+        Reads ``model_index.json`` as [`~ConfigMixin.load_config`] does, with the entries of diffusers' custom-code
+        layout (see [`~FaithDiffSDXLPipeline.save_pretrained`]) naming the installed classes instead of the folder's
+        files. [`~DiffusionPipeline.from_pretrained`] reads the index through this method, so loading with this class
+        never runs code from the folder and needs no ``trust_remote_code``.
+        """
+        from .hub import installed_index
+
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        # With return_unused_kwargs or return_commit_hash, diffusers returns a tuple that starts with the config.
+        installed_index(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        r"""
+        Saves the pipeline as [`~DiffusionPipeline.save_pretrained`] does, in diffusers' custom-code layout:
+        ``_class_name`` is ``["pipeline_faithdiff_sdxl", "FaithDiffSDXLPipeline"]``, and ``alignment`` and
+        ``lq_encoder`` name files of their folders, each a few lines that import the class from the installed
+        faithdiff-pipeline package. So plain ``DiffusionPipeline.from_pretrained(folder_or_hub_id,
+        trust_remote_code=True)`` returns this pipeline where the package is installed, and elsewhere fails saying
+        which package to install; this class loads the folder without running those files.
+
+        ``push_to_hub=True`` (with ``repo_id``, ``token``, ``private``, ``create_pr``, ``commit_message``) uploads the
+        folder once it is complete. Other keyword arguments are those of [`~DiffusionPipeline.save_pretrained`].
+        """
+        from .hub import upload_pipeline_folder, write_custom_code
+
+        defaults = {"repo_id": None, "token": None, "private": None, "create_pr": False, "commit_message": None}
+        # Taken out even without push_to_hub, as diffusers ignores them then.
+        push = {key: kwargs.pop(key, default) for key, default in defaults.items()}
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
+        write_custom_code(save_directory, type(self))
+        if push_to_hub:
+            push["commit_message"] = push["commit_message"] or f"Upload {type(self).__name__}"
+            upload_pipeline_folder(save_directory, **push)
 
     def enable_text_encoder_offload(self, device: torch.device | str = "cuda") -> None:
         r"""
@@ -365,14 +438,31 @@ class FaithDiffSDXLPipeline(
         noise = noise * self.scheduler.init_noise_sigma
         if start_point == "noise":
             return noise
-        posterior = self.vae.encode(image.to(device=device, dtype=self.vae.dtype)).latent_dist
-        mean = posterior.mean.float().repeat_interleave(repeats, dim=0)
-        std = posterior.std.float().repeat_interleave(repeats, dim=0)
-        sample = mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=torch.float32)
-        image_latents = sample * self.vae.config.scaling_factor
+        image_latents = self._image_latents(image, repeats, generator) * self.vae.config.scaling_factor
         ddpm = DDPMScheduler.from_config(self.scheduler.config)
         start = torch.full((batch_size,), ddpm.config.num_train_timesteps - 1, device=device, dtype=torch.long)
         return ddpm.add_noise(image_latents, noise, start)
+
+    def _image_latents(
+        self, image: torch.Tensor, repeats: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """The VAE latents of ``image`` (unscaled, float32), each repeated ``repeats`` times, as diffusers' img2img
+        pipelines retrieve them: a sample of the latent distribution, or the latents of a VAE that has none (e.g.
+        ``AutoencoderTiny``)."""
+        device = self._execution_device
+        encoded = self.vae.encode(image.to(device=device, dtype=self.vae.dtype))
+        if hasattr(encoded, "latent_dist"):
+            # The sample drawn in float32 after repeating, one draw per output: the release's numbers exactly.
+            posterior = encoded.latent_dist
+            mean = posterior.mean.float().repeat_interleave(repeats, dim=0)
+            std = posterior.std.float().repeat_interleave(repeats, dim=0)
+            return mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=torch.float32)
+        if hasattr(encoded, "latents"):
+            return encoded.latents.float().repeat_interleave(repeats, dim=0)
+        raise ValueError(
+            f"`vae` ({type(self.vae).__name__}) returned neither `latent_dist` nor `latents` from `encode`; "
+            'use start_point="noise" or a diffusers VAE.'
+        )
 
     def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
         accepted = inspect.signature(self.scheduler.step).parameters
@@ -447,8 +537,11 @@ class FaithDiffSDXLPipeline(
             tiling.accumulate(total, noise, indices)
         return total / tiling.weight_sum
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode to images in [0, 1], ``[B, 3, H, W]`` float32 (upcasting a float16 VAE that asks for it)."""
+    def decode_latents(
+        self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """VAE decode to images in [0, 1], ``[B, 3, H, W]`` float32 (upcasting a float16 VAE that asks for it).
+        ``generator`` seeds a VAE whose decoder samples (``ConsistencyDecoderVAE``)."""
         upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
         vae_dtype = self.vae.dtype
         if upcast:
@@ -461,13 +554,16 @@ class FaithDiffSDXLPipeline(
                 latents = latents * std / config.scaling_factor + mean
             else:
                 latents = latents / config.scaling_factor
-            image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+            sampled = "generator" in inspect.signature(self.vae.decode).parameters
+            extra = {"generator": generator} if sampled else {}
+            image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False, **extra)[0]
         finally:
             if upcast:
                 self.vae.to(dtype=vae_dtype)
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         image: LQImage | list[LQImage] | None = None,
@@ -566,6 +662,8 @@ class FaithDiffSDXLPipeline(
                 tensors named in ``callback_on_step_end_tensor_inputs``; the tensors it returns replace them.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): Tensors given to the
                 callback, among ``_callback_tensor_inputs``.
+
+        Examples:
 
         Returns:
             [`FaithDiffPipelineOutput`] or `tuple`: the restored images, cropped to the upscaled size.
@@ -702,7 +800,7 @@ class FaithDiffSDXLPipeline(
             images = latents
         else:
             height, width = lq.size
-            decoded = self.decode_latents(latents)[..., :height, :width]
+            decoded = self.decode_latents(latents, generator)[..., :height, :width]
             reference = lq.reference.repeat_interleave(num_images_per_prompt, dim=0)
             restored = apply_color_fix(decoded, reference, color_fix)
             images = self.image_processor.postprocess(

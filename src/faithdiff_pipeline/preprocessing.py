@@ -94,14 +94,18 @@ def _upscale(image: PIL.Image.Image | np.ndarray, size: tuple[int, int]) -> np.n
 
 
 def as_image_list(image: LQImage | Sequence[LQImage]) -> list[LQImage]:
-    """One LQ input or a batch: a list, or a 4-D array/tensor."""
-    if isinstance(image, torch.Tensor) and image.ndim == 4:
+    """One LQ input or a batch, in every form diffusers' ``VaeImageProcessor`` takes for one: a 4-D array
+    ``[B, H, W, C]`` or tensor ``[B, C, H, W]``, or a list of images, of 3-D arrays/tensors, or of 4-D ones (each a
+    batch of its own, in order)."""
+    if isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4:
         return list(image)
-    if isinstance(image, np.ndarray) and image.ndim == 4:
-        return list(image)
-    if isinstance(image, (list, tuple)):
-        return list(image)
-    return [image]
+    if not isinstance(image, (list, tuple)):
+        return [image]
+    items: list[LQImage] = []
+    for item in image:
+        batched = isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim == 4
+        items += list(item) if batched else [item]
+    return items
 
 
 def check_upscale(upscale: object) -> float:
