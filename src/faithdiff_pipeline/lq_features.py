@@ -1,4 +1,4 @@
-"""LQ features: the VAE encoder's penultimate (mid-block) output for the degraded image, taken with a forward hook."""
+"""LQ features: the VAE encoder's penultimate (mid-block) output for the degraded image."""
 
 from __future__ import annotations
 
@@ -12,32 +12,19 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 
-class _MidBlockReached(Exception):
-    """Raised by the mid-block hook to stop the encoder there: its output head is never needed."""
-
-    def __init__(self, features: torch.Tensor) -> None:
-        super().__init__("encoder stopped after its mid block")
-        self.features = features
-
-
 def encoder_mid_block_features(encoder: Encoder, image: torch.Tensor) -> torch.Tensor:
     """Runs a diffusers VAE ``Encoder`` on ``image`` (``[B, 3, H, W]`` in [-1, 1]) up to and including its mid block.
 
-    Returns the mid-block output (``block_out_channels[-1]`` channels at 1/8 of the size for SDXL's VAE). The hook
-    stops the forward pass there, so ``conv_norm_out``/``conv_out`` are neither run nor required to exist.
+    Returns the mid-block output (``block_out_channels[-1]`` channels at 1/8 of the size for SDXL's VAE); the output
+    head (``conv_norm_out``/``conv_out``) is neither run nor required to exist. The steps are the encoder's own, in
+    its order, with its gradient checkpointing where it is enabled, so this compiles as one graph and trains as the
+    encoder would.
     """
-
-    def stop(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        raise _MidBlockReached(output)
-
-    handle = encoder.mid_block.register_forward_hook(stop)
-    try:
-        encoder(image.to(device=encoder.conv_in.weight.device, dtype=encoder.conv_in.weight.dtype))
-    except _MidBlockReached as reached:
-        return reached.features
-    finally:
-        handle.remove()
-    raise RuntimeError("The encoder returned without running its mid block; it is not a diffusers VAE Encoder.")
+    sample = encoder.conv_in(image.to(device=encoder.conv_in.weight.device, dtype=encoder.conv_in.weight.dtype))
+    checkpointed = torch.is_grad_enabled() and encoder.gradient_checkpointing
+    for block in [*encoder.down_blocks, encoder.mid_block]:
+        sample = encoder._gradient_checkpointing_func(block, sample) if checkpointed else block(sample)
+    return sample
 
 
 @apply_forward_hook
