@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 RELEASE_CAPTIONER = "llava-hf/llava-1.5-13b-hf"
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 OFFLOAD_MODES = ("none", "text-encoders", "model", "sequential")
+# "weights": the UNet stored in float8, computed in its dtype; "compute": float8 matrix products (torchao).
+FP8_MODES = ("none", "weights", "compute")
 # "half" is float16 (bfloat16 if the pipeline runs in it); the others are bitsandbytes quantisations.
 CAPTIONER_PRECISIONS = ("half", "8bit", "4bit")
 # GPU memory, in GiB, that a captioner needs in each precision: its weights plus one caption's activations.
@@ -34,7 +36,7 @@ CAPTIONER_MEMORY_GIB = {
 }
 _GIB = 1024**3
 # Optional packages: the import name, and the extra of ours that installs it.
-_EXTRAS = {"accelerate": "offload", "bitsandbytes": "caption", "spandrel": "preclean"}
+_EXTRAS = {"accelerate": "offload", "bitsandbytes": "caption", "spandrel": "preclean", "torchao": "fp8"}
 
 
 def installed(module: str) -> bool:
@@ -49,10 +51,24 @@ def require(module: str, feature: str) -> None:
         )
 
 
-def check_options(offload: str = "none", captioner_precision: str = "auto", preclean: str | None = None) -> None:
-    """Every option whose dependency is missing, refused before any model loads."""
+def check_options(
+    offload: str = "none",
+    captioner_precision: str = "auto",
+    preclean: str | None = None,
+    fp8: str = "none",
+    low_vram: bool = False,
+) -> None:
+    """Every option whose dependency is missing, or that cannot go with another, refused before any model loads."""
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"`offload` must be one of {OFFLOAD_MODES}, got {offload!r}.")
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"`fp8` must be one of {FP8_MODES}, got {fp8!r}.")
+    if low_vram and (offload in ("model", "sequential") or fp8 == "compute"):
+        raise ValueError(
+            f"`low_vram` already sets float8 storage and text-encoder offload; drop offload {offload!r} / fp8 {fp8!r}."
+        )
+    if fp8 == "compute":
+        require("torchao", "float8 compute")
     if offload in ("model", "sequential"):
         require("accelerate", f"offload {offload!r}")
     if captioner_precision in ("8bit", "4bit"):
@@ -274,6 +290,8 @@ def load_pipeline(
     offload: str = "none",
     compile: bool = False,
     vae_tiling: bool = False,
+    fp8: str = "none",
+    low_vram: bool = False,
     **components: Any,
 ) -> FaithDiffSDXLPipeline:
     """The restoration pipeline, set up for ``device``.
@@ -287,19 +305,26 @@ def load_pipeline(
             (diffusers' CPU offloads).
         compile: ``torch.compile`` the UNet with static shapes (CUDA graphs on CUDA).
         vae_tiling: Tile the VAE and the LQ encoder.
+        fp8: ``"none"`` (the release's exact computation), ``"weights"`` (UNet weights stored in float8,
+            :meth:`~FaithDiffSDXLPipeline.enable_fp8_weights`) or ``"compute"`` (float8 matrix products on GPUs of
+            compute capability 8.9 and up, :meth:`~FaithDiffSDXLPipeline.enable_fp8_compute`; compile with it).
+        low_vram: The 5 GB set-up (:meth:`~FaithDiffSDXLPipeline.enable_low_vram`): float8 storage, text encoders
+            streamed in, VAE and LQ-encoder tiling.
         components: Component overrides for ``from_pretrained`` (e.g. a captioner).
     """
     from .conversion import converted_release
     from .pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
 
-    check_options(offload)
+    check_options(offload, fp8=fp8, low_vram=low_vram)
     if compile and offload in ("model", "sequential"):
         raise ValueError(f"`compile` keeps the UNet on the device; it cannot go with offload {offload!r}.")
     variant = weights_variant(dtype)
     source = converted_release(variant=variant) if model is None else model
     kwargs = {"variant": variant} if model is None or _has_variant(source, variant) else {}
     pipe = FaithDiffSDXLPipeline.from_pretrained(source, dtype=dtype, **kwargs, **components)
-    if offload == "text-encoders":
+    if low_vram:
+        pipe.enable_low_vram(device)
+    elif offload == "text-encoders":
         pipe.enable_text_encoder_offload(device)
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
@@ -307,6 +332,10 @@ def load_pipeline(
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if fp8 == "weights" and not low_vram:
+        pipe.enable_fp8_weights()
+    elif fp8 == "compute":
+        pipe.enable_fp8_compute()
     if vae_tiling:
         pipe.vae.enable_tiling()
     if compile:

@@ -39,6 +39,10 @@ from .preprocessing import DEFAULT_MAX_OUTPUT_PIXELS, LQImage, as_image_list, ch
 from .tiling import LatentTiling, check_tile_arguments, default_latent_stride, tiled_encode
 
 START_POINTS = ("lr", "noise")
+# UNet layers kept in their dtype when the rest is stored in float8: the norms, the time and micro-conditioning
+# embeddings, and conv_in/conv_out (conv_in is where the alignment adds the LQ condition). The alignment module and
+# the LQ encoder are components of their own and never touched.
+FP8_KEEP_PATTERNS = ("norm", "time_embedding", "add_embedding", "^conv_in$", "^conv_out$")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 EXAMPLE_DOC_STRING = """
@@ -259,6 +263,52 @@ class FaithDiffSDXLPipeline(
             use_stream=device.type == "cuda",
             exclude_modules=resident,
         )
+
+    def enable_fp8_weights(self) -> None:
+        r"""
+        Stores the UNet's weights in ``float8_e4m3fn`` and computes in the UNet's dtype, each layer's weights cast up
+        just before it runs (diffusers' layerwise casting): the release's ``--use_fp8``. The UNet's weights take half
+        the memory of float16 (about 2.6 GB instead of 5.1 GB for SDXL); the output deviates from the exact path by
+        float8's rounding of the weights (``benchmarks/RESULTS.md`` gives the measured deviation). Norms, embeddings
+        and ``conv_in``/``conv_out`` stay in full precision (``FP8_KEEP_PATTERNS``), as do the alignment module and
+        the LQ encoder.
+        """
+        if self.unet.dtype == torch.float8_e4m3fn:
+            raise ValueError("`enable_fp8_weights` needs a UNet in float16, bfloat16 or float32; it is float8.")
+        self.unet.enable_layerwise_casting(
+            storage_dtype=torch.float8_e4m3fn, compute_dtype=self.unet.dtype, skip_modules_pattern=FP8_KEEP_PATTERNS
+        )
+
+    def enable_fp8_compute(self) -> None:
+        r"""
+        Computes the UNet's linear layers in float8 (torchao's dynamic float8 quantisation of activations and
+        weights, row-wise scales), for GPUs with float8 matrix units (compute capability 8.9 and up: Ada, Hopper,
+        Blackwell). Compile the UNet afterwards (``pipe.unet.compile(...)``); it is what makes float8 fast. The
+        deviation from the exact bfloat16 output is measured in ``benchmarks/RESULTS.md``. Needs the ``[fp8]``
+        extra (torchao).
+        """
+        device = self.unet.device
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(
+                f"`enable_fp8_compute` needs a CUDA GPU of compute capability 8.9 or more; the UNet is on {device}. "
+                "Use `enable_fp8_weights()` for float8 storage on any device."
+            )
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(self.unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_linear)
+
+    def enable_low_vram(self, device: torch.device | str = "cuda") -> None:
+        r"""
+        The release's 5 GB set-up: UNet weights in float8 (:meth:`enable_fp8_weights`), the text encoders streamed in
+        once per image (:meth:`enable_text_encoder_offload`), and the VAE and LQ encoder in tiles. Call the pipeline
+        with a small ``tile_batch_size`` (1) as well: the tiles then pass through the UNet one at a time.
+
+        Args:
+            device (`torch.device` or `str`, defaults to `"cuda"`): Where the pipeline runs.
+        """
+        self.enable_fp8_weights()
+        self.enable_text_encoder_offload(device)
+        self.vae.enable_tiling()
 
     @property
     def min_output_size(self) -> int:
@@ -810,6 +860,12 @@ class FaithDiffSDXLPipeline(
         if not return_dict:
             return (images,)
         return FaithDiffPipelineOutput(images=images)
+
+
+def fp8_linear(module: torch.nn.Module, name: str) -> bool:
+    """Which UNet layers float8 compute takes: the linear layers (attention projections, feed-forwards), but not the
+    time and micro-conditioning embeddings, whose small inputs float8's scales would crush."""
+    return isinstance(module, torch.nn.Linear) and not any(part in name for part in ("time_embedding", "add_embedding"))
 
 
 def _tile_major(per_sample: torch.Tensor, tiles: int, cfg_copies: int) -> torch.Tensor:

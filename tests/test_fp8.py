@@ -1,0 +1,97 @@
+"""Float8: weight storage equals the exact path with float8-rounded weights; compute and low-memory set-ups."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_components
+from faithdiff_pipeline import FaithDiffSDXLPipeline
+from faithdiff_pipeline.pipeline_faithdiff_sdxl import FP8_KEEP_PATTERNS, fp8_linear
+
+FAST = dict(prompt="a photo", num_inference_steps=2, tile_size=64, output_type="pt")
+IMAGE = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+
+
+def _pipe() -> FaithDiffSDXLPipeline:
+    pipe = FaithDiffSDXLPipeline(**tiny_components())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _restore(pipe) -> torch.Tensor:
+    return pipe(IMAGE, generator=torch.Generator().manual_seed(0), **FAST).images
+
+
+def _stored_in_fp8(name: str) -> bool:
+    return not any(re.search(pattern, name) for pattern in FP8_KEEP_PATTERNS)
+
+
+def test_fp8_weights_equal_the_exact_path_run_with_float8_rounded_weights() -> None:
+    fp8 = _pipe()
+    fp8.enable_fp8_weights()
+    reference = _pipe()  # the same random weights, rounded through float8 by hand
+    with torch.no_grad():
+        for module_name, module in reference.unet.named_modules():
+            if module_name and _stored_in_fp8(module_name) and not list(module.children()):
+                for param in module.parameters(recurse=False):
+                    param.copy_(param.to(torch.float8_e4m3fn).float())
+    torch.testing.assert_close(_restore(fp8), _restore(reference), rtol=0, atol=1e-6)
+    exact = _restore(_pipe())
+    assert (exact - _restore(fp8)).abs().max() > 1e-3  # float8 storage really changed the weights
+
+
+def test_fp8_weights_keep_norms_embeddings_and_conv_in_out() -> None:
+    pipe = _pipe()
+    before = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    pipe.enable_fp8_weights()
+    unet = pipe.unet
+    assert unet.conv_in.weight.dtype == unet.conv_out.weight.dtype == torch.float32
+    assert unet.time_embedding.linear_1.weight.dtype == unet.add_embedding.linear_1.weight.dtype == torch.float32
+    assert unet.down_blocks[1].attentions[0].norm.weight.dtype == torch.float32
+    assert unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    assert all(p.dtype == torch.float32 for p in pipe.alignment.parameters())
+    assert all(p.dtype == torch.float32 for p in pipe.lq_encoder.parameters())
+    after = sum(p.numel() * p.element_size() for p in unet.parameters())
+    assert after < 0.4 * before
+
+
+def test_fp8_compute_takes_the_linear_layers_but_not_the_embeddings() -> None:
+    unet = _pipe().unet
+    chosen = {name for name, module in unet.named_modules() if fp8_linear(module, name)}
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in chosen
+    assert not any("embedding" in name for name in chosen)
+    assert not {"conv_in", "conv_out"} & chosen
+
+
+def test_fp8_compute_needs_a_float8_gpu() -> None:
+    with pytest.raises(ValueError, match="`enable_fp8_compute` needs a CUDA GPU of compute capability 8.9"):
+        _pipe().enable_fp8_compute()
+
+
+def test_low_vram_mode_is_fp8_storage_with_offloaded_text_encoders_and_tiling() -> None:
+    fp8 = _pipe()
+    fp8.enable_fp8_weights()
+    low = _pipe()
+    low.enable_low_vram("cpu")
+    assert low.vae.use_tiling and low.unet.conv_in.weight.dtype == torch.float32
+    assert low.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    # The image is smaller than a VAE tile, and offloading moves nothing on the CPU: the same numbers.
+    torch.testing.assert_close(_restore(low), _restore(fp8), rtol=0, atol=1e-6)
+
+
+def test_the_loading_module_sets_up_each_float8_mode(tmp_path) -> None:
+    from faithdiff_pipeline import loading
+
+    FaithDiffSDXLPipeline(**tiny_components()).save_pretrained(tmp_path)
+    cpu = torch.device("cpu")
+    weights = loading.load_pipeline(tmp_path, cpu, torch.float32, fp8="weights")
+    low = loading.load_pipeline(tmp_path, cpu, torch.float32, low_vram=True)
+    for pipe in (weights, low):
+        assert pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    assert low.vae.use_tiling and not weights.vae.use_tiling
+    with pytest.raises(ValueError, match="`low_vram` already sets float8 storage and text-encoder offload"):
+        loading.check_options("model", low_vram=True)
