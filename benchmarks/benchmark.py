@@ -165,6 +165,42 @@ def stage_timers(pipe: FaithDiffSDXLPipeline, device: str) -> Iterator[dict[str,
             delattr(pipe, name)
 
 
+def restore(pipe: FaithDiffSDXLPipeline, image: PIL.Image.Image, args: argparse.Namespace, tiles: int, steps: int):
+    return pipe(
+        image,
+        prompt=PROMPT,
+        upscale=2,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        start_point="lr",
+        tile_size=args.tile_size,
+        tile_batch_size=tiles,
+        output_type="pt",
+        generator=torch.Generator("cpu").manual_seed(0),
+    ).images
+
+
+def exact_outputs(pipe: FaithDiffSDXLPipeline, args: argparse.Namespace) -> dict[int, torch.Tensor]:
+    """The exact path's images at every size (eager, on the device), kept on the host."""
+    pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    outputs = {}
+    for size in args.sizes:
+        pipe.vae.enable_tiling() if size >= args.vae_tiling_from else pipe.vae.disable_tiling()
+        outputs[size] = restore(pipe, lq_input(size, args.sample), args, args.tile_batch_size[0], args.steps).cpu()
+    return outputs
+
+
+def deviation(output: torch.Tensor, exact: torch.Tensor | None) -> dict[str, float]:
+    """Max abs difference and PSNR (dB, images in [0, 1]) against the exact path."""
+    if exact is None:
+        return {}
+    difference = output.float().cpu() - exact.float()
+    mse = float(difference.square().mean())
+    psnr = float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
+    return {"max_abs_vs_exact": round(float(difference.abs().max()), 6), "psnr_vs_exact": round(psnr, 2)}
+
+
 def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], None]) -> None:
     dtype = getattr(torch, args.dtype)
     unet = build_unet(components["unet_config"], args.device, dtype)
@@ -174,12 +210,20 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
         unet.to(memory_format=torch.channels_last)
     parts = {k: v for k, v in components.items() if k != "unet_config"}
     pipe = FaithDiffSDXLPipeline(unet=unet, **parts)
-    if args.offload == "model":
+    # Float8 changes the weights for good: the exact outputs to measure its deviation against come first.
+    exact = exact_outputs(pipe, args) if args.fp8 != "none" or args.low_vram else {}
+    if args.low_vram:
+        pipe.enable_low_vram(args.device)
+    elif args.offload == "model":
         pipe.enable_model_cpu_offload(device=args.device)
     elif args.offload == "text-encoders":
         pipe.enable_text_encoder_offload(args.device)
     else:
         pipe.to(args.device)
+    if args.fp8 == "weights" and not args.low_vram:
+        pipe.enable_fp8_weights()
+    elif args.fp8 == "compute":
+        pipe.enable_fp8_compute()
     pipe.set_progress_bar_config(disable=True)
     # Static shapes: each output size gets its own specialised graph instead of one dynamic graph for all sizes.
     options = dict(fullgraph=True, dynamic=False, mode=None if args.compile_mode == "default" else args.compile_mode)
@@ -195,18 +239,7 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
         for tile_batch_size in args.tile_batch_size:
 
             def run(steps: int) -> torch.Tensor:
-                return pipe(
-                    image,
-                    prompt=PROMPT,
-                    upscale=2,
-                    num_inference_steps=steps,
-                    guidance_scale=5.0,
-                    start_point="lr",
-                    tile_size=args.tile_size,
-                    tile_batch_size=tile_batch_size,
-                    output_type="pt",
-                    generator=torch.Generator("cpu").manual_seed(0),
-                ).images
+                return restore(pipe, image, args, tile_batch_size, steps)
 
             result, output = time_runs(run, args.device, args.warmup_steps, args.repeats, args.steps)
             if args.breakdown:
@@ -228,9 +261,12 @@ def run_ours(args: argparse.Namespace, components: dict, emit: Callable[[dict], 
                     "vae_tiling": tiled_vae,
                     "steps": args.steps,
                     **result,
+                    "fp8": args.fp8,
+                    "low_vram": args.low_vram,
                     "max_abs_diff_vs_first_tile_batch_size": round(
                         float((output.float() - first.float()).abs().max()), 6
                     ),
+                    **deviation(output, exact.get(size)),
                 }
             )
 
@@ -335,6 +371,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["none", "model", "text-encoders"],
         default="none",
         help="model CPU offload, or the text encoders alone (pipe.enable_text_encoder_offload)",
+    )
+    parser.add_argument(
+        "--fp8",
+        choices=["none", "weights", "compute"],
+        default="none",
+        help="float8 UNet weights (layerwise casting) or float8 compute (torchao); reports the deviation from exact",
+    )
+    parser.add_argument(
+        "--low-vram", action="store_true", help="pipe.enable_low_vram(): float8 storage, text encoders offloaded, tiling"
     )
     parser.add_argument("--breakdown", action="store_true", help="also time each stage of the pipeline")
     parser.add_argument("--fuse-qkv", action="store_true", help="fuse the UNet's attention projections")

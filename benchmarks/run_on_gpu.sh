@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements behind benchmarks/RESULTS.md: `bash benchmarks/run_on_gpu.sh compare` (ours beside the
 # community pipeline), `... tune` (breakdown, bfloat16, compilation, offload) and `... fast` and `... final`
-# (the fastest configurations; the community pipeline beside them in `fast`). Expects in the repository root:
+# (the fastest configurations; the community pipeline beside them in `fast`), `... fp8` (float8 and low memory). Expects in the repository root:
 #   .bench/sdxl_configs.json (../shared/bench/sdxl_configs.json), .bench/coffee.png (a sample photo),
 #   benchmarks/anchors/community_faithdiff.py (diffusers' examples/community/pipeline_faithdiff_stable_diffusion_xl.py)
 # and, where diffusers is not installed, wheels in .whl/. Results go to $OUT/results.jsonl (or ./results.jsonl).
@@ -17,6 +17,16 @@ bench() { timeout "$1" python3 benchmarks/benchmark.py --config .bench/sdxl_conf
   --output "$OUT/results.jsonl" "${@:2}" 2>&1 | grep -v -i -e "warn" -e "kept in float32"; return "${PIPESTATUS[0]}"; }
 
 round=${1:-compare}
+if [ "$round" = fp8 ]; then
+# Issue 13's goals in one call (about 9 minutes on an H200): the community pipeline beside the exact path compiled,
+# float8 compute compiled, and the low-memory mode's peak at 2048 and 4096; deviations from the exact bfloat16 path.
+bench 120 --sizes 1024 2048 --tile-batch-size 9 --dtype bfloat16 --anchor benchmarks/anchors/community_faithdiff.py
+bench 150 --sizes 1024 2048 --tile-batch-size 9 --dtype bfloat16 --compile full --compile-mode reduce-overhead \
+  --offload text-encoders --breakdown
+bench 170 --sizes 1024 2048 --tile-batch-size 9 --dtype bfloat16 --fp8 compute --compile full \
+  --compile-mode reduce-overhead --offload text-encoders
+bench 120 --sizes 2048 4096 --tile-batch-size 1 --dtype bfloat16 --low-vram --warmup-steps 0
+fi
 if [ "$round" = fast ]; then
 # 1. The community pipeline beside ours, eager float16, all 9 tiles of 2048 in one call; stage breakdown of ours.
 bench 120 --sizes 1024 2048 --tile-batch-size 9 --breakdown --anchor benchmarks/anchors/community_faithdiff.py

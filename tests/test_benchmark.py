@@ -172,3 +172,17 @@ def test_anchor_module_must_expose_the_pipeline(benchmark_module, tmp_path) -> N
     module.write_text("x = 1\n")
     with pytest.raises(ValueError, match="defines no `FaithDiffStableDiffusionXLPipeline`"):
         benchmark_module.load_anchor(module)
+
+
+def test_benchmark_measures_float8_against_the_exact_path(benchmark_module, tmp_path, capsys) -> None:
+    config = tmp_path / "configs.json"
+    config.write_text(json.dumps(TINY_CONFIGS))
+    common = ["--config", str(config), "--sizes", "64", "--tile-size", "64", "--steps", "2", "--warmup-steps", "0"]
+    common += ["--device", "cpu", "--dtype", "float32"]
+    assert benchmark_module.main([*common, "--fp8", "weights"]) == 0
+    assert benchmark_module.main([*common, "--low-vram"]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"pipeline"')]
+    assert [(r["fp8"], r["low_vram"]) for r in runs] == [("weights", False), ("none", True)]
+    for record in runs:
+        # Float8 weights move the output, but not to noise.
+        assert 0 < record["max_abs_vs_exact"] < 1 and record["psnr_vs_exact"] > 10
