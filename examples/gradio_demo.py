@@ -4,28 +4,37 @@ Upload a photo, let the captioner describe it (or write the caption yourself), r
 with the slider and download the PNG, which keeps the photo's bit depth (8 or 16), greyscale, alpha and metadata, as
 faithdiff-upscale writes it. Needs gradio (``pip install "faithdiff-pipeline[demo]"``).
 
-    python examples/gradio_demo.py                                      # the official release, converted on first use
-    python examples/gradio_demo.py --captioner llava-hf/llava-1.5-13b-hf  # with the release's captioner
-    python examples/gradio_demo.py --model ./faithdiff-sdxl --offload --port 7861
+The device, dtype, weights, captioner and offload are chosen by :mod:`faithdiff_pipeline.loading`, as
+faithdiff-upscale chooses them: by default the release's LLaVA-1.5-13B captions on a CUDA GPU that can hold it (in
+8 or 4 bits if that is what fits), and nothing captions elsewhere. The captioner is kept apart from the pipeline:
+a request is captioned first, then restored, and where the GPU cannot hold both, the captioner is on it only while
+it captions. The same photo and seed give the same caption as ``faithdiff-upscale --seed`` and ``pipe.caption``.
+
+    python examples/gradio_demo.py                                # the official release, converted on first use
+    python examples/gradio_demo.py --captioner llava-hf/llava-1.5-7b-hf --captioner-quantization 4bit
+    python examples/gradio_demo.py --model ./faithdiff-sdxl --captioner none --offload --port 7861
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import shutil
+import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 
-from faithdiff_pipeline import FaithDiffSDXLPipeline, converted_release
-from faithdiff_pipeline.captioning import load_captioner
+from faithdiff_pipeline import FaithDiffSDXLPipeline, loading
+from faithdiff_pipeline.captioning import Captioner
 from faithdiff_pipeline.image_io import ImageFile, from_pil, read_image, save_result
 
 try:
@@ -35,11 +44,136 @@ except ImportError as error:  # gradio is an optional extra: say how to get it i
         'The web demo needs gradio: pip install "faithdiff-pipeline[demo]" (or pip install gradio).'
     ) from error
 
+PROG = "gradio_demo.py"
 START_POINTS = {"From the photo (release)": "lr", "From pure noise": "noise"}
 COLOR_FIXES = {"AdaIN (release)": "adain", "Wavelet": "wavelet", "None": None}
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_GIB = 1024**3
 # A progress reporter: gr.Progress in the app, anything with the same call signature in tests.
 Progress = Callable[..., Any]
+
+
+@dataclass
+class DemoModels:
+    """The restoration pipeline and the captioner that the demo serves, kept apart (the captioner is no component of
+    the pipeline), so that a request is captioned first and restored after, as faithdiff-upscale does for a job.
+
+    Attributes:
+        pipe: The restoration pipeline.
+        captioner: The captioner, or ``None`` (no captions, or one that is loaded for each caption).
+        device: Where the models run.
+        swap: The GPU cannot hold the captioner beside the pipeline: the captioner waits in host memory and is on
+            the device only while it captions, with the pipeline's models off it meanwhile.
+        offloaded: The pipeline's models wait in host memory between calls (``--offload``).
+        load_captioner: Loads the captioner on the device, for a quantised captioner under ``swap``: bitsandbytes
+            weights cannot wait in host memory, so it is loaded for each caption and freed after.
+    """
+
+    pipe: FaithDiffSDXLPipeline
+    captioner: Captioner | None = None
+    device: torch.device = torch.device("cpu")
+    swap: bool = False
+    offloaded: bool = False
+    load_captioner: Callable[[], Captioner] | None = None
+
+    @property
+    def can_caption(self) -> bool:
+        return self.captioner is not None or self.load_captioner is not None
+
+    def caption(self, image: PIL.Image.Image, seed: int) -> str:
+        """The prompt for ``image``: ``Captioner.caption([image], seed=seed)[0]``, which is what faithdiff-upscale
+        writes with ``--seed seed`` and ``pipe.caption(image, torch.Generator().manual_seed(seed))`` gives."""
+        if not self.can_caption:
+            raise ValueError("This demo has no captioner; pass `caption` or start it with --captioner MODEL.")
+        if not self.swap:
+            return self.captioner.caption([image], seed=seed)[0]
+        with self._captioner_alone_on_device() as captioner:
+            return captioner.caption([image], seed=seed)[0]
+
+    @contextlib.contextmanager
+    def _captioner_alone_on_device(self) -> Iterator[Captioner]:
+        """The captioner on the device with the pipeline's models off it; both back where they were afterwards, even
+        when captioning fails."""
+        # Offloaded models are already in host memory between calls; moving them would undo the offload hooks.
+        move_pipeline = not self.offloaded
+        if move_pipeline:
+            self.pipe.to("cpu")
+            _empty_cache(self.device)
+        try:
+            if self.load_captioner is not None:
+                captioner = self.load_captioner()
+                try:
+                    yield captioner
+                finally:
+                    loading.release(captioner)
+            else:
+                self.captioner.model.to(self.device)
+                try:
+                    yield self.captioner
+                finally:
+                    self.captioner.model.to("cpu")
+                    _empty_cache(self.device)
+        finally:
+            if move_pipeline:
+                self.pipe.to(self.device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    # Without this, the memory of the models that left stays reserved by torch and the next model cannot use it.
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def captioner_fits_beside(
+    plan: loading.CaptionerPlan, device: torch.device, free_memory: int | None, offloaded: bool = False
+) -> bool:
+    """Whether the captioner of ``plan`` can stay on ``device`` beside the loaded pipeline, ``free_memory`` bytes
+    being free there with the pipeline loaded (``None`` off CUDA).
+
+    Off CUDA it always can: the CPU's memory (and MPS's, shared with it) is one pool, so moving would only cost
+    time. On CUDA, it needs :data:`loading.CAPTIONER_MEMORY_GIB` in its precision. A model of unknown size, or a
+    pipeline that is offloaded (its models come onto the GPU during each restoration, which ``free_memory`` does not
+    show), keeps the captioner off the GPU except while it captions.
+    """
+    if device.type != "cuda":
+        return True
+    needs = loading.CAPTIONER_MEMORY_GIB.get(plan.model, {}).get(plan.precision)
+    return not offloaded and needs is not None and free_memory is not None and needs * _GIB <= free_memory
+
+
+def load_models(
+    model: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    plan: loading.CaptionerPlan,
+    offload: bool = False,
+) -> DemoModels:
+    """The pipeline from ``model`` (default: the converted release) on ``device`` or offloaded to it, and the
+    captioner of ``plan``, where the GPU memory left after the pipeline decides (:func:`captioner_fits_beside`)."""
+    # Everything is in host memory on the CPU already: model offload would only add hooks.
+    offloaded = offload and device.type != "cpu"
+    pipe = loading.load_pipeline(model, device, dtype, offload="model" if offloaded else "none")
+    models = DemoModels(pipe, device=device, offloaded=offloaded)
+    if plan.model is None:
+        return models
+    free = loading.free_gpu_memory(device) if device.type == "cuda" else None
+    if captioner_fits_beside(plan, device, free, offloaded):
+        models.captioner = loading.load_planned_captioner(plan, device, dtype)
+        return models
+    models.swap = True
+    if plan.quantization is None:
+        models.captioner = loading.load_planned_captioner(plan, torch.device("cpu"), dtype)
+        how = "it moves onto the GPU for each caption"
+    else:
+        models.load_captioner = functools.partial(loading.load_planned_captioner, plan, device, dtype)
+        how = f"it is loaded ({plan.precision}) for each caption"
+    if offloaded:
+        why = "the pipeline is offloaded"
+    elif plan.model in loading.CAPTIONER_MEMORY_GIB:
+        why = f"{free / _GIB:.1f} GiB free"
+    else:
+        why = "its size is unknown"
+    print(f"{PROG}: captioner {plan.model} cannot stay on the GPU beside the pipeline ({why}): {how}", file=sys.stderr)
+    return models
 
 
 @functools.cache
@@ -51,11 +185,15 @@ def _results_folder() -> Path:
     return folder
 
 
-def _generator(seed: float | None) -> torch.Generator:
+def _seed(seed: float | None) -> int:
     if seed is None:  # a cleared number box
         raise gr.Error("Enter a seed (a whole number).", title="No seed")
+    return int(seed)
+
+
+def _generator(seed: int) -> torch.Generator:
     # CPU generator, as faithdiff-upscale uses: the same seed gives the same result on any device.
-    return torch.Generator("cpu").manual_seed(int(seed))
+    return torch.Generator("cpu").manual_seed(seed)
 
 
 def _require_image(image: PIL.Image.Image | str | None, action: str) -> None:
@@ -63,27 +201,36 @@ def _require_image(image: PIL.Image.Image | str | None, action: str) -> None:
         raise gr.Error(f"Upload a photo first, then {action}.", title="No photo")
 
 
-def caption_image(pipe: FaithDiffSDXLPipeline, image: PIL.Image.Image | str | None, seed: float | None = 42) -> str:
-    """The pipeline captioner's prompt for ``image`` (the release's LLaVA request and post-processing), for the
-    caption box; sampled with ``seed`` so that the same photo and seed give the same caption."""
+def caption_image(models: DemoModels, image: PIL.Image.Image | str | None, seed: float | None = 42) -> str:
+    """The captioner's prompt for ``image`` (the release's LLaVA request and post-processing), for the caption box;
+    sampled with ``seed``, so that the same photo and seed give the same caption here, in faithdiff-upscale and in
+    ``pipe.caption``."""
     _require_image(image, "ask for a caption")
-    if pipe.captioner is None or pipe.captioner_processor is None:
+    if not models.can_caption:
         raise gr.Error(
             "This demo was started without a captioner (start it with --captioner MODEL), so write the caption "
             "yourself, or leave it empty to restore without a prompt.",
             title="No captioner",
         )
+    seed = _seed(seed)
     try:
-        caption = pipe.caption(_read(image).pipeline_input(), generator=_generator(seed))[0]
+        # The 8-bit RGB photo, as faithdiff-upscale gives it to the captioner.
+        caption = models.caption(_read(image).to_pil(), seed)
     except (ValueError, TypeError, OSError) as error:
         raise gr.Error(str(error), title="Captioning failed") from error
+    except torch.OutOfMemoryError as error:
+        raise gr.Error(
+            "Out of GPU memory while captioning: restart the demo with --captioner-quantization 4bit, or write the "
+            "caption yourself.",
+            title="Out of memory",
+        ) from error
     if not caption:
         gr.Warning("The captioner returned an empty caption; write one, or restore without a prompt.")
     return caption
 
 
 def restore_image(
-    pipe: FaithDiffSDXLPipeline,
+    models: DemoModels,
     image: PIL.Image.Image | str | None,
     caption: str | None,
     upscale: float = 2,
@@ -100,23 +247,23 @@ def restore_image(
 
     The photo is read through :mod:`faithdiff_pipeline.image_io` (upright, in sRGB, 16-bit kept) and the PNG is
     written by ``image_io.save_result`` with what the photo had: its bit depth, greyscale, alpha and metadata. A
-    non-empty ``caption`` is the prompt, unchanged. An empty one lets the pipeline decide, as ``pipe(prompt=None)``
-    does: its captioner writes the prompt (returned, so that the box shows what was used), or, without a captioner,
-    the prompt is empty. "Before" is the photo upscaled to the result's size with LANCZOS, as the pipeline upscales
+    non-empty ``caption`` is the prompt, unchanged. An empty one is filled by the captioner first (returned, so that
+    the box shows what was used), with the caption that ``caption_image`` gives for the same seed; without a
+    captioner, the prompt is empty. The result is the one that a pipeline holding the same captioner gives with
+    ``pipe(prompt=None)``. "Before" is the photo upscaled to the result's size with LANCZOS, as the pipeline upscales
     it, so that the two line up in the slider. Errors of the pipeline become ``gr.Error`` with their message.
     """
     _require_image(image, "restore it")
     steps = int(steps)
-    generator = _generator(seed)
+    seed = _seed(seed)
+    pipe = models.pipe
     try:
         source = _read(image)
         lq = source.pipeline_input()
         prompt = caption if caption and caption.strip() else None
-        if prompt is None and pipe.captioner is not None:
-            # Caption here instead of inside pipe(...) to show the caption; pipe.caption does not advance the
-            # generator, so the result is the one pipe(prompt=None) gives.
+        if prompt is None and models.can_caption:
             _report(progress, 0.0, "Captioning")
-            prompt = pipe.caption(lq, generator=generator)[0]
+            prompt = models.caption(source.to_pil(), seed)
         # Floats, not 8-bit PIL: a 16-bit photo's result keeps its 16 bits in the PNG.
         restored = pipe(
             lq,
@@ -127,7 +274,7 @@ def restore_image(
             start_point=start_point,
             tile_size=int(tile_size),
             color_fix=color_fix,
-            generator=generator,
+            generator=_generator(seed),
             output_type="np",
             callback_on_step_end=_step_reporter(progress, steps),
         ).images[0]
@@ -205,9 +352,9 @@ def _option_controls() -> list[gr.components.Component]:
     return [upscale, steps, guidance, seed, start_point, color_fix, tile_size]
 
 
-def build_demo(pipe: FaithDiffSDXLPipeline) -> gr.Blocks:
-    """The demo's interface around ``pipe``: photo, caption, options, before/after and download."""
-    has_captioner = pipe.captioner is not None and pipe.captioner_processor is not None
+def build_demo(models: DemoModels) -> gr.Blocks:
+    """The demo's interface around ``models``: photo, caption, options, before/after and download."""
+    has_captioner = models.can_caption
     placeholder = (
         "Empty: the captioner describes the photo when you restore. Or click Caption, then edit."
         if has_captioner
@@ -241,7 +388,7 @@ def build_demo(pipe: FaithDiffSDXLPipeline) -> gr.Blocks:
                 download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
 
         def on_caption(image: str | None, seed: float) -> str:
-            return caption_image(pipe, image, seed)
+            return caption_image(models, image, seed)
 
         # gradio finds the progress bar by its default value, so it has to be gr.Progress() there.
         def on_restore(
@@ -257,7 +404,7 @@ def build_demo(pipe: FaithDiffSDXLPipeline) -> gr.Blocks:
             progress: gr.Progress = gr.Progress(),
         ) -> list[Any]:
             before, after, path, used = restore_image(
-                pipe,
+                models,
                 image,
                 caption,
                 upscale,
@@ -272,7 +419,8 @@ def build_demo(pipe: FaithDiffSDXLPipeline) -> gr.Blocks:
             images = [(before, after)] if len(comparison) == 1 else [before, after]
             return [*images, gr.DownloadButton(value=str(path), interactive=True), used]
 
-        # One queue for both buttons: the pipeline is not thread-safe, so a caption never runs beside a restoration.
+        # One queue for both buttons: the models are not thread-safe, and a caption may move them between the GPU
+        # and host memory, so a caption never runs beside a restoration.
         seed = options[3]
         caption_button.click(on_caption, [image, seed], caption, concurrency_id="pipeline")
         restore_button.click(
@@ -289,53 +437,74 @@ def _comparison_outputs() -> list[gr.components.Component]:
         return [gr.Image(label="Before", type="pil", format="png"), gr.Image(label="After", type="pil", format="png")]
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def load_pipeline(
-    model: str | None, captioner: str | None, device: str, dtype: torch.dtype, offload: bool = False
-) -> FaithDiffSDXLPipeline:
-    """The pipeline from ``model`` (default: the converted release, fp16 weights unless float32), with the
-    captioner ``captioner`` attached if given, placed on ``device`` or offloaded to it."""
-    variant = None if dtype == torch.float32 else "fp16"
-    source = model if model is not None else converted_release(variant=variant)
-    components = {}
-    if captioner is not None:
-        # Loaded on the CPU: pipe.to() or the offload hooks place it with the rest.
-        loaded = load_captioner(captioner, dtype=dtype)
-        components = {"captioner": loaded.model, "captioner_processor": loaded.processor}
-    pipe = FaithDiffSDXLPipeline.from_pretrained(
-        source, dtype=dtype, variant=variant if model is None else None, **components
-    )
-    if offload and device != "cpu":
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    return pipe
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="converted pipeline folder or Hub id (default: the release, converted)")
-    parser.add_argument("--captioner", help="captioner model id or folder, e.g. llava-hf/llava-1.5-13b-hf")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda, else mps, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on a GPU, float32 on the CPU")
-    parser.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
+    parser.add_argument(
+        "--captioner",
+        default="auto",
+        help="auto (default): the release's llava-hf/llava-1.5-13b-hf on a CUDA GPU that holds it, as "
+        "faithdiff-upscale; any LLaVA-family id or folder; none: no captioner",
+    )
+    parser.add_argument(
+        "--captioner-quantization",
+        choices=["auto", *loading.CAPTIONER_PRECISIONS],
+        default="auto",
+        help="captioner precision: auto (by free GPU memory), half, 8bit or 4bit (bitsandbytes, the [caption] extra)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *loading.DTYPE_NAMES],
+        default="auto",
+        help="auto: float16 on a GPU, float32 on the CPU",
+    )
+    parser.add_argument(
+        "--offload", action="store_true", help="model CPU offload (less GPU memory, slower; the [offload] extra)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    args = parser.parse_args(argv)
-    args.device = args.device or default_device()
-    args.dtype = DTYPES[args.dtype] if args.dtype else torch.float32 if args.device == "cpu" else torch.float16
-    return args
+    return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def check_arguments(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, loading.CaptionerPlan]:
+    """The device, dtype and captioner plan of ``args``, decided by :mod:`faithdiff_pipeline.loading` as
+    faithdiff-upscale decides them; raises ``ValueError`` (one line, naming the option) before any model loads."""
+    if args.captioner == "none" and args.captioner_quantization != "auto":
+        raise ValueError("--captioner none loads no captioner; drop --captioner-quantization")
+    try:
+        loading.check_options("model" if args.offload else "none", args.captioner_quantization)
+        loading.check_model_source(args.model)
+    except ValueError as error:
+        raise ValueError(str(error).replace("`model`", "--model").replace("offload 'model'", "--offload")) from error
+    try:
+        device = loading.resolve_device(args.device)
+    except ValueError as error:
+        raise ValueError(str(error).replace("`device`", "--device")) from error
+    dtype = loading.resolve_dtype(args.dtype, device)
+    plan = loading.plan_captioner(args.captioner or "auto", device, args.captioner_quantization)
+    return device, dtype, plan
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, args.captioner, args.device, args.dtype, args.offload)
-    build_demo(pipe).launch(server_name=args.host, server_port=args.port, share=args.share)
+    try:
+        device, dtype, plan = check_arguments(args)
+    except ValueError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    if plan.note:
+        print(f"{PROG}: {plan.note}", file=sys.stderr)
+    try:
+        models = load_models(args.model, device, dtype, plan, args.offload)
+    except (ValueError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"{PROG}: error: could not load the models: {reason}", file=sys.stderr)
+        return 2
+    build_demo(models).launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Any, Iterator
 
 # A test never reports usage to gradio's servers (read when gradio is imported).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from conftest import shared_path, tiny_captioner, tiny_components
-from faithdiff_pipeline import FaithDiffSDXLPipeline
+from faithdiff_pipeline import FaithDiffSDXLPipeline, loading
+from faithdiff_pipeline.captioning import Captioner
 
 try:
     import gradio as gr
@@ -42,11 +44,22 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def demo() -> ModuleType:
+def demo() -> Iterator[ModuleType]:
     spec = importlib.util.spec_from_file_location("gradio_demo", DEMO)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # Registered while it runs, as `python examples/gradio_demo.py` registers __main__: dataclasses look their
+    # module up there.
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+GIB = 1024**3
+CUDA = torch.device("cuda")
+LLAVA_13B = "llava-hf/llava-1.5-13b-hf"
 
 
 def _pipe(with_captioner: bool) -> FaithDiffSDXLPipeline:
@@ -58,12 +71,25 @@ def _pipe(with_captioner: bool) -> FaithDiffSDXLPipeline:
 
 @pytest.fixture(scope="module")
 def captioning_pipe() -> FaithDiffSDXLPipeline:
+    """The reference: a pipeline holding the tiny captioner as its components, captioning in pipe.caption and
+    pipe(prompt=None)."""
     return _pipe(with_captioner=True)
 
 
 @pytest.fixture(scope="module")
 def plain_pipe() -> FaithDiffSDXLPipeline:
     return _pipe(with_captioner=False)
+
+
+@pytest.fixture(scope="module")
+def captioning_models(demo, plain_pipe) -> Any:
+    """What the demo serves: the same tiny components, and the same tiny captioner kept apart from them."""
+    return demo.DemoModels(plain_pipe, Captioner(*tiny_captioner()))
+
+
+@pytest.fixture(scope="module")
+def plain_models(demo, plain_pipe) -> Any:
+    return demo.DemoModels(plain_pipe)
 
 
 def spy_prompts(pipe: FaithDiffSDXLPipeline, monkeypatch: pytest.MonkeyPatch) -> list:
@@ -79,21 +105,39 @@ def spy_prompts(pipe: FaithDiffSDXLPipeline, monkeypatch: pytest.MonkeyPatch) ->
     return seen
 
 
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("gradio_demo.py: error: ") and "Traceback" not in lines[0]
+    return lines[0]
+
+
 # --- Callbacks, without a browser ---------------------------------------------------------------------------------
 
 
-def test_caption_button_fills_the_box_with_the_captioners_caption(demo, captioning_pipe, plain_pipe, lq_image) -> None:
-    caption = demo.caption_image(captioning_pipe, lq_image, seed=42)
+@pytest.mark.parametrize("seed", [0, 42])
+def test_caption_button_gives_the_caption_of_pipe_caption_and_of_the_cli(
+    demo, captioning_models, captioning_pipe, plain_models, lq_image, tmp_path, seed
+) -> None:
+    """One seed convention: the demo's caption for a photo and seed is ``Captioner.caption([photo], seed=seed)``,
+    which faithdiff-upscale --seed writes, and what pipe.caption gives with a generator seeded so."""
+    photo = tmp_path / "photo.png"
+    lq_image.save(photo)
+    caption = demo.caption_image(captioning_models, str(photo), seed=float(seed))  # gr.Number gives floats
     assert isinstance(caption, str) and caption
-    assert caption == captioning_pipe.caption(lq_image, torch.Generator("cpu").manual_seed(42))[0]
+    assert caption == demo.caption_image(captioning_models, lq_image, seed=seed)
+    assert caption == captioning_pipe.caption(lq_image, torch.Generator().manual_seed(seed))[0]
+    assert caption == Captioner(*tiny_captioner()).caption([lq_image], seed=seed)[0]
     with pytest.raises(gr.Error, match="without a captioner"):
-        demo.caption_image(plain_pipe, lq_image, seed=42)
+        demo.caption_image(plain_models, lq_image, seed=seed)
 
 
-def test_restore_with_an_empty_box_captions_and_returns_the_upscaled_result(demo, captioning_pipe, lq_image) -> None:
+def test_restore_with_an_empty_box_captions_and_returns_the_upscaled_result(
+    demo, captioning_models, captioning_pipe, lq_image
+) -> None:
     progress = []
     before, after, path, used = demo.restore_image(
-        captioning_pipe,
+        captioning_models,
         lq_image,
         "",
         upscale=2,
@@ -105,7 +149,8 @@ def test_restore_with_an_empty_box_captions_and_returns_the_upscaled_result(demo
     with PIL.Image.open(path) as saved:
         assert (saved.format, saved.size) == ("PNG", (48, 40))
         assert np.array_equal(np.asarray(saved), np.asarray(after))
-    # The box gets the caption that was used; the result is the one pipe(prompt=None) gives.
+    # The box gets the caption that was used; the result is the one pipe(prompt=None) gives with the captioner as
+    # a component of the pipeline.
     generator = torch.Generator("cpu").manual_seed(42)
     assert used == captioning_pipe.caption(lq_image, generator)[0]
     expected = captioning_pipe(lq_image, num_inference_steps=2, tile_size=64, generator=generator).images[0]
@@ -113,38 +158,40 @@ def test_restore_with_an_empty_box_captions_and_returns_the_upscaled_result(demo
     assert progress == [(0.0, "Captioning"), ((1, 2), "Denoising"), ((2, 2), "Denoising")]
 
 
-def test_an_edited_caption_is_the_prompt_unchanged(demo, captioning_pipe, lq_image, monkeypatch) -> None:
-    prompts = spy_prompts(captioning_pipe, monkeypatch)
-    monkeypatch.setattr(captioning_pipe, "caption", lambda *args, **kwargs: pytest.fail("captioned an edited box"))
+def test_an_edited_caption_is_the_prompt_unchanged(demo, captioning_models, lq_image, monkeypatch) -> None:
+    prompts = spy_prompts(captioning_models.pipe, monkeypatch)
+    monkeypatch.setattr(captioning_models, "caption", lambda *args, **kwargs: pytest.fail("captioned an edited box"))
     edited = "  An old photo of a cat; grainy, faded.\n"
-    *_, used = demo.restore_image(captioning_pipe, lq_image, edited, steps=1, tile_size=64)
+    *_, used = demo.restore_image(captioning_models, lq_image, edited, steps=1, tile_size=64)
     assert prompts == [[edited]] and used == edited
 
 
-def test_empty_box_without_a_captioner_restores_with_an_empty_prompt(demo, plain_pipe, lq_image, monkeypatch) -> None:
-    prompts = spy_prompts(plain_pipe, monkeypatch)
-    *_, used = demo.restore_image(plain_pipe, lq_image, "", steps=1, tile_size=64)
+def test_empty_box_without_a_captioner_restores_with_an_empty_prompt(
+    demo, plain_models, lq_image, monkeypatch
+) -> None:
+    prompts = spy_prompts(plain_models.pipe, monkeypatch)
+    *_, used = demo.restore_image(plain_models, lq_image, "", steps=1, tile_size=64)
     assert prompts == [[""]] and used == ""
 
 
-def test_bad_inputs_are_gradio_errors_with_the_message(demo, plain_pipe, lq_image, tmp_path) -> None:
+def test_bad_inputs_are_gradio_errors_with_the_message(demo, plain_models, lq_image, tmp_path) -> None:
     with pytest.raises(gr.Error, match="Upload a photo first"):
-        demo.restore_image(plain_pipe, None, "a cat")
+        demo.restore_image(plain_models, None, "a cat")
     with pytest.raises(gr.Error, match="Upload a photo first"):
-        demo.caption_image(plain_pipe, None)
+        demo.caption_image(plain_models, None)
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not a png")
     with pytest.raises(gr.Error, match="could not be read as an image") as error:
-        demo.restore_image(plain_pipe, str(corrupt), "a cat", steps=1)
+        demo.restore_image(plain_models, str(corrupt), "a cat", steps=1)
     assert "Traceback" not in error.value.message and error.value.title == "Restoration failed"
     with pytest.raises(gr.Error, match="`tile_size` must be a multiple of 8"):
-        demo.restore_image(plain_pipe, lq_image, "a cat", steps=1, tile_size=100)
+        demo.restore_image(plain_models, lq_image, "a cat", steps=1, tile_size=100)
     with pytest.raises(gr.Error, match="Enter a seed"):
-        demo.restore_image(plain_pipe, lq_image, "a cat", seed=None)
+        demo.restore_image(plain_models, lq_image, "a cat", seed=None)
 
 
 @pytest.mark.parametrize("kind", ["grey16", "rgb16", "rgba"])
-def test_the_download_keeps_the_uploads_bit_depth_greyscale_and_alpha(demo, plain_pipe, tmp_path, kind) -> None:
+def test_the_download_keeps_the_uploads_bit_depth_greyscale_and_alpha(demo, plain_models, tmp_path, kind) -> None:
     """Uploads reach the callbacks as the file itself (gradio's ``type="filepath"``), read through image_io; the
     PNG offered for download is written by ``image_io.save_result`` with what the photo had."""
     from faithdiff_pipeline.image_io import read_image
@@ -161,7 +208,7 @@ def test_the_download_keeps_the_uploads_bit_depth_greyscale_and_alpha(demo, plai
         rgba = np.stack([x * 10, y * 12, (x * y) % 256, np.where(x < 12, 255, 0)], axis=-1).astype(np.uint8)
         PIL.Image.fromarray(rgba, "RGBA").save(photo)
     source = read_image(photo)
-    before, after, path, _ = demo.restore_image(plain_pipe, str(photo), "a photo", steps=1, tile_size=64)
+    before, after, path, _ = demo.restore_image(plain_models, str(photo), "a photo", steps=1, tile_size=64)
     assert before.size == after.size == (48, 40) and after.mode == "RGB"
     result = read_image(path)
     assert (result.size, result.bit_depth, result.greyscale) == ((48, 40), source.bit_depth, source.greyscale)
@@ -176,7 +223,9 @@ def test_the_download_keeps_the_uploads_bit_depth_greyscale_and_alpha(demo, plai
         assert np.abs(result.as_float() - shown).max() <= 0.5 / 255 + 1e-6
 
 
-def test_command_line_loads_a_converted_folder_and_a_captioner(demo, captioning_pipe, tmp_path) -> None:
+def test_command_line_loads_a_converted_folder_and_a_captioner_apart(
+    demo, captioning_pipe, tmp_path, lq_image
+) -> None:
     captioning_pipe.captioner.save_pretrained(tmp_path / "captioner")
     captioning_pipe.captioner_processor.save_pretrained(tmp_path / "captioner")
     _pipe(with_captioner=False).save_pretrained(tmp_path / "pipeline")
@@ -192,15 +241,205 @@ def test_command_line_loads_a_converted_folder_and_a_captioner(demo, captioning_
             "7999",
         ]
     )
-    assert (args.dtype, args.port, args.host, args.share) == (torch.float32, 7999, "127.0.0.1", False)
-    pipe = demo.load_pipeline(args.model, args.captioner, args.device, args.dtype, args.offload)
-    assert type(pipe.captioner).__name__ == "LlavaForConditionalGeneration" and pipe.captioner_processor is not None
-    assert demo.build_demo(pipe) is not None
+    assert (args.port, args.host, args.share, args.offload) == (7999, "127.0.0.1", False, False)
+    device, dtype, plan = demo.check_arguments(args)
+    assert (device, dtype) == (torch.device("cpu"), torch.float32)
+    assert plan == loading.CaptionerPlan(str(tmp_path / "captioner"), "full")  # float32 on the CPU, as the CLI
+    models = demo.load_models(args.model, device, dtype, plan, args.offload)
+    assert models.pipe.captioner is None and not models.swap  # the captioner is no pipeline component
+    assert type(models.captioner.model).__name__ == "LlavaForConditionalGeneration"
+    assert models.captioner.model.dtype == torch.float32 and models.captioner.model.device.type == "cpu"
+    reference = captioning_pipe.caption(lq_image, torch.Generator().manual_seed(7))[0]
+    assert demo.caption_image(models, lq_image, 7) == reference
+    assert demo.build_demo(models) is not None
 
 
-def test_without_an_image_slider_before_and_after_are_side_by_side(demo, plain_pipe, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("cuda", "free_gib", "bitsandbytes", "model", "precision"),
+    [
+        (True, 40, True, LLAVA_13B, "half"),
+        (True, 20, True, LLAVA_13B, "8bit"),
+        (True, 20, False, None, None),
+        (False, 0, True, None, None),
+    ],
+)
+def test_the_default_captioner_follows_the_clis_rule(
+    demo, monkeypatch, cuda, free_gib, bitsandbytes, model, precision
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "free_gpu_memory", lambda device: free_gib * GIB)
+    monkeypatch.setattr(loading, "installed", lambda module: module != "bitsandbytes" or bitsandbytes)
+    device, dtype, plan = demo.check_arguments(demo.parse_args([]))
+    assert device == loading.resolve_device("auto") == torch.device("cuda" if cuda else "cpu")
+    assert dtype == loading.resolve_dtype("auto", device) == (torch.float16 if cuda else torch.float32)
+    assert plan == loading.plan_captioner("auto", device, "auto")
+    assert (plan.model, plan.precision) == (model, precision)
+
+
+def test_start_up_prints_the_captioner_plans_note_once_and_serves(
+    demo, tiny_model_dir, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    served = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: served.append(kwargs))
+    built = []
+    build = demo.build_demo
+    monkeypatch.setattr(demo, "build_demo", lambda models: built.append(models) or build(models))
+    assert demo.main(["--model", str(tiny_model_dir), "--port", "7998"]) == 0
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gradio_demo.py:")]
+    assert ours == [f"gradio_demo.py: {loading.plan_captioner('auto', torch.device('cpu')).note}"]
+    assert "no CUDA GPU" in ours[0]
+    assert served == [{"server_name": "127.0.0.1", "server_port": 7998, "share": False}]
+    assert not built[0].can_caption and built[0].pipe.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("flags", "missing", "expected"),
+    [
+        (["--offload"], "accelerate", "--offload needs accelerate, which is not installed: pip install 'faithdiff"),
+        (["--captioner-quantization", "8bit"], "bitsandbytes", "pip install 'faithdiff-pipeline[caption]'"),
+        (["--device", "cuda"], None, "--device 'cuda' asks for a CUDA GPU, but torch sees none"),
+        (["--device", "tpu9"], None, "--device 'tpu9' is not a torch device"),
+        (["--model", "./no-such-folder"], None, "--model './no-such-folder' does not exist"),
+        (["--captioner", "none", "--captioner-quantization", "4bit"], None, "drop --captioner-quantization"),
+        (["--captioner", "some/llava", "--captioner-quantization", "4bit"], None, "needs a CUDA GPU"),
+    ],
+)
+def test_option_mistakes_and_missing_extras_are_one_line_before_any_model_loads(
+    demo, monkeypatch, capsys, flags, missing, expected
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "installed", lambda module: module != missing)
+    for name in ("load_pipeline", "load_planned_captioner"):
+        monkeypatch.setattr(loading, name, lambda *args, **kwargs: pytest.fail("a model loaded"))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: pytest.fail("served"))
+    assert demo.main(flags) == 2
+    assert expected in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "free_gib", "offloaded", "fits"),
+    [
+        ("cpu", "full", None, False, True),  # one pool of memory: nothing moves
+        ("mps", "half", None, False, True),
+        ("cuda", "half", 40, False, True),
+        ("cuda", "half", 20, False, False),  # 28 GiB in half precision
+        ("cuda", "8bit", 20, False, True),
+        ("cuda", "4bit", 8, False, False),
+        ("cuda", "half", 80, True, False),  # offloaded: the pipeline comes onto the GPU for each restoration
+    ],
+)
+def test_the_captioner_stays_on_the_gpu_only_where_both_fit(
+    demo, device, precision, free_gib, offloaded, fits
+) -> None:
+    plan = loading.CaptionerPlan(LLAVA_13B, precision)
+    free = None if free_gib is None else free_gib * GIB
+    assert demo.captioner_fits_beside(plan, torch.device(device), free, offloaded) is fits
+    # A model whose size is unknown is never assumed to fit on a GPU.
+    unknown = loading.CaptionerPlan("someone/other-llava", precision)
+    assert demo.captioner_fits_beside(unknown, torch.device(device), free, offloaded) is (device != "cuda")
+
+
+@pytest.mark.parametrize(
+    ("precision", "free_gib", "offload", "loaded_on", "swap"),
+    [
+        ("half", 40, False, "cuda", False),
+        ("half", 20, False, "cpu", True),  # waits in host memory, visits the GPU to caption
+        ("8bit", 20, False, "cuda", False),
+        ("8bit", 10, False, None, True),  # bitsandbytes weights live on the GPU: loaded for each caption
+        ("half", 40, True, "cpu", True),
+    ],
+)
+def test_start_up_places_the_captioner_by_the_memory_left_beside_the_pipeline(
+    demo, plain_pipe, monkeypatch, capsys, precision, free_gib, offload, loaded_on, swap
+) -> None:
+    loads = []
+    monkeypatch.setattr(
+        loading, "load_pipeline", lambda model, device, dtype, offload: loads.append(offload) or plain_pipe
+    )
+    monkeypatch.setattr(loading, "free_gpu_memory", lambda device: free_gib * GIB)
+    captioners = []
+
+    def load_planned_captioner(plan, device, dtype):
+        captioners.append(device.type)
+        return Captioner(*tiny_captioner())
+
+    monkeypatch.setattr(loading, "load_planned_captioner", load_planned_captioner)
+    models = demo.load_models(None, CUDA, torch.float16, loading.CaptionerPlan(LLAVA_13B, precision), offload)
+    assert loads == ["model" if offload else "none"]
+    assert captioners == ([loaded_on] if loaded_on else []) and models.swap is swap and models.offloaded is offload
+    assert models.can_caption and (models.load_captioner is not None) == (loaded_on is None)
+    assert ("cannot stay on the GPU" in capsys.readouterr().err) is swap
+    if loaded_on is None:
+        models.load_captioner()
+        assert captioners == ["cuda"]
+
+
+def _record_moves(models, monkeypatch, events: list, captioner: Captioner | None = None) -> None:
+    """Replaces the moves between devices with records (this machine has no GPU) and records each caption."""
+    monkeypatch.setattr(models.pipe, "to", lambda device: events.append(("pipeline", str(device))))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    for each in [c for c in (models.captioner, captioner) if c is not None]:
+        model, raw = each.model, each.raw_captions
+        monkeypatch.setattr(model, "to", lambda device, _m=model: events.append(("captioner", str(device))) or _m)
+        monkeypatch.setattr(each, "raw_captions", lambda *a, _raw=raw, **k: events.append("caption") or _raw(*a, **k))
+    denoise = models.pipe.predict_noise
+    monkeypatch.setattr(models.pipe, "predict_noise", lambda *a, **k: events.append("denoise") or denoise(*a, **k))
+
+
+def test_where_both_do_not_fit_the_captioner_is_on_the_gpu_only_while_it_captions(
+    demo, plain_pipe, lq_image, monkeypatch
+) -> None:
+    """Each request is captioned first, with the pipeline's models off the GPU, then restored with the captioner off
+    it; the caption and the result are those of the captioner and pipeline left in place."""
+    resident = demo.DemoModels(plain_pipe, Captioner(*tiny_captioner()))
+    expected = demo.restore_image(resident, lq_image, "", steps=1, tile_size=64)
+    models = demo.DemoModels(plain_pipe, Captioner(*tiny_captioner()), device=CUDA, swap=True)
+    events = []
+    _record_moves(models, monkeypatch, events)
+    before, after, _, used = demo.restore_image(models, lq_image, "", steps=1, tile_size=64)
+    assert events == [
+        ("pipeline", "cpu"),
+        "empty_cache",
+        ("captioner", "cuda"),
+        "caption",
+        ("captioner", "cpu"),
+        "empty_cache",
+        ("pipeline", "cuda"),
+        "denoise",
+    ]
+    assert used == expected[3] and np.array_equal(np.asarray(after), np.asarray(expected[1]))
+
+    # A failed caption still leaves the captioner off the GPU and the pipeline back on it.
+    events.clear()
+    monkeypatch.setattr(models.captioner, "raw_captions", lambda *a, **k: events.append("caption") or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        models.caption(lq_image, 42)
+    assert events[-3:] == [("captioner", "cpu"), "empty_cache", ("pipeline", "cuda")]
+
+
+def test_an_offloaded_pipeline_stays_put_and_a_quantised_captioner_is_loaded_per_caption(
+    demo, plain_pipe, lq_image, monkeypatch
+) -> None:
+    events = []
+    fresh = Captioner(*tiny_captioner())
+    models = demo.DemoModels(
+        plain_pipe, device=CUDA, swap=True, offloaded=True, load_captioner=lambda: events.append("load") or fresh
+    )
+    _record_moves(models, monkeypatch, events, captioner=fresh)
+    release = loading.release
+    monkeypatch.setattr(loading, "release", lambda captioner: events.append("release") or release(captioner))
+    caption = demo.caption_image(models, lq_image, 3)
+    assert events == ["load", "caption", "release"]  # offload hooks keep the pipeline in host memory meanwhile
+    assert fresh.model is None  # freed
+    assert caption == Captioner(*tiny_captioner()).caption([lq_image], seed=3)[0]
+
+
+def test_without_an_image_slider_before_and_after_are_side_by_side(demo, plain_models, monkeypatch) -> None:
     monkeypatch.delattr(gr, "ImageSlider", raising=False)  # as in a gradio without one
-    app = demo.build_demo(plain_pipe)
+    app = demo.build_demo(plain_models)
     labels = [block.label for block in app.blocks.values() if type(block) is gr.Image]
     assert labels == ["Low-quality photo", "Before", "After"]
 
@@ -232,9 +471,9 @@ def chromium() -> Path:
 
 
 @pytest.fixture
-def served_demo(demo, captioning_pipe) -> Iterator[str]:
-    """The app around tiny random components, served on 127.0.0.1; its URL."""
-    app = demo.build_demo(captioning_pipe)
+def served_demo(demo, captioning_models) -> Iterator[str]:
+    """The app around tiny random components and a tiny captioner, served on 127.0.0.1; its URL."""
+    app = demo.build_demo(captioning_models)
     _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
     try:
         yield url
@@ -242,7 +481,7 @@ def served_demo(demo, captioning_pipe) -> Iterator[str]:
         app.close()
 
 
-def test_the_app_in_chromium(chromium, served_demo, captioning_pipe, monkeypatch, tmp_path) -> None:
+def test_the_app_in_chromium(chromium, served_demo, captioning_models, monkeypatch, tmp_path) -> None:
     """Upload, Caption, Restore and Download as a user would; the screenshot is left in tmp_path."""
     from playwright.sync_api import expect, sync_playwright
 
@@ -250,8 +489,8 @@ def test_the_app_in_chromium(chromium, served_demo, captioning_pipe, monkeypatch
     with PIL.Image.open(shared_path("samples") / "chelsea.png") as original:
         original.convert("RGB").resize((96, 64), PIL.Image.LANCZOS).save(photo)
     steps = []
-    denoise = captioning_pipe.predict_noise
-    monkeypatch.setattr(captioning_pipe, "predict_noise", lambda *a, **k: steps.append(1) or denoise(*a, **k))
+    denoise = captioning_models.pipe.predict_noise
+    monkeypatch.setattr(captioning_models.pipe, "predict_noise", lambda *a, **k: steps.append(1) or denoise(*a, **k))
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)

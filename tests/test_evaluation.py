@@ -23,6 +23,9 @@ from faithdiff_pipeline import FaithDiffSDXLPipeline
 from faithdiff_pipeline.degradations import get_preset
 from faithdiff_pipeline.evaluation import MetricUnavailableError, load_metric, make_synthetic_set, psnr, read_csv, ssim
 from faithdiff_pipeline.evaluation.datasets import pair_folders, read_tensor
+from faithdiff_pipeline import loading
+from faithdiff_pipeline.evaluation.cli import build_parser as eval_parser
+from faithdiff_pipeline.evaluation.cli import device_and_dtype
 from faithdiff_pipeline.evaluation.cli import main as eval_main
 from faithdiff_pipeline.evaluation.metrics import default_metric_names
 
@@ -490,6 +493,125 @@ def test_faithdiff_prompts_from_caption_sidecars(photo_set, tiny_pipeline_dir, t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Device, dtype and weights: chosen by faithdiff_pipeline.loading, as faithdiff-upscale and the demo choose them
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "expected"), [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]
+)
+@pytest.mark.parametrize("dtype", [[], ["--dtype", "auto"], ["--dtype", "bfloat16"], ["--dtype", "float32"]])
+def test_eval_chooses_device_and_dtype_as_loading_does(monkeypatch, cuda, mps, expected, dtype) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    for device in ([], ["--device", "auto"]):
+        args = eval_parser().parse_args([*device, *dtype])
+        chosen_device, chosen_dtype = device_and_dtype(args.device, args.dtype)
+        assert chosen_device == loading.resolve_device("auto") == torch.device(expected)
+        assert chosen_dtype == loading.resolve_dtype(dtype[-1] if dtype else "auto", chosen_device)
+        if dtype in ([], ["--dtype", "auto"]):
+            assert chosen_dtype == (torch.float32 if expected == "cpu" else torch.float16)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "device", "message"),
+    [
+        (False, True, "cuda", "`--device` 'cuda' asks for a CUDA GPU, but torch sees none"),
+        (True, False, "mps", "`--device` 'mps' asks for Apple's MPS, which this machine lacks"),
+        (True, True, "gpu0", "`--device` 'gpu0' is not a torch device"),
+    ],
+)
+def test_eval_refuses_a_device_it_lacks_in_one_line(tmp_path, monkeypatch, capsys, cuda, mps, device, message) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    hq, lq = tmp_path / "hq", tmp_path / "lq"
+    _write_pairs(hq, lq, {"a": _gradient(32, 24)})
+    argv = ["--hq", str(hq), "--lq", str(lq), "--out", str(tmp_path / "out"), "--metrics", "psnr", "--device", device]
+    assert eval_main(argv) == 2
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_loads_faithdiff_through_loading_on_the_fallback_device(
+    tiny_pipeline_dir, tmp_path, monkeypatch
+) -> None:
+    """On a machine with MPS and no CUDA, the pipeline is asked of loading.load_pipeline for MPS in float16, as
+    faithdiff-upscale would ask (it is then run on the CPU here, which has no MPS)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    asked = []
+    load_pipeline = loading.load_pipeline
+
+    def spy(model, device, dtype, **kwargs):
+        asked.append((model, device, dtype, kwargs))
+        return load_pipeline(model, torch.device("cpu"), torch.float32, **kwargs)
+
+    monkeypatch.setattr(loading, "load_pipeline", spy)
+    hq, lq = tmp_path / "hq", tmp_path / "lq"
+    _write_pairs(hq, lq, {"a": _gradient(32, 32)})
+    out = tmp_path / "out"
+    argv = ["--hq", str(hq), "--lq", str(lq), "--out", str(out), "--metrics", "psnr", "--steps", "1"]
+    assert eval_main([*argv, "--tile-size", "64", "--method", f"faithdiff={tiny_pipeline_dir}"]) == 0
+    assert asked == [(str(tiny_pipeline_dir), torch.device("mps"), torch.float16, {"variant": "auto"})]
+    settings = json.loads((out / "results" / "faithdiff" / "settings.json").read_text())
+    assert (settings["dtype"], settings["variant"]) == ("float16", None)
+
+
+@pytest.fixture
+def two_variant_dir(tmp_path) -> Path:
+    """A pipeline folder with full files (components of seed 0) and ``fp16`` files (other weights, seed 1), so that
+    which files were loaded shows in the result."""
+    folder = tmp_path / "two-variants"
+    FaithDiffSDXLPipeline(**tiny_components(seed=0)).save_pretrained(folder)
+    FaithDiffSDXLPipeline(**tiny_components(seed=1)).save_pretrained(folder, variant="fp16")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("flags", "variant", "dtype"),
+    [
+        (["--dtype", "float32"], None, torch.float32),  # full precision: the full files
+        (["--dtype", "float32", "--variant", "fp16"], "fp16", torch.float32),  # an explicit --variant wins
+        (["--dtype", "bfloat16"], "fp16", torch.bfloat16),  # both half types: the fp16 files, as loading decides
+    ],
+)
+def test_eval_loads_the_variant_that_loading_picks_unless_variant_is_given(
+    two_variant_dir, tmp_path, flags, variant, dtype
+) -> None:
+    hq, lq = tmp_path / "hq", tmp_path / "lq"
+    _write_pairs(hq, lq, {"a": _gradient(32, 32)})
+    out = tmp_path / "out"
+    argv = ["--hq", str(hq), "--lq", str(lq), "--out", str(out), "--metrics", "psnr", "--steps", "1", "--device", "cpu"]
+    assert eval_main([*argv, "--tile-size", "64", "--method", f"faithdiff={two_variant_dir}", *flags]) == 0
+    kwargs = {"variant": variant} if variant else {}
+    pipe = FaithDiffSDXLPipeline.from_pretrained(two_variant_dir, dtype=dtype, **kwargs)
+    expected = pipe(
+        PIL.Image.open(lq / "a.png").convert("RGB"),
+        prompt="",
+        upscale=2,
+        num_inference_steps=1,
+        tile_size=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(out / "results" / "faithdiff" / "a.png")), np.asarray(expected))
+
+
+def test_eval_refuses_a_faithdiff_folder_that_is_no_pipeline_before_loading_metrics(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(
+        "faithdiff_pipeline.evaluation.metrics.load_metric", lambda *a, **k: pytest.fail("a metric loaded")
+    )
+    hq, lq = tmp_path / "hq", tmp_path / "lq"
+    _write_pairs(hq, lq, {"a": _gradient(32, 24)})
+    (tmp_path / "empty").mkdir()
+    argv = ["--hq", str(hq), "--lq", str(lq), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert eval_main([*argv, "--method", f"faithdiff={tmp_path / 'empty'}"]) == 2
+    assert "`--method faithdiff`" in (line := _one_error_line(capsys)) and "has no model_index.json" in line
+    assert eval_main([*argv, "--method", f"faithdiff={tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in _one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Photos are read as image_io reads them: upright by EXIF, 16-bit levels kept; only image_io opens or saves images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -563,9 +685,9 @@ def test_eval_cli_pairs_scores_and_restores_turned_and_16_bit_photos(tmp_path) -
 
 def test_only_image_io_opens_or_saves_image_files() -> None:
     """What ``grep -rn "PIL.Image.open\\|\\.save(" src examples benchmarks`` finds, less image_io itself, model
-    and checkpoint saves, and docstring examples."""
+    and checkpoint saves, model cards (README.md text) and docstring examples."""
     pattern = re.compile(r"Image\.open\(|\.save\(")
-    allowed = re.compile(r"save_pretrained|torch\.save\(|self\.save\(|^\s*>>> ")
+    allowed = re.compile(r"save_pretrained|torch\.save\(|self\.save\(|card\.save\(|^\s*>>> ")
     found = []
     for folder in ("src", "examples", "benchmarks"):
         for path in sorted((REPO / folder).rglob("*.py")):

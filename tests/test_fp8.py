@@ -95,3 +95,26 @@ def test_the_loading_module_sets_up_each_float8_mode(tmp_path) -> None:
     assert low.vae.use_tiling and not weights.vae.use_tiling
     with pytest.raises(ValueError, match="`low_vram` already sets float8 storage and text-encoder offload"):
         loading.check_options("model", low_vram=True)
+
+
+def test_command_line_float8_options(tmp_path, monkeypatch, capsys) -> None:
+    import PIL.Image
+
+    from faithdiff_pipeline import loading
+    from faithdiff_pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    PIL.Image.fromarray(IMAGE).save("a.png")
+    assert main(["a.png", "--low-vram", "--offload", "model"]) == 2
+    assert "--low-vram already sets float8 storage" in capsys.readouterr().err
+    monkeypatch.setattr(loading, "installed", lambda module: module != "torchao")
+    assert main(["a.png", "--fp8", "compute"]) == 2
+    assert "float8 compute needs torchao, which is not installed: pip install 'faithdiff-pipeline[fp8]'" in (
+        capsys.readouterr().err
+    )
+    FaithDiffSDXLPipeline(**tiny_components()).save_pretrained(tmp_path / "model")
+    common = ["a.png", "--model", "model", "--steps", "2", "--tile-size", "64", "--device", "cpu", "--prompt", "x"]
+    assert main([*common, "-o", "fp8", "--fp8", "weights", "--dtype", "float32"]) == 0
+    assert main([*common, "-o", "low", "--low-vram", "--dtype", "float32"]) == 0
+    with PIL.Image.open("fp8/a.png") as a, PIL.Image.open("low/a.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # CPU: offloading moves nothing; one tile either way

@@ -137,9 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--compile",
+        nargs="?",
+        const="regional",
+        default="none",
+        choices=["none", "regional", "full"],
+        help="torch.compile the UNet: regional (the default of --compile: its repeated blocks, quick to compile) or "
+        "full (the whole UNet, CUDA graphs on CUDA); compiled code is cached on disk for later runs",
+    )
+    parser.add_argument(
+        "--fp8",
+        choices=["none", "weights", "compute"],
+        default="none",
+        help="float8 UNet (opt-in; the output deviates from the release's, see benchmarks/RESULTS.md): weights "
+        "(stored in float8, computed in --dtype, half the UNet memory, any device) or compute (float8 matrix "
+        "products, GPUs of compute capability 8.9+, the [fp8] extra; combine with --compile)",
+    )
+    parser.add_argument(
+        "--low-vram",
         action="store_true",
-        help="torch.compile the UNet (CUDA graphs on CUDA); compiles once per tile layout, so it pays off over many "
-        "images of one size",
+        help="the release's 5 GB set-up: float8 weights, text encoders offloaded, VAE/LQ-encoder tiling, one tile "
+        "per UNet call",
     )
     parser.add_argument("--vae-tiling", action="store_true", help="tile the VAE and LQ encoder (large images)")
     parser.add_argument(
@@ -170,6 +187,30 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--compare", action="store_true", help="also write NAME_compare.png: LANCZOS | restored")
     files.add_argument(
         "--overwrite", action="store_true", help="restore again where a result of ours exists (never an input)"
+    )
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local (default): this process, or each process of `accelerate launch`; ray: a pool of Ray Data "
+        "workers on this machine or a cluster, inputs and outputs local or URIs such as s3://bucket/prefix (the "
+        "[ray] extra)",
+    )
+    engine.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster to join, e.g. ray://head:10001 (default: RAY_ADDRESS, else a cluster running on this "
+        "machine, else a new one)",
+    )
+    engine.add_argument(
+        "--workers", type=int, metavar="N", help="Ray workers, each loading the pipeline once (default 1)"
+    )
+    engine.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        metavar="G",
+        help="GPUs reserved per Ray worker, fractions share one (default: 1 where the cluster has GPUs, else 0)",
     )
     return parser
 
@@ -302,14 +343,17 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--prompt gives a fixed prompt; it conflicts with --captioner")
     if args.captioner == "none" and (args.captioner_quantization != "auto" or args.preclean):
         raise UsageError("--captioner none writes no captions; drop --captioner-quantization and --preclean")
-    if args.compile and args.offload in ("model", "sequential"):
+    if args.compile != "none" and args.offload in ("model", "sequential"):
         raise UsageError(f"--compile keeps the UNet on the device; use --offload text-encoders, not {args.offload}")
     if args.captions_only and (args.captioner == "none" or args.prompt is not None or args.caption != "auto"):
         raise UsageError("--captions-only needs a captioner and --caption auto, without --prompt")
     try:
-        check_options(args.offload, args.captioner_quantization, args.preclean)
+        check_options(args.offload, args.captioner_quantization, args.preclean, args.fp8, args.low_vram)
     except ValueError as error:
-        raise UsageError(str(error).replace("`preclean`", "--preclean")) from error
+        message = str(error)
+        for name, flag in (("`preclean`", "--preclean"), ("`low_vram`", "--low-vram"), ("`fp8`", "--fp8")):
+            message = message.replace(name, flag)
+        raise UsageError(message) from error
     _finite(args.upscale, "--upscale")
     _finite(args.guidance, "--guidance")
     if args.upscale <= 0:
@@ -426,7 +470,7 @@ def restore_one(job: Job, args: argparse.Namespace, pipe: Any, captions: dict) -
         start_point=args.start_point,
         tile_size=args.tile_size,
         tile_stride=args.tile_stride,
-        tile_batch_size=args.tile_batch_size,
+        tile_batch_size=1 if args.low_vram else args.tile_batch_size,
         color_fix=None if args.color_fix == "none" else args.color_fix,
         max_output_pixels=args.max_pixels,
         generator=torch.Generator("cpu").manual_seed(args.seed),
@@ -506,6 +550,12 @@ def _captions_only(paths: list[Path], args: argparse.Namespace, device: torch.de
 def restore(args: argparse.Namespace) -> int:
     """The whole command once the arguments are parsed: every check first, then the model, then the images."""
     try:
+        from . import ray_engine
+
+        ray_engine.check_engine_options(args)
+        if args.engine == "ray":
+            # Its inputs and outputs may be URIs: it makes these same checks and plans itself, with these functions.
+            return ray_engine.restore(args)
         check_arguments(args)
         paths = collect_inputs(args.inputs)
         _check_sixteen_bit(paths)
@@ -544,6 +594,8 @@ def restore(args: argparse.Namespace) -> int:
                 loading.resolve_dtype(args.dtype, device),
                 offload=args.offload,
                 compile=args.compile,
+                fp8=args.fp8,
+                low_vram=args.low_vram,
                 vae_tiling=args.vae_tiling,
             )
         except (ValueError, OSError) as error:

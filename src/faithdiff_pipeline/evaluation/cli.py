@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import PIL.Image
 
+from .. import loading
 from ..image_io import image_size, read_image, save_result
 from .datasets import (
     MANIFEST_NAME,
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from .metrics import ScoreFn
 
 PROG = "faithdiff-eval"
-# Names of torch dtypes, looked up on torch once a run starts: `--help` and usage errors need no torch.
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 SETTINGS_NAME = "settings.json"
 
@@ -119,12 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fixed", "sidecar"],
         default="fixed",
         help="fixed: --prompt for every image; sidecar: each LQ image's caption sidecar (NAME.json beside it, "
-        "the release's format, e.g. LLaVA captions written by faithdiff-upscale --write-captions)",
+        "the release's format, e.g. LLaVA captions written by faithdiff-upscale --captions-only)",
     )
     sampling.add_argument("--tile-size", type=int, default=1024, help="latent tile size in pixels (default: 1024)")
-    sampling.add_argument("--device", help="cuda, cpu, ... (default: cuda when available); also used by pyiqa")
-    sampling.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float16 on GPUs, float32 on CPUs")
-    sampling.add_argument("--variant", help="weights variant to load, e.g. fp16")
+    sampling.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: cuda, else mps, else cpu, as faithdiff-upscale), cpu, cuda, cuda:1, mps; also used by "
+        "pyiqa",
+    )
+    sampling.add_argument(
+        "--dtype",
+        choices=["auto", *loading.DTYPE_NAMES],
+        default="auto",
+        help="auto (default): float16 on a GPU, float32 on the CPU",
+    )
+    sampling.add_argument(
+        "--variant",
+        help="weights variant to load, e.g. fp16 (default: the fp16 files for float16 and bfloat16 where the "
+        "pipeline folder has them, as faithdiff-upscale loads)",
+    )
     return parser
 
 
@@ -193,13 +206,11 @@ class Run:
     methods: list[Method]
     metric_names: list[str]
     scorers: dict[str, ScoreFn]
-    device: str
+    device: torch.device
     dtype: torch.dtype
 
 
 def _prepare_run(args: argparse.Namespace, dataset: PairedSet) -> Run:
-    import torch
-
     from .metrics import default_metric_names, load_metric, parse_metric_names
 
     methods = [parse_method(text) for text in args.method] or [Method("lanczos", "lanczos")]
@@ -209,8 +220,7 @@ def _prepare_run(args: argparse.Namespace, dataset: PairedSet) -> Run:
     for name, value in (("--grid-images", args.grid_images), ("--crop-size", args.crop_size), ("--steps", args.steps)):
         if value < (0 if name == "--grid-images" else 1):
             raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-    device = _device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device == "cpu" else torch.float16)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     if args.metrics:
         metric_names = parse_metric_names(args.metrics)
     else:
@@ -225,18 +235,18 @@ def _prepare_run(args: argparse.Namespace, dataset: PairedSet) -> Run:
     return run
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a run, chosen by :mod:`faithdiff_pipeline.loading` as faithdiff-upscale and the web
+    demo choose them: ``"auto"`` (or ``None``) falls back from CUDA to MPS to the CPU, and to float16 on a GPU,
+    float32 on the CPU."""
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"`--device` {name!r} is not a torch device; expected cpu, cuda, cuda:1, mps, ...") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`--device` {name!r} asks for a CUDA GPU, but torch sees none; use --device cpu.")
-    return name
+        resolved = loading.resolve_device(device)
+    except ValueError as error:
+        raise ValueError(str(error).replace("`device`", "`--device`")) from error
+    try:
+        return resolved, loading.resolve_dtype(dtype, resolved)
+    except ValueError as error:
+        raise ValueError(str(error).replace("`dtype`", "`--dtype`")) from error
 
 
 def _prepare_method(run: Run, method: Method) -> None:
@@ -263,6 +273,10 @@ def _prepare_method(run: Run, method: Method) -> None:
     method.results = {pair.name: folder / f"{pair.name}.png" for pair in pairs}
     method.settings = {"method": method.kind, "lq_dir": str(run.dataset.lq_dir.resolve())}
     if method.kind == "faithdiff":
+        try:
+            loading.check_model_source(method.source)
+        except ValueError as error:
+            raise ValueError(str(error).replace("`model`", f"`--method {method.name}`")) from error
         method.settings.update(_faithdiff_settings(run, method))
     _check_settings(folder, method, run.args.overwrite)
 
@@ -322,21 +336,25 @@ def _todo(run: Run, method: Method) -> list[ImagePair]:
 def _load_pipelines(run: Run) -> dict[str, Any]:
     """The FaithDiff pipelines of the methods that have images left to restore, loaded before any work starts so
     that a wrong path fails at once."""
-    from ..pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
-
     pipelines = {}
     for method in run.methods:
         if method.kind != "faithdiff" or not _todo(run, method):
             continue
-        kwargs = {"dtype": run.dtype, **({"variant": run.args.variant} if run.args.variant else {})}
         try:
-            pipe = FaithDiffSDXLPipeline.from_pretrained(method.source, **kwargs)
+            pipe = _load_faithdiff(method.source, run.args.variant, run.device, run.dtype)
         except (OSError, ValueError) as error:
-            raise ValueError(f"`--method faithdiff={method.source}` could not be loaded: {error}") from error
-        pipe.to(run.device)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"`--method faithdiff={method.source}` could not be loaded: {reason}") from error
         pipe.set_progress_bar_config(disable=True)
         pipelines[method.name] = pipe
     return pipelines
+
+
+def _load_faithdiff(source: str, variant: str | None, device: torch.device, dtype: torch.dtype) -> Any:
+    """The pipeline of ``--method faithdiff=SOURCE`` on ``device``, loaded as faithdiff-upscale loads it: the
+    weights variant follows the dtype (:func:`loading.weights_variant`), unless ``--variant`` names one, which then
+    loads exactly the files it names, so that the results match what settings.json records."""
+    return loading.load_pipeline(source, device, dtype, variant="auto" if variant is None else variant)
 
 
 def _restore(run: Run, method: Method, pipe: Any, pair: ImagePair) -> PIL.Image.Image:
