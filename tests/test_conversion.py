@@ -86,6 +86,15 @@ def test_repository_model_index_is_the_converted_layout(release, tmp_path) -> No
     for index in (converted, ours):
         index.pop("_diffusers_version"), index.pop("_name_or_path", None)
     assert converted == ours
+    # The files diffusers' custom-code layout names (tests/test_diffusers_loading.py loads them with plain diffusers).
+    written = {
+        "pipeline_faithdiff_sdxl.py": "FaithDiffSDXLPipeline",
+        "alignment/faithdiff_alignment.py": "FaithDiffAlignmentModel",
+        "lq_encoder/faithdiff_lq_encoder.py": "FaithDiffLQEncoder",
+    }
+    assert sorted(p.relative_to(output).as_posix() for p in output.rglob("*.py")) == sorted(written)
+    for relative, class_name in written.items():
+        assert (output / relative).read_text() == hub.custom_code_source(class_name)
 
 
 def test_parity_release_converts_with_sizes_from_tensors(tmp_path) -> None:
@@ -207,6 +216,9 @@ def test_hub_ids_load_through_a_snapshot(release, tmp_path, monkeypatch) -> None
     assert pipe.alignment.dtype == torch.float16
     downloaded = {p.name for p in (cache / "someone--faithdiff" / "unet").iterdir()}
     assert downloaded == {"config.json", "diffusion_pytorch_model.fp16.safetensors"}
+    # The snapshot is a complete folder in diffusers' custom-code layout, for plain diffusers as well.
+    assert (cache / "someone--faithdiff" / "pipeline_faithdiff_sdxl.py").is_file()
+    assert (cache / "someone--faithdiff" / "alignment" / "faithdiff_alignment.py").is_file()
     full = FaithDiffSDXLPipeline.from_pretrained("someone/faithdiff", cache_dir=tmp_path / "cache2")
     assert full.unet.dtype == torch.float32
     assert {p.name for p in (tmp_path / "cache2" / "someone--faithdiff" / "unet").iterdir()} == {

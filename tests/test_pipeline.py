@@ -182,8 +182,9 @@ def test_save_load_round_trip(tiny_pipe, lq_image, tmp_path) -> None:
     expected = _run(tiny_pipe, lq_image)
     tiny_pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["_class_name"] == "FaithDiffSDXLPipeline"
-    assert index["alignment"] == ["faithdiff_pipeline.alignment", "FaithDiffAlignmentModel"]
+    # diffusers' custom-code layout (tests/test_diffusers_loading.py loads it with plain diffusers).
+    assert index["_class_name"] == ["pipeline_faithdiff_sdxl", "FaithDiffSDXLPipeline"]
+    assert index["alignment"] == ["faithdiff_alignment", "FaithDiffAlignmentModel"]
     assert (tmp_path / "alignment" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = FaithDiffSDXLPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)

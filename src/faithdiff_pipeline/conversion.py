@@ -475,7 +475,9 @@ def convert_official_release(
     overwrite: bool = False,
     num_attention_heads: int = RELEASE_HEADS,
 ) -> Path:
-    """Converts the official release to a diffusers folder loadable with ``FaithDiffSDXLPipeline.from_pretrained``.
+    """Converts the official release to a diffusers folder loadable with ``FaithDiffSDXLPipeline.from_pretrained``,
+    and with plain ``DiffusionPipeline.from_pretrained(output_dir, trust_remote_code=True)`` (diffusers' custom-code
+    layout, written by ``save_pretrained``; its files only import this package).
 
     The folder is written under a temporary name beside ``output_dir`` (``.NAME.faithdiff-staging-XXXXXXXX``) and
     renamed when complete; what an interrupted conversion left there is removed by the next one to the same

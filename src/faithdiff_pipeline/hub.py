@@ -1,17 +1,31 @@
 """Fetching converted FaithDiff pipelines from the Hugging Face Hub into a local snapshot, telling local paths from
-repository ids, and failing fast when the Hub cannot be reached."""
+repository ids, failing fast when the Hub cannot be reached, and the custom-code files that let plain diffusers load
+our folders."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import constants, create_repo, snapshot_download, upload_folder
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import get_session, httpx
 
-# Files every component folder may need besides its weights (configs, tokenizer vocabularies, processors).
-_SUPPORT_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.py"]
+# Plain diffusers loads a class it does not ship from a Python file in the pipeline folder, and runs that file only
+# with ``trust_remote_code=True``: the pipeline from ``"_class_name": [FILE, CLASS]`` and ``FILE.py`` at the top of
+# the folder, a component from ``[FILE, CLASS]`` and ``COMPONENT/FILE.py``. Our files only import the installed
+# package, so what runs is the package's code, never code that travels with a folder or a Hub repository.
+PIPELINE_CODE = "pipeline_faithdiff_sdxl"
+# The distribution to install, for messages (the import name is ``faithdiff_pipeline``).
+DISTRIBUTION = "faithdiff-pipeline"
+MODEL_INDEX = "model_index.json"
+
+# Files every component folder may need besides its weights (configs, tokenizer vocabularies, processors, custom
+# code), and the pipeline's custom-code file, so that a snapshot is a folder plain diffusers loads too.
+_SUPPORT_PATTERNS = [MODEL_INDEX, f"{PIPELINE_CODE}.py", "*/*.json", "*/*.txt", "*/*.model", "*/*.py"]
 _DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 
 _FOLDER_INSTEAD = "FaithDiffSDXLPipeline.from_pretrained(FOLDER), or `--model FOLDER` on the command line"
@@ -102,3 +116,119 @@ def _cached_snapshot(repo_id: str, patterns: list[str], download: dict[str, Any]
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+# --- diffusers' custom-code layout ------------------------------------------------------------------------------------
+
+_CODE_TEMPLATE = '''\
+"""Lets plain diffusers load this folder: `DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)`.
+
+Written by {distribution}; {class_name} comes from the installed package, which this file only imports.
+"""
+
+try:
+    from {package} import {class_name}
+except ModuleNotFoundError as error:
+    if error.name != "{package}":
+        raise
+    raise ImportError(
+        "This is a FaithDiff pipeline: loading it needs the {distribution} package "
+        "(`pip install {distribution}`), which provides {class_name}."
+    ) from error
+
+__all__ = ["{class_name}"]
+'''
+
+
+def component_code(component: str) -> str:
+    """The name of the custom-code file (without ``.py``) in the folder of ``component``."""
+    return f"faithdiff_{component}"
+
+
+def custom_code_source(class_name: str) -> str:
+    """The text of a custom-code file that hands diffusers our installed ``class_name``."""
+    return _CODE_TEMPLATE.format(package=__package__, class_name=class_name, distribution=DISTRIBUTION)
+
+
+def _exported_class(name: object) -> type | None:
+    """The class the package exports as ``name``, or None for any other name (functions included)."""
+    package = sys.modules[__package__]
+    if not isinstance(name, str) or name not in package.__all__:
+        return None
+    value = getattr(package, name)
+    return value if isinstance(value, type) else None
+
+
+def _is_our_module(library: object) -> bool:
+    return isinstance(library, str) and (library == __package__ or library.startswith(f"{__package__}."))
+
+
+def write_custom_code(folder: str | os.PathLike, pipeline_class: type) -> None:
+    """Turns the folder ``DiffusionPipeline.save_pretrained`` wrote into diffusers' custom-code layout.
+
+    ``_class_name`` becomes ``[PIPELINE_CODE, CLASS]`` beside ``PIPELINE_CODE.py`` when ``pipeline_class`` is one the
+    package exports (a subclass of it defined elsewhere keeps diffusers' plain class name); every component of ours
+    (``["faithdiff_pipeline.MODULE", CLASS]``) becomes ``[component_code(NAME), CLASS]`` beside its file. The index
+    is replaced in one rename, after the files it names exist.
+    """
+    from .atomic_files import write_text_atomic
+
+    folder = Path(folder)
+    index = json.loads((folder / MODEL_INDEX).read_text(encoding="utf-8"))
+    files: dict[Path, str] = {}
+    if _exported_class(pipeline_class.__name__) is pipeline_class:
+        index["_class_name"] = [PIPELINE_CODE, pipeline_class.__name__]
+        files[folder / f"{PIPELINE_CODE}.py"] = pipeline_class.__name__
+    for name, entry in index.items():
+        if isinstance(entry, list) and len(entry) == 2 and _is_our_module(entry[0]) and _exported_class(entry[1]):
+            index[name] = [component_code(name), entry[1]]
+            files[folder / name / f"{component_code(name)}.py"] = entry[1]
+    for path, class_name in files.items():
+        write_text_atomic(path, custom_code_source(class_name))
+    # diffusers' own formatting of the index (ConfigMixin.to_json_string), so that the file only changes where ours.
+    write_text_atomic(folder / MODEL_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def installed_index(index: dict[str, Any]) -> dict[str, Any]:
+    """``index`` (a loaded ``model_index.json``, changed in place and returned) as our own loader reads it.
+
+    The entries :func:`write_custom_code` wrote name the installed classes instead of the folder's files, so that
+    ``FaithDiffSDXLPipeline.from_pretrained`` never runs code from a folder and needs no ``trust_remote_code``.
+    Entries that are not ours, and folders written before the custom-code layout, are left as they are.
+    """
+    pipeline = index.get("_class_name")
+    if isinstance(pipeline, list) and len(pipeline) == 2 and pipeline[0] == PIPELINE_CODE:
+        if _exported_class(pipeline[1]) is not None:
+            index["_class_name"] = pipeline[1]
+    for name, entry in index.items():
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == component_code(name):
+            found = _exported_class(entry[1])
+            if found is not None:
+                index[name] = [found.__module__, entry[1]]
+    return index
+
+
+def upload_pipeline_folder(
+    folder: str | os.PathLike,
+    repo_id: str | None = None,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+) -> Any:
+    """Uploads a saved pipeline ``folder`` to the Hub repository ``repo_id`` (created when missing; by default the
+    folder's name in your namespace), with the model card diffusers writes for pipelines; returns the commit info.
+
+    It is the upload of ``save_pretrained(..., push_to_hub=True)``, done once the custom-code files are written:
+    diffusers' own uploads before its ``save_pretrained`` returns.
+    """
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    folder = Path(folder)
+    repo_id = create_repo(repo_id or folder.resolve().name, exist_ok=True, private=private, token=token).repo_id
+    card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+    card.save(str(folder / "README.md"))
+    return upload_folder(
+        repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message, create_pr=create_pr
+    )
