@@ -498,6 +498,22 @@ def restore_one(job: Job, args: argparse.Namespace, pipe: Any, captions: dict) -
     save_result(result, job.result, source=image, options=output_options(args), text=metadata)
 
 
+def load_restoration_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
+    """The pipeline as the options set it up, on ``device``: one call for every engine, so that they never differ."""
+    from . import loading
+
+    return loading.load_pipeline(
+        args.model,
+        device,
+        loading.resolve_dtype(args.dtype, device),
+        offload=args.offload,
+        compile=args.compile,
+        fp8=args.fp8,
+        low_vram=args.low_vram,
+        vae_tiling=args.vae_tiling,
+    )
+
+
 def run(jobs: list[Job], args: argparse.Namespace, pipe: Any, captions: dict, progress: bool = True) -> Summary:
     from tqdm.auto import tqdm
 
@@ -588,16 +604,7 @@ def restore(args: argparse.Namespace) -> int:
     share = [job for job in share if job.source.name not in failed]
     if share:
         try:
-            pipe = loading.load_pipeline(
-                args.model,
-                device,
-                loading.resolve_dtype(args.dtype, device),
-                offload=args.offload,
-                compile=args.compile,
-                fp8=args.fp8,
-                low_vram=args.low_vram,
-                vae_tiling=args.vae_tiling,
-            )
+            pipe = load_restoration_pipeline(args, device)
         except (ValueError, OSError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             return _error(f"could not load the pipeline: {reason}")

@@ -326,10 +326,17 @@ def _fill_transparent(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- colour profiles
 
 
+# A fixed creation date for the sRGB profile we embed (ICC header bytes 24-35: year, month, day, hour, minute,
+# second), so that the same restoration gives the same file in every process.
+_PROFILE_DATE = struct.pack(">6H", 2025, 1, 1, 0, 0, 0)
+
+
 @lru_cache(maxsize=1)
 def srgb_profile() -> bytes:
-    """LittleCMS's built-in sRGB profile, embedded in results."""
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    """LittleCMS's built-in sRGB profile, embedded in results. LittleCMS stamps it with the time it is made; the
+    stamp is replaced by a fixed date (the profile's ID is zero, so no checksum covers it)."""
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return profile[:24] + _PROFILE_DATE + profile[36:]
 
 
 def _profile(data: bytes) -> ImageCms.ImageCmsProfile:

@@ -1,0 +1,197 @@
+"""faithdiff-upscale --engine ray on a local Ray cluster of 2 CPUs with tiny components: the local engine's results,
+resumption, a worker that dies, a corrupt image, and the mistakes refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import tiny_captioner
+from faithdiff_pipeline import loading
+from faithdiff_pipeline.cli import main
+from faithdiff_pipeline.image_io import result_text
+from faithdiff_pipeline.ray_engine import CRASH_ONCE_ENV, upscale_on_ray
+
+FAST = ["--steps", "2", "--tile-size", "64", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def captioner_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("captioner")
+    model, processor = tiny_captioner()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _photos(folder: Path, count: int) -> list[Path]:
+    """Small structured RGB images, each different."""
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:20, 0:24]
+    paths = []
+    for i in range(count):
+        rgb = np.stack([(x * (10 + i)) % 256, (y * 12 + 40 * i) % 256, (x * y + i * 7) % 256], axis=-1)
+        path = folder / f"photo_{i}.png"
+        PIL.Image.fromarray(rgb.astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _png_chunks(path: Path) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks (type, data), with the creation time in its ICC profile's header zeroed: LittleCMS stamps the
+    sRGB profile with the second it was built, once per process (image_io.srgb_profile), so results written by two
+    processes differ there and nowhere else."""
+    data, chunks, offset = path.read_bytes(), [], 8
+    while offset < len(data):
+        (length,), kind = struct.unpack(">I", data[offset : offset + 4]), data[offset + 4 : offset + 8]
+        body = data[offset + 8 : offset + 8 + length]
+        if kind == b"iCCP":
+            name, _, compressed = body.partition(b"\0")
+            profile = zlib.decompress(compressed[1:])
+            body = name + profile[:24] + bytes(12) + profile[36:]
+        chunks.append((kind, body))
+        offset += 12 + length
+    return chunks
+
+
+def _fast_options() -> dict:
+    return {"steps": 2, "tile_size": 64, "device": "cpu", "dtype": "float32"}
+
+
+def _results(folder: Path) -> dict[str, Path]:
+    return {path.name: path for path in folder.iterdir()}
+
+
+def test_results_equal_the_local_engines_and_a_rerun_skips_them(
+    ray_cluster, tiny_model_dir, captioner_dir, tmp_path, capsys
+) -> None:
+    """Captions first, then restoration, from and to URIs (file://, through pyarrow's filesystems as for s3://)."""
+    for name in ("local", "ray"):
+        _photos(tmp_path / name / "in", 3)
+    options = [*FAST, "--model", str(tiny_model_dir), "--captioner", str(captioner_dir), "--compare", "--seed", "3"]
+    # Ray gives a worker of one CPU one thread, and float sums on the CPU depend on the number of threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([str(tmp_path / "local" / "in"), "-o", str(tmp_path / "local" / "out"), *options]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    ray_in, ray_out = (tmp_path / "ray" / "in").as_uri(), (tmp_path / "ray" / "out").as_uri()
+    assert main([ray_in, "-o", ray_out, *options, "--engine", "ray", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 done, 0 skipped (already restored), 0 failed" in out and "images per second" in out
+
+    local, ray = _results(tmp_path / "local" / "out"), _results(tmp_path / "ray" / "out")
+    assert sorted(ray) == sorted(local) and len(ray) == 6  # results and comparisons, no leftovers
+    for name, path in local.items():
+        assert _png_chunks(ray[name]) == _png_chunks(path), name
+    sidecars = sorted((tmp_path / "local" / "in").glob("*.json"))
+    assert len(sidecars) == 3
+    for sidecar in sidecars:
+        assert json.loads((tmp_path / "ray" / "in" / sidecar.name).read_text()) == json.loads(sidecar.read_text())
+    with PIL.Image.open(ray["photo_0.png"]) as result:
+        assert result.text["caption"] and json.loads(result.text["parameters"])["seed"] == 3
+
+    written = {name: path.stat().st_mtime_ns for name, path in ray.items()}
+    assert main([ray_in, "-o", ray_out, *options, "--engine", "ray"]) == 0
+    assert "0 done, 3 skipped (already restored), 0 failed" in capsys.readouterr().out
+    assert {name: path.stat().st_mtime_ns for name, path in _results(tmp_path / "ray" / "out").items()} == written
+
+
+def test_a_dying_worker_and_a_corrupt_image_do_not_stop_the_job(
+    ray_cluster, tiny_model_dir, tmp_path, monkeypatch
+) -> None:
+    """A worker that kills its own process on its first image (the test hook) is restarted and that image retried;
+    a corrupt image is reported with its reason; every other image is restored exactly once."""
+    good = _photos(tmp_path / "in", 3)
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
+    summary = upscale_on_ray(
+        [tmp_path / "in"], tmp_path / "out", workers=1, model=str(tiny_model_dir), prompt="x", **_fast_options()
+    )
+    assert marker.exists()  # a worker did die
+    assert sorted(summary.done) == [path.name for path in good] and not summary.skipped
+    assert [name for name, _ in summary.failed] == ["broken.png"]
+    assert summary.failed[0][1].startswith("not a readable image")
+    assert summary.worker_deaths == 1
+    report = summary.report()
+    assert "3 done, 0 skipped (already restored), 1 failed" in report
+    assert "1 worker process death(s): each worker was restarted" in report and "failed: broken.png: not a" in report
+    results = sorted((tmp_path / "out").iterdir())  # no leftovers of the worker that died
+    assert [path.name for path in results] == [path.name for path in good]
+    assert all(result_text(path) is not None for path in results)
+
+
+def test_without_ray_the_engine_is_a_one_line_error_before_any_model_loads(tmp_path, monkeypatch, capsys) -> None:
+    _photos(tmp_path / "in", 1)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--engine", "ray", *FAST]) == 2
+    err = capsys.readouterr().err
+    install = "pip install 'faithdiff-pipeline[ray]'"
+    assert err.strip().splitlines() == [
+        f"faithdiff-upscale: error: --engine ray needs Ray Data, which is not installed: {install}"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--workers", "2"], "--workers needs --engine ray (the engine is local)"),
+        (["--ray-address", "auto", "--gpus-per-worker", "1"], "--ray-address, --gpus-per-worker need --engine ray"),
+        (["--engine", "ray", "--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--engine", "ray", "--gpus-per-worker", "-1"], "--gpus-per-worker must be a finite number >= 0, got -1.0"),
+        (["--engine", "ray", "--device", "cuda:1"], "--device cuda:1 names one GPU"),
+        (["--engine", "ray", "--captions-only"], "--captions-only runs on the local engine; drop --engine ray"),
+        (["--engine", "ray", "--steps", "0"], "--steps and --tile-batch-size must be at least 1"),
+    ],
+)
+def test_mistakes_are_one_line_errors_before_ray_starts(tmp_path, monkeypatch, capsys, extra, message) -> None:
+    pytest.importorskip("ray")
+    _photos(tmp_path / "in", 1)
+    monkeypatch.setattr("ray.init", lambda *a, **k: pytest.fail("Ray was started"))
+    assert main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_missing_and_empty_uri_inputs_are_refused(tmp_path, monkeypatch, capsys) -> None:
+    pytest.importorskip("ray")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr("ray.init", lambda *a, **k: pytest.fail("Ray was started"))
+    for source, message in [
+        ((tmp_path / "nothing.png").as_uri(), "does not exist"),
+        ((tmp_path / "empty").as_uri(), "holds no images"),
+    ]:
+        assert main([source, "-o", (tmp_path / "out").as_uri(), "--engine", "ray"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_foreign_file_in_a_remote_results_place_is_a_clash(tmp_path, monkeypatch, capsys) -> None:
+    pytest.importorskip("ray")
+    _photos(tmp_path / "in", 1)
+    (tmp_path / "out").mkdir()
+    shutil.copy(tmp_path / "in" / "photo_0.png", tmp_path / "out" / "photo_0.png")  # not one of our results
+    monkeypatch.setattr("ray.init", lambda *a, **k: pytest.fail("Ray was started"))
+    assert main([(tmp_path / "in").as_uri(), "-o", (tmp_path / "out").as_uri(), "--engine", "ray"]) == 2
+    assert "files that are not faithdiff results are in the way" in capsys.readouterr().err
