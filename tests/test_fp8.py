@@ -118,3 +118,19 @@ def test_command_line_float8_options(tmp_path, monkeypatch, capsys) -> None:
     assert main([*common, "-o", "low", "--low-vram", "--dtype", "float32"]) == 0
     with PIL.Image.open("fp8/a.png") as a, PIL.Image.open("low/a.png") as b:
         assert np.array_equal(np.asarray(a), np.asarray(b))  # CPU: offloading moves nothing; one tile either way
+
+
+def test_compile_takes_the_vae_and_lq_encoder_too_and_changes_nothing(tmp_path) -> None:
+    from faithdiff_pipeline import loading
+
+    FaithDiffSDXLPipeline(**tiny_components()).save_pretrained(tmp_path)
+    cpu = torch.device("cpu")
+    eager = loading.load_pipeline(tmp_path, cpu, torch.float32)
+    compiled = loading.load_pipeline(tmp_path, cpu, torch.float32, compile="regional")
+    for module in (compiled.vae.encoder, compiled.vae.decoder, compiled.lq_encoder):
+        assert module._compiled_call_impl is not None
+    assert eager.vae.decoder._compiled_call_impl is None
+    for pipe in (eager, compiled):
+        pipe.set_progress_bar_config(disable=True)
+    # Inductor fuses float32 arithmetic in another order: a few 1e-6 apart, the parity tolerance bounds it.
+    torch.testing.assert_close(_restore(compiled), _restore(eager), rtol=0, atol=1e-4)
