@@ -567,14 +567,14 @@ class FaithDiffSDXLPipeline(
             model_input = self.scheduler.scale_model_input(torch.cat([tiles] * cfg_copies), t).to(unet_dtype)
             per_tile = len(indices)
             added_cond = {
-                "text_embeds": _tile_major(add_text_embeds, per_tile, cfg_copies),
+                "text_embeds": _tile_major(add_text_embeds, per_tile, cfg_copies).to(unet_dtype),
                 "time_ids": batch_time_ids,
             }
             with aligned_conv_in(self.unet, self.alignment, torch.cat([condition] * cfg_copies)):
                 noise = self.unet(
                     model_input,
                     t,
-                    encoder_hidden_states=_tile_major(prompt_embeds, per_tile, cfg_copies),
+                    encoder_hidden_states=_tile_major(prompt_embeds, per_tile, cfg_copies).to(unet_dtype),
                     cross_attention_kwargs=self._cross_attention_kwargs,
                     added_cond_kwargs=added_cond,
                     return_dict=False,
