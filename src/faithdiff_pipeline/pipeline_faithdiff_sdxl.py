@@ -151,17 +151,7 @@ class FaithDiffSDXLPipeline(
                 "(SDXL's UNet attends to both text encoders' states)."
             )
         self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            alignment=alignment,
-            scheduler=scheduler,
-            lq_encoder=lq_encoder,
-            captioner=captioner,
-            captioner_processor=captioner_processor,
+            **required, lq_encoder=lq_encoder, captioner=captioner, captioner_processor=captioner_processor
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
