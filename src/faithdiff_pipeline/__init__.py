@@ -19,7 +19,20 @@ _import_structure = {
 }
 _exports = export_table(_import_structure)
 
-__all__ = sorted(_exports)
+# Spelled out for static tools; tests/test_startup.py checks it against the export table.
+__all__ = [
+    "FaithDiffAlignmentModel",
+    "FaithDiffLQEncoder",
+    "FaithDiffPipelineOutput",
+    "FaithDiffSDXLPipeline",
+    "adain_color_fix",
+    "aligned_conv_in",
+    "apply_color_fix",
+    "convert_official_release",
+    "converted_release",
+    "encoder_mid_block_features",
+    "wavelet_color_fix",
+]
 
 # Before any submodule can import diffusers: whichever of them comes first, its import stays quiet.
 quiet_diffusers_import_notices()

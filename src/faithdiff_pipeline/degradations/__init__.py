@@ -49,7 +49,45 @@ _import_structure = {
 }
 _exports = export_table(_import_structure)
 
-__all__ = sorted(_exports)
+# Spelled out for static tools; tests/test_startup.py checks it against the export table.
+__all__ = [
+    "DegradationConfig",
+    "DegradationPlan",
+    "KERNEL_TYPES",
+    "KernelSpec",
+    "NoiseSpec",
+    "PRESETS",
+    "PRESET_SOURCES",
+    "RESIZE_MODES",
+    "ResizeSpec",
+    "SampleDegradation",
+    "add_noise",
+    "apply_degradation_plan",
+    "degrade",
+    "filter2d",
+    "gaussian_kernel",
+    "gaussian_noise",
+    "generalized_gaussian_kernel",
+    "get_preset",
+    "jpeg_compress",
+    "jpeg_quantization_tables",
+    "plateau_kernel",
+    "poisson_noise",
+    "pulse_kernel",
+    "random_anisotropic_gaussian_kernel",
+    "random_generalized_anisotropic_kernel",
+    "random_generalized_isotropic_kernel",
+    "random_isotropic_gaussian_kernel",
+    "random_mixed_kernel",
+    "random_plateau_anisotropic_kernel",
+    "random_plateau_isotropic_kernel",
+    "random_sinc_kernel",
+    "sample_degradation_plan",
+    "sample_kernel_spec",
+    "sample_sinc_spec",
+    "sinc_kernel",
+    "to_pil",
+]
 
 if TYPE_CHECKING:
     from .config import PRESET_SOURCES, PRESETS, RESIZE_MODES, DegradationConfig, get_preset

@@ -17,7 +17,23 @@ _import_structure = {
 }
 _exports = export_table(_import_structure)
 
-__all__ = sorted(_exports)
+# Spelled out for static tools; tests/test_startup.py checks it against the export table.
+__all__ = [
+    "DegradingDataset",
+    "FaithDiffTrainingModule",
+    "ManifestRecord",
+    "PreparedPairsDataset",
+    "STAGE_RECIPES",
+    "TrainingConfig",
+    "TrainingSetupError",
+    "epsilon_loss",
+    "load_starting_pipeline",
+    "noise_latents",
+    "offset_noise",
+    "read_manifest",
+    "training_example",
+    "training_module",
+]
 
 if TYPE_CHECKING:
     from .config import TrainingConfig, TrainingSetupError
