@@ -118,3 +118,23 @@ def test_spatial_attention_option_attends_across_pixels_of_each_sample_only() ->
     assert not torch.allclose(per_pixel(hidden, lq_features=lq), out, atol=1e-3)
     out.sum().backward()
     assert model.blocks[0].attn.in_proj_weight.grad[:32].abs().sum() > 0  # queries train in this mode
+
+
+def test_freshly_built_module_zeroes_condition_output_conv_and_projection() -> None:
+    torch.manual_seed(5)
+    model = FaithDiffAlignmentModel(lq_channels=64, latent_channels=32, num_attention_heads=8)
+    conv_out, proj_out = model.condition_embedding.conv_out, model.proj_out
+    for tensor in (conv_out.weight, conv_out.bias, proj_out.weight, proj_out.bias):
+        assert torch.count_nonzero(tensor) == 0
+    # the other layers keep their random initialisation, so training can move them at once
+    assert model.condition_embedding.conv_in.weight.abs().sum() > 0
+    assert model.blocks[0].mlp.c_fc.weight.abs().sum() > 0
+    # the LQ path starts at zero and the module leaves conv_in's output unchanged
+    hidden, lq = torch.randn(2, 32, 4, 4), torch.randn(2, 64, 4, 4)
+    with torch.no_grad():
+        assert torch.count_nonzero(model.embed_condition(lq)) == 0
+        assert torch.equal(model(hidden, lq_features=lq), hidden)
+    # loaded weights replace the initialisation
+    trained = _random_alignment(6)
+    model.load_state_dict(trained.state_dict())
+    assert torch.equal(model.condition_embedding.conv_out.weight, trained.condition_embedding.conv_out.weight)

@@ -376,6 +376,28 @@ def test_poisson_noise_is_zero_mean_and_signal_dependent() -> None:
     assert torch.equal(grey[0], grey[1])
 
 
+def _reference_grey_shot_noise(image: torch.Tensor, weights: tuple, seed: int) -> torch.Tensor:
+    """Grey shot noise restated: luma with ``weights``, quantised to 8 bits, photon count = levels rounded up to a
+    power of two, one Poisson draw from a generator seeded with ``seed``."""
+    r, g, b = image.double()
+    luma = (weights[0] * r + weights[1] * g + weights[2] * b).float()
+    levels = torch.round(luma.clamp(0, 1) * 255) / 255
+    count = 2.0 ** math.ceil(math.log2(len(torch.unique(levels))))
+    return torch.poisson(levels * count, generator=torch.Generator().manual_seed(seed)) / count - levels
+
+
+def test_grey_poisson_noise_uses_torchvision_luma_weights() -> None:
+    # torchvision's rgb_to_grayscale, through which the release computes grey noise: 0.2989 R + 0.587 G + 0.114 B.
+    image = torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(3))
+    noise = poisson_noise(image[None], 1.0, True, torch.Generator().manual_seed(11))[0]
+    expected = _reference_grey_shot_noise(image, (0.2989, 0.587, 0.114), seed=11)
+    torch.testing.assert_close(noise[0], expected, rtol=0, atol=1e-6)
+    assert torch.equal(noise[0], noise[2])
+    # BT.601's 0.299 quantises some pixels to another level, so the test tells the two weightings apart.
+    bt601 = _reference_grey_shot_noise(image, (0.299, 0.587, 0.114), seed=11)
+    assert (bt601 - expected).abs().max() > 1e-3
+
+
 # -------------------------------------------------------------------------------------------- config & I/O
 def test_yaml_round_trip_and_realesrgan_layout(tmp_path) -> None:
     import yaml  # a test extra

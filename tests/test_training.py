@@ -87,6 +87,7 @@ def _settings(manifest: Path | None, output: Path, **overrides) -> dict:
         report_to="none",
         dataloader_num_workers=0,
         mixed_precision="no",
+        vae=None,  # the tiny model's own VAE, not the release's default from the Hub
         seed=7,
     )
     settings.update(overrides)
@@ -126,10 +127,19 @@ def test_prepare_data_crops_manifest_skips_and_resumes(tmp_path: Path, capsys: p
     output = tmp_path / "set"
     args = [str(samples), str(extra), "-o", str(output), "--hq-size", "128", "--crops-per-image", "2", "--no-progress"]
 
+    # Without a caption source the command refuses, in one line naming the options, before writing anything.
+    assert prepare_main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("faithdiff-prepare-data: error:") and "\n" not in error
+    assert all(option in error for option in ("--captioner MODEL_ID", "--sidecar-captions", "--captioner none"))
+    assert not output.exists()
+
+    args += ["--captioner", "none"]
     assert prepare_main(args) == 0
     report = capsys.readouterr().out
     assert "8 crop(s) written" in report and "1 image(s) smaller than 128 px skipped" in report
     assert "1 unreadable" in report and "broken.png" in report
+    assert "4 image(s) without a caption" in report
 
     records = read_manifest(output / "manifest.jsonl")
     assert len(records) == 8 and {Path(r.source).name for r in records} == {
@@ -231,8 +241,8 @@ def test_training_reads_exif_turned_and_16_bit_photos(tmp_path: Path) -> None:
     crop = np.asarray(load_rgb(output / grey16.hq))
     assert abs(crop.mean() / 255 - levels[top:bottom, left:right].mean()) < 1 / 255
 
-    # On the fly: the same readers (sources sorted by key: grey16 first).
-    dataset = DegradingDataset([folder], hq_size=HQ, seed=0, caption_dropout=0.0)
+    # On the fly: the same readers (sources sorted by key: grey16 first); unflipped, so that time_ids give the box.
+    dataset = DegradingDataset([folder], hq_size=HQ, seed=0, caption_dropout=0.0, random_flip=False)
     assert len(dataset) == 2 and not dataset.unreadable and not dataset.skipped_small
     example = dataset[0]
     _, _, top, left, size, _ = (int(v) for v in example["time_ids"].tolist())
@@ -279,6 +289,67 @@ def test_prepared_dataset_reads_the_manifest(manifest: Path) -> None:
     assert lq.size == (HQ // 4, HQ // 4)
 
 
+def test_flipped_pair_measures_the_crop_left_edge_in_the_flipped_image() -> None:
+    from faithdiff_pipeline.training.data import training_example
+
+    hq = _photo(HQ, HQ, seed=2)
+    lq = hq.resize((HQ // 4, HQ // 4))
+    # original (height, width) 80 x 100, crop at top 8, left 12 of the unflipped image
+    time_ids = [80.0, 100.0, 8.0, 12.0, float(HQ), float(HQ)]
+    seen = set()
+    for seed in range(20):
+        flipped = torch.rand((), generator=torch.Generator().manual_seed(seed)).item() < 0.5  # its first draw
+        example = training_example(hq, lq, "", time_ids, torch.Generator().manual_seed(seed), 0.0, random_flip=True)
+        if flipped:
+            assert torch.equal(example["hq"], to_model_range(hq).flip(-1))
+            assert example["time_ids"].tolist() == [80.0, 100.0, 8.0, 100.0 - 12.0 - HQ, HQ, HQ]
+        else:
+            assert torch.equal(example["hq"], to_model_range(hq))
+            assert example["time_ids"].tolist() == time_ids
+        seen.add(flipped)
+    assert seen == {True, False}
+    unflipped = training_example(hq, lq, "", time_ids, torch.Generator().manual_seed(0), 0.0, random_flip=False)
+    assert unflipped["time_ids"].tolist() == time_ids
+
+
+def test_data_loader_keeps_the_last_incomplete_batch_by_default(manifest: Path) -> None:
+    from faithdiff_pipeline.training.train import _data_loader
+
+    dataset = PreparedPairsDataset(manifest, seed=0)  # 4 pairs
+    assert TrainingConfig().drop_last is False
+    batches = list(_data_loader(dataset, TrainingConfig(train_batch_size=3, dataloader_num_workers=0)))
+    assert [len(b["caption"]) for b in batches] == [3, 1]
+    dropped = _data_loader(dataset, TrainingConfig(train_batch_size=3, dataloader_num_workers=0, drop_last=True))
+    assert [len(b["caption"]) for b in dropped] == [3]
+
+
+def test_prepared_set_shows_another_crop_of_an_image_in_each_epoch(photos: Path, tmp_path: Path) -> None:
+    prepare_training_set([photos], tmp_path, hq_size=HQ, crops_per_image=3, progress=False)
+    manifest = tmp_path / "manifest.jsonl"
+    dataset = PreparedPairsDataset(manifest, seed=0, random_flip=False)
+    assert len(dataset) == 4  # one example per image and epoch (12 crops)
+    by_epoch = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        by_epoch.append([dataset[i]["hq"] for i in range(len(dataset))])
+        # each example is one crop of the image it stands for
+        assert {Path(dataset.records[dataset.record_index(i)].source).name for i in range(4)} == {
+            f"photo{i}.png" for i in range(4)
+        }
+    for image in range(4):
+        crops = [by_epoch[epoch][image] for epoch in range(3)]
+        # three epochs: three different windows of the image, each read from the prepared HQ crops
+        assert not any(torch.equal(crops[a], crops[b]) for a, b in ((0, 1), (1, 2), (0, 2))), image
+    # the fixed-crop behaviour: every crop is an example in every epoch
+    every = PreparedPairsDataset(manifest, seed=0, random_flip=False, crops="all")
+    assert len(every) == 12
+    first = [every[i]["hq"] for i in range(12)]
+    every.set_epoch(1)
+    assert all(torch.equal(a, every[i]["hq"]) for i, a in enumerate(first))
+    with pytest.raises(ValueError, match="`crops`"):
+        PreparedPairsDataset(manifest, crops="random")
+
+
 # ---------------------------------------------------------------------------------------------------- loss
 def test_loss_against_an_independent_computation() -> None:
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -309,7 +380,9 @@ def test_loss_against_an_independent_computation() -> None:
 # -------------------------------------------------------------------------------------------------- stages
 def test_stage1_trains_only_the_alignment_module(stage1_run: Path, sdxl_base: Path) -> None:
     pipeline = stage1_run / "checkpoint-2" / "pipeline"
-    assert json.loads((stage1_run / "checkpoint-2" / "training_state.json").read_text()) == {"step": 2, "stage": 1}
+    state = json.loads((stage1_run / "checkpoint-2" / "training_state.json").read_text())
+    assert state == {"step": 2, "stage": 1, "pipeline_weights": "trained"}
+    assert json.loads((pipeline / "training.json").read_text()) == {"weights": "trained"}
     base = tiny_components()
     assert _equal(_weights(pipeline / "unet"), _weights(sdxl_base / "unet"))
     assert _equal(_weights(pipeline / "vae"), _weights(sdxl_base / "vae"))
@@ -373,6 +446,7 @@ def test_resuming_matches_an_uninterrupted_run(stage1_run: Path, manifest: Path,
         checkpointing_steps=1,
         use_ema=True,
         ema_update_interval=1,
+        export_ema_weights=True,
         lr_warmup_steps=2,
     )
     whole = train(TrainingConfig(stage=2, stage1_checkpoint=stage1, **settings))
@@ -385,6 +459,7 @@ def test_resuming_matches_an_uninterrupted_run(stage1_run: Path, manifest: Path,
     resumed = train(TrainingConfig(stage=2, stage1_checkpoint=stage1, **settings))
     assert (resumed.step, resumed.steps_run) == (3, 2)
     assert json.loads((resumed.checkpoint / "training_state.json").read_text())["step"] == 3
+    assert json.loads((resumed.checkpoint / "pipeline" / "training.json").read_text()) == {"weights": "ema"}
 
     for part in ("unet", "alignment", "lq_encoder"):
         final = _weights(whole.checkpoint / "pipeline" / part)
@@ -398,6 +473,88 @@ def test_resuming_matches_an_uninterrupted_run(stage1_run: Path, manifest: Path,
     )
     schedules = [torch.load(c / "scheduler.bin", weights_only=True) for c in (whole.checkpoint, resumed.checkpoint)]
     assert schedules[0]["_last_lr"] == schedules[1]["_last_lr"] and schedules[0]["last_epoch"] == 3
+
+
+# --------------------------------------------------------------------------------------------------- EMA
+def _toy_ema(counting: str, steps: range, interval: int = 100) -> tuple[list[float], list[float]]:
+    """EMA of one parameter that ramps from 0 to 1 over ``steps``, updated every ``interval`` steps."""
+    from diffusers.training_utils import EMAModel
+
+    from faithdiff_pipeline.training.checkpoints import update_ema
+
+    param = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+    ema = EMAModel([param], decay=0.9999)
+    decays, averages = [], []
+    for step in steps:
+        param.data.fill_(step / steps[-1])
+        if step % interval == 0:
+            update_ema(ema, [param], step, counting)
+            decays.append(ema.cur_decay_value)
+            averages.append(ema.shadow_params[0].item())
+    return decays, averages
+
+
+def _expected_ema(counters: list[int], values: list[float]) -> tuple[list[float], list[float]]:
+    """The warm-up EMA restated: decay min(0.9999, n / (n + 9)) for counter n (0 at n = 1: the first update copies)."""
+    decays, averages, average = [], [], 0.0
+    for n, value in zip(counters, values):
+        decay = min(0.9999, (n - 1 + 1) / (n - 1 + 10)) if n > 1 else 0.0
+        average = decay * average + (1 - decay) * value
+        decays.append(decay)
+        averages.append(average)
+    return decays, averages
+
+
+def test_ema_global_step_counting_reproduces_the_release_and_default_is_diffusers() -> None:
+    steps = range(1, 6001)
+    update_steps = [s for s in steps if s % 100 == 0]
+    values = [s / 6000 for s in update_steps]
+
+    release_decays, release_averages = _toy_ema("global_step", steps)
+    expected_decays, expected_averages = _expected_ema(update_steps, values)
+    assert release_decays == pytest.approx(expected_decays, rel=1e-12)
+    assert release_averages == pytest.approx(expected_averages, rel=1e-9)
+    assert release_decays[0] == pytest.approx(100 / 109)
+    assert release_averages[-1] == pytest.approx(0.0826, abs=1e-3)  # the average stays near the early weights
+
+    default_decays, default_averages = _toy_ema("diffusers", steps)
+    expected_decays, expected_averages = _expected_ema(list(range(1, len(update_steps) + 1)), values)
+    assert default_decays == pytest.approx(expected_decays, rel=1e-12)
+    assert default_averages == pytest.approx(expected_averages, rel=1e-9)
+    assert default_averages[-1] == pytest.approx(0.90, abs=1e-3)
+
+    # The default is exactly diffusers' EMAModel stepped on its own.
+    from diffusers.training_utils import EMAModel
+
+    param = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+    plain = EMAModel([param], decay=0.9999)
+    plain_averages = []
+    for step in steps:
+        param.data.fill_(step / 6000)
+        if step % 100 == 0:
+            plain.step([param])
+            plain_averages.append(plain.shadow_params[0].item())
+    assert default_averages == plain_averages
+
+
+def test_exported_pipeline_holds_the_trained_weights_by_default(
+    manifest: Path, sdxl_base: Path, tmp_path: Path
+) -> None:
+    settings = _settings(manifest, tmp_path, use_ema=True, ema_update_interval=1, ema_counting="global_step")
+    result = train(TrainingConfig(stage=1, pretrained_model=str(sdxl_base), **settings))
+    raw = load_file(result.checkpoint / "model.safetensors")
+    exported = _weights(result.checkpoint / "pipeline" / "alignment")
+    assert _equal({f"alignment.{k}": v for k, v in exported.items()}, raw)
+    ema = torch.load(result.checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    assert ema["optimization_step"] == 2  # the global step
+    assert not torch.equal(ema["shadow_params"][-2], raw["alignment.proj_out.weight"])
+    assert json.loads((result.checkpoint / "pipeline" / "training.json").read_text()) == {"weights": "trained"}
+    assert json.loads((result.checkpoint / "training_state.json").read_text())["pipeline_weights"] == "trained"
+    base = {**settings, "pretrained_model": str(sdxl_base)}
+    with pytest.raises(TrainingSetupError, match="export_ema_weights"):
+        TrainingConfig(**{**base, "use_ema": False, "export_ema_weights": True}).resolve()
+    with pytest.raises(TrainingSetupError, match="ema_counting"):
+        TrainingConfig(**{**base, "ema_counting": "epochs"}).resolve()
 
 
 # ---------------------------------------------------------------------------------------------- user errors
@@ -434,7 +591,7 @@ def test_spatial_attention_option_reaches_a_new_alignment_module(sdxl_base: Path
 
     for spatial in (False, True):
         pipe = load_starting_pipeline(
-            TrainingConfig(stage=1, pretrained_model=str(sdxl_base), spatial_attention=spatial)
+            TrainingConfig(stage=1, pretrained_model=str(sdxl_base), vae=None, spatial_attention=spatial)
         )
         assert pipe.alignment.config.spatial_attention is spatial
         assert all(block.spatial is spatial for block in pipe.alignment.blocks)

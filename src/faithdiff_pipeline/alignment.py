@@ -119,11 +119,21 @@ class FaithDiffAlignmentModel(ModelMixin, ConfigMixin):
             [AlignmentBlock(width, num_attention_heads, mlp_ratio, spatial_attention) for _ in range(num_layers)]
         )
         self.proj_out = nn.Linear(width, latent_channels)
+        # A freshly built module starts as the release's training does: the LQ path's last convolution and the
+        # output projection are zero, so the UNet is unchanged and the LQ condition enters from zero. Loading
+        # weights (from_pretrained, load_state_dict) overwrites this initialisation.
+        self.zero_init_output()
 
     def zero_init_output(self) -> None:
-        """Zero the output projection, so that a freshly initialised module leaves the UNet unchanged (training)."""
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        """Zero the condition embedding's output convolution and the output projection.
+
+        The module then adds nothing to the UNet's conv_in output and its condition embedding is zero, as in the
+        release at the start of training. A freshly built module is already in this state; call it again to
+        reset one whose weights were changed.
+        """
+        for layer in (self.condition_embedding.conv_out, self.proj_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def embed_condition(self, lq_features: torch.Tensor) -> torch.Tensor:
         """Condition embedding of LQ features ``[B, lq_channels, h, w]`` -> ``[B, latent_channels, h, w]``.

@@ -7,7 +7,9 @@ from typing import Sequence
 
 import torch
 
-_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # BT.601 luma
+# The release converts to grey with torchvision's rgb_to_grayscale, whose red weight is 0.2989 (BT.601's 0.299
+# truncated); using its weights keeps grey Poisson noise identical to the release's at the same draw.
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
 def _check_images(images: torch.Tensor) -> None:

@@ -1,9 +1,11 @@
 """Training checkpoints: accelerate's state (to resume) and a FaithDiff pipeline folder (to use), side by side.
 
 ``OUTPUT/checkpoint-N/`` holds accelerate's files (trained weights, optimiser, LR schedule, data sampler, random
-states, EMA), ``training_state.json`` (step and stage) and ``pipeline/``, a folder that
-``FaithDiffSDXLPipeline.from_pretrained`` loads. A checkpoint is written under ``.checkpoint-N.partial`` and renamed
-when complete, so a checkpoint folder is always whole; ``training_state.json`` marks it as such.
+states, EMA), ``training_state.json`` (step, stage and which weights the pipeline holds) and ``pipeline/``, a folder
+that ``FaithDiffSDXLPipeline.from_pretrained`` loads, with ``pipeline/training.json`` saying whether it holds the
+trained weights (the default, as the release exported) or their EMA. A checkpoint is written under
+``.checkpoint-N.partial`` and renamed when complete, so a checkpoint folder is always whole;
+``training_state.json`` marks it as such.
 """
 
 from __future__ import annotations
@@ -25,6 +27,23 @@ from .stages import FaithDiffTrainingModule
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "training_state.json"
 PIPELINE_DIR = "pipeline"
+# Beside the pipeline's model_index.json; from_pretrained loads only the components model_index.json lists.
+PIPELINE_METADATA = "training.json"
+
+
+def update_ema(ema: EMAModel, parameters, step: int, counting: str = "diffusers") -> None:
+    """One EMA update after optimiser step ``step``.
+
+    ``counting="diffusers"`` leaves EMAModel's own counter (its number of updates) to set the warm-up decay.
+    ``"global_step"`` makes it the optimiser step, as the release does: EMAModel adds one to its counter before
+    computing the decay, so the counter is set to ``step - 1`` first. The counter is part of the EMA's state, so a
+    resumed run continues either way.
+    """
+    if counting == "global_step":
+        ema.optimization_step = step - 1
+    elif counting != "diffusers":
+        raise ValueError(f"`counting` must be 'diffusers' or 'global_step', got {counting!r}.")
+    ema.step(parameters)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -96,8 +115,10 @@ def save_checkpoint(
     output_dir: str | Path,
     step: int,
     stage: int,
+    export_ema: bool = False,
 ) -> Path:
-    """Saves accelerate's state and the pipeline (with the EMA weights, if any) as ``output_dir/checkpoint-step``.
+    """Saves accelerate's state and the pipeline as ``output_dir/checkpoint-step``; the pipeline holds the trained
+    weights, or their EMA with ``export_ema``.
 
     Every process must call it. Resuming needs the checkpoint folder on a file system that all processes see.
     """
@@ -107,11 +128,12 @@ def save_checkpoint(
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
-    export_pipeline(accelerator, pipe, model, ema, partial / PIPELINE_DIR)
+    exported = export_pipeline(accelerator, pipe, model, ema if export_ema else None, partial / PIPELINE_DIR)
     # Every process writes its own random states into the folder: all must be done before it is renamed.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (partial / STATE_NAME).write_text(json.dumps({"step": step, "stage": stage}) + "\n", encoding="utf-8")
+        state = {"step": step, "stage": stage, "pipeline_weights": exported}
+        (partial / STATE_NAME).write_text(json.dumps(state) + "\n", encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -125,21 +147,31 @@ def export_pipeline(
     model: FaithDiffTrainingModule,
     ema: EMAModel | None,
     path: Path,
-) -> None:
-    """Writes the pipeline with the current weights (the EMA weights, if any) to ``path`` with ``save_pretrained``.
+) -> str:
+    """Writes the pipeline with the trained weights - or their moving average when ``ema`` is given - to ``path``
+    with ``save_pretrained``, and ``path/training.json`` saying which. Returns ``"trained"`` or ``"ema"``.
 
     With DDP or DeepSpeed ZeRO-1/2 every process holds the whole weights, which the pipeline already references.
     Sharded weights (FSDP, ZeRO-3) are gathered first; every process must call this.
     """
     unwrapped = accelerator.unwrap_model(model)
+    weights = "ema" if ema is not None else "trained"
     if is_sharded(accelerator):
+        # The configuration check refuses an EMA with sharded weights, so these are the trained ones.
         state = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             _pipeline_with_state(pipe, unwrapped, state).save_pretrained(path)
-        return
+            _write_metadata(path, weights)
+        return weights
     if accelerator.is_main_process:
         with ema_weights(unwrapped, ema) if ema is not None else nullcontext():
             pipe.save_pretrained(path)
+        _write_metadata(path, weights)
+    return weights
+
+
+def _write_metadata(path: Path, weights: str) -> None:
+    (Path(path) / PIPELINE_METADATA).write_text(json.dumps({"weights": weights}) + "\n", encoding="utf-8")
 
 
 def _pipeline_with_state(

@@ -21,6 +21,12 @@ LR_SCHEDULERS = (
     "piecewise_constant",
 )
 CAPTION_SOURCES = ("none", "sidecar")
+PREPARED_CROPS = ("one_per_epoch", "all")  # as in .data, which this module does not import (it loads torch)
+# How the EMA's warm-up decay counts: diffusers' EMAModel counts its own updates; the release fed it the global step.
+EMA_COUNTING = ("diffusers", "global_step")
+# The release's starting models (train_stage_1.sh): RealVisXL V4.0 as the SDXL base, and an fp16-safe SDXL VAE.
+RELEASE_BASE_MODEL = "SG161222/RealVisXL_V4.0"
+RELEASE_VAE = "madebyollin/sdxl-vae-fp16-fix"
 # Steps of each stage in the release (train_stage_1.sh, train_stage_2.sh).
 RELEASE_STEPS = {1: 6000, 2: 40000}
 # YAML sections whose keys apply to one stage only.
@@ -40,8 +46,10 @@ class TrainingConfig:
         stage: 1 trains the alignment module only; 2 trains the UNet, the alignment module and the LQ encoder.
         pretrained_model: the starting point, a folder or Hub id: an SDXL diffusers model (text encoders, tokenizers,
             scheduler, UNet, VAE) or a FaithDiff pipeline folder (e.g. the converted release, to fine-tune it).
-        vae: another VAE (folder or Hub id, with or without a ``vae`` subfolder), e.g. ``madebyollin/sdxl-vae-fp16-fix``
-            as the release does; it also seeds the LQ encoder when one is created.
+            Default: the release's base, ``SG161222/RealVisXL_V4.0``.
+        vae: the VAE that replaces the starting model's (folder or Hub id, with or without a ``vae`` subfolder); it
+            also seeds the LQ encoder when one is created. Default: the release's ``madebyollin/sdxl-vae-fp16-fix``;
+            ``null`` keeps the starting model's own VAE.
         stage1_checkpoint: stage 2 only: the stage-1 pipeline folder to start from (``.../checkpoint-6000/pipeline``).
             Without it, ``pretrained_model`` must itself be a FaithDiff pipeline.
 
@@ -49,10 +57,16 @@ class TrainingConfig:
         train_manifest: ``manifest.jsonl`` written by ``faithdiff-prepare-data``.
         train_folders: folders of HQ photos, cropped and degraded on the fly in the data loader.
         hq_size: HQ crop size of the on-the-fly mode (a prepared set has its own).
+        prepared_crops: how a prepared set is read: ``"one_per_epoch"`` (default) gives one example per source image
+            per epoch, a different one of its prepared crops in consecutive epochs (close to the release's new window
+            every epoch, with ``--crops-per-image N`` windows); ``"all"`` makes every crop an example of every epoch
+            (with one crop per image: a fixed crop). The on-the-fly mode cuts a new window every epoch.
         degradation: on-the-fly degradation: a preset name or a YAML file (default: FaithDiff's settings).
         captions: on-the-fly captions: ``"none"`` or ``"sidecar"`` (``photo.json`` beside ``photo.jpg``).
         caption_dropout: probability that a caption is replaced by ``""``; the LQ condition is never dropped.
         random_flip: flip HQ and LQ horizontally with probability 1/2.
+        drop_last: drop each epoch's last, incomplete batch. Off by default, as in the release, so that every pair is
+            seen in every epoch (the last optimiser step of an epoch may then average fewer pairs).
         dataloader_num_workers: data-loader worker processes.
 
     Batch and optimisation:
@@ -68,13 +82,21 @@ class TrainingConfig:
         lr_scheduler, lr_warmup_steps: a ``diffusers.optimization.get_scheduler`` schedule, counted in optimiser steps.
         max_grad_norm: gradient clipping (``None`` disables it).
         noise_offset: scale of the per-channel offset added to the training noise.
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"``; ``None`` takes accelerate's configuration.
+        mixed_precision: ``"no"``, ``"fp16"`` (the default, as the release) or ``"bf16"``; ``None`` takes accelerate's
+            configuration.
         gradient_checkpointing: recompute UNet and LQ-encoder activations in the backward pass.
         spatial_attention: a new alignment module (stage 1 from SDXL) attends across each sample's pixels instead of
             the release's per-pixel attention; a research option, off by default.
         allow_tf32: TF32 matrix products on Ampere and later GPUs.
         use_ema, ema_decay, ema_update_interval: an exponential moving average of the trained weights (off by
-            default; the release updated one every 100 steps), used for validation and the exported pipelines.
+            default; the release updated one every 100 steps). It is saved in accelerate's state of each checkpoint.
+        ema_counting: the counter of the EMA's warm-up decay ``min(ema_decay, n / (n + 9))``: ``"diffusers"`` (the
+            default) counts EMA updates, as diffusers' EMAModel does; ``"global_step"`` uses the optimiser step, as
+            the release does, so that with an update every 100 steps the decay is already about 0.91 at the first
+            update and the average stays close to the early weights.
+        export_ema_weights: the checkpoints' pipeline folders (and validation) hold the EMA weights instead of the
+            trained ones. Off by default: the release exported the trained (non-EMA) weights. Requires ``use_ema``.
+            Which weights a pipeline holds is written in its ``training.json`` and in ``training_state.json``.
         seed: seeds the data order, the crops and degradations, the augmentations and the diffusion noise.
 
     Checkpoints, validation and logging:
@@ -92,17 +114,19 @@ class TrainingConfig:
     """
 
     stage: int = 1
-    pretrained_model: str | None = None
-    vae: str | None = None
+    pretrained_model: str | None = RELEASE_BASE_MODEL
+    vae: str | None = RELEASE_VAE
     stage1_checkpoint: str | None = None
 
     train_manifest: str | None = None
     train_folders: list[str] = field(default_factory=list)
     hq_size: int = 512
+    prepared_crops: str = "one_per_epoch"
     degradation: str | None = None
     captions: str = "none"
     caption_dropout: float = 0.2
     random_flip: bool = True
+    drop_last: bool = False
     dataloader_num_workers: int = 4
 
     train_batch_size: int = 16
@@ -119,13 +143,15 @@ class TrainingConfig:
     lr_warmup_steps: int = 300
     max_grad_norm: float | None = 1.0
     noise_offset: float = 0.02
-    mixed_precision: str | None = None
+    mixed_precision: str | None = "fp16"
     gradient_checkpointing: bool = True
     spatial_attention: bool = False
     allow_tf32: bool = True
     use_ema: bool = False
     ema_decay: float = 0.9999
     ema_update_interval: int = 100
+    ema_counting: str = "diffusers"
+    export_ema_weights: bool = False
     seed: int = 42
 
     output_dir: str = "faithdiff-training"
@@ -255,6 +281,10 @@ class TrainingConfig:
         _check_int(self.hq_size, "hq_size", 8)
         if self.hq_size % 8:
             raise TrainingSetupError(f"`hq_size` must be a multiple of 8 (the VAE's factor), got {self.hq_size}.")
+        if self.prepared_crops not in PREPARED_CROPS:
+            raise TrainingSetupError(
+                f"`prepared_crops` must be one of {PREPARED_CROPS}, got {self.prepared_crops!r}."
+            )
         if self.captions not in CAPTION_SOURCES:
             raise TrainingSetupError(f"`captions` must be one of {CAPTION_SOURCES}, got {self.captions!r}.")
         _check_probability(self.caption_dropout, "caption_dropout")
@@ -289,6 +319,10 @@ class TrainingConfig:
                 f"`mixed_precision` must be one of {MIXED_PRECISION} or null, got {self.mixed_precision!r}."
             )
         _check_int(self.ema_update_interval, "ema_update_interval", 1)
+        if self.ema_counting not in EMA_COUNTING:
+            raise TrainingSetupError(f"`ema_counting` must be one of {EMA_COUNTING}, got {self.ema_counting!r}.")
+        if self.export_ema_weights and not self.use_ema:
+            raise TrainingSetupError("`export_ema_weights: true` needs `use_ema: true` (there is no EMA to export).")
 
     def _check_outputs(self) -> None:
         _check_int(self.checkpointing_steps, "checkpointing_steps", 1)

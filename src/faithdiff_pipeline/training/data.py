@@ -27,6 +27,9 @@ from ..image_io import READABLE_SUFFIXES, image_size, read_image
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
+# How a prepared set with several crops per image is read: one of each image's crops per epoch, a different one in
+# consecutive epochs (as the release cuts a new window every epoch), or every crop as its own example, every epoch.
+PREPARED_CROPS = ("one_per_epoch", "all")
 # The release upscales each LQ crop to the HQ size with one of these PIL filters, drawn uniformly.
 UPSCALE_FILTERS = (PIL.Image.NEAREST, PIL.Image.BILINEAR, PIL.Image.BICUBIC)
 
@@ -231,7 +234,9 @@ def training_example(
 ) -> dict[str, Any]:
     """The model inputs of one pair, as the release makes them: both crops flipped together (if ``random_flip``),
     the LQ crop upscaled to the HQ size with a random filter (nearest, bilinear or bicubic), both in [-1, 1], and
-    the caption replaced by ``""`` with probability ``caption_dropout``.
+    the caption replaced by ``""`` with probability ``caption_dropout``. ``time_ids`` are those of the unflipped
+    crop; for a flipped pair the crop's left edge is measured in the flipped image, as in the release, which flips
+    the image before cropping.
 
     Returns ``{"hq", "lq"}`` ``[3, S, S]`` tensors, ``"caption"`` and ``"time_ids"`` (``[6]``).
     """
@@ -239,14 +244,19 @@ def training_example(
     flip = _bernoulli(generator, 0.5)
     upscale_filter = UPSCALE_FILTERS[_uniform_int(generator, len(UPSCALE_FILTERS))]
     drop_caption = _bernoulli(generator, caption_dropout)
+    time_ids = [float(v) for v in time_ids]
     if random_flip and flip:
         hq, lq = hq.transpose(PIL.Image.FLIP_LEFT_RIGHT), lq.transpose(PIL.Image.FLIP_LEFT_RIGHT)
+        # (original height, original width, top, left, height, width): the flipped crop's left edge is the
+        # distance from the original's right edge to the unflipped crop's right edge.
+        original_width, left, width = time_ids[1], time_ids[3], time_ids[5]
+        time_ids[3] = original_width - (left + width)
     lq = lq.resize(hq.size, upscale_filter)
     return {
         "hq": to_model_range(hq),
         "lq": to_model_range(lq),
         "caption": "" if drop_caption else caption,
-        "time_ids": torch.tensor(list(time_ids), dtype=torch.float32),
+        "time_ids": torch.tensor(time_ids, dtype=torch.float32),
     }
 
 
@@ -272,19 +282,36 @@ class PreparedPairsDataset(_AugmentedPairs):
 
     Args:
         manifest: path of ``manifest.jsonl``.
-        seed: seeds the flips, LQ upscaling filters and caption dropout.
+        seed: seeds the flips, LQ upscaling filters, caption dropout and the order of each image's crops.
         caption_dropout: probability of an empty caption.
         random_flip: flip pairs horizontally with probability 1/2.
+        crops: ``"one_per_epoch"`` (the default): one example per source image, whose crop changes from epoch to
+            epoch, cycling through the image's crops in an order of its own (prepare with ``--crops-per-image N``
+            for N windows); the release instead cuts a new window every epoch. ``"all"``: every crop is an example
+            in every epoch (with one crop per image, each image always shows the same window).
     """
 
     def __init__(
-        self, manifest: str | os.PathLike, seed: int = 0, caption_dropout: float = 0.2, random_flip: bool = True
+        self,
+        manifest: str | os.PathLike,
+        seed: int = 0,
+        caption_dropout: float = 0.2,
+        random_flip: bool = True,
+        crops: str = "one_per_epoch",
     ) -> None:
         super().__init__(seed, caption_dropout, random_flip)
+        if crops not in PREPARED_CROPS:
+            raise ValueError(f"`crops` must be one of {PREPARED_CROPS}, got {crops!r}.")
         self.root = Path(manifest).parent
         self.records = read_manifest(manifest)
+        self.crops = crops
         if not self.records:
             raise ValueError(f"Manifest {os.fspath(manifest)!r} holds no pairs.")
+        # Indices of each source image's crops, images in manifest order.
+        by_source: dict[str, list[int]] = {}
+        for position, record in enumerate(self.records):
+            by_source.setdefault(record.source, []).append(position)
+        self.images = list(by_source.values())
         sizes = {(r.crop_box[2] - r.crop_box[0], r.crop_box[3] - r.crop_box[1]) for r in self.records}
         scales = {r.scale for r in self.records}
         if len(sizes) != 1 or len(scales) != 1:
@@ -296,10 +323,20 @@ class PreparedPairsDataset(_AugmentedPairs):
         self.scale = scales.pop()
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.images) if self.crops == "one_per_epoch" else len(self.records)
+
+    def record_index(self, index: int) -> int:
+        """The manifest record that example ``index`` reads in the current epoch."""
+        if self.crops == "all":
+            return index
+        crops = self.images[index]
+        # A fixed per-image offset plus the epoch: consecutive epochs show different crops of an image, and the
+        # images do not all start from their first crop.
+        offset = derive_seed(self.seed, "window", self.records[crops[0]].source) % len(crops)
+        return crops[(offset + self.epoch) % len(crops)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
+        record = self.records[self.record_index(index)]
         hq, lq = load_rgb(self.root / record.hq), load_rgb(self.root / record.lq)
         if hq.size != (self.hq_size, self.hq_size) or lq.size != (self.hq_size // self.scale,) * 2:
             raise ValueError(
@@ -312,8 +349,9 @@ class PreparedPairsDataset(_AugmentedPairs):
         )
 
     def validation_pair(self, index: int) -> tuple[PIL.Image.Image, str]:
-        """The LQ crop and caption of pair ``index`` (fixed: no augmentation)."""
-        record = self.records[index % len(self.records)]
+        """The LQ crop and caption of example ``index`` (fixed: its first crop, no augmentation)."""
+        index %= len(self)
+        record = self.records[self.images[index][0] if self.crops == "one_per_epoch" else index]
         return load_rgb(self.root / record.lq), record.caption
 
 

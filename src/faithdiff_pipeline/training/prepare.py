@@ -53,7 +53,9 @@ class PreparationSettings:
 
 @dataclass
 class PreparationSummary:
-    """What a run did. ``unreadable`` holds ``(path, reason)``; ``skipped_small`` the images smaller than a crop."""
+    """What a run did. ``unreadable`` holds ``(path, reason)``; ``skipped_small`` the images smaller than a crop;
+    ``missing_captions`` the images of this run with a crop whose caption is empty (no sidecar, captions off, or an
+    empty answer of the captioner)."""
 
     images: int = 0
     crops_written: int = 0
@@ -69,9 +71,7 @@ class PreparationSummary:
         ]
         lines += [f"  unreadable: {path}: {reason}" for path, reason in self.unreadable]
         if self.missing_captions:
-            lines.append(
-                f"  {self.missing_captions} image(s) had no caption sidecar; their crops have an empty caption."
-            )
+            lines.append(f"  {self.missing_captions} image(s) without a caption; their crops have an empty caption.")
         return "\n".join(lines)
 
 
@@ -292,7 +292,6 @@ def _captioned(
             from ..captioning import read_caption
 
             caption = read_caption(result.task.source.path)
-            summary.missing_captions += caption is None
             records += [_with_caption(r, caption or "") for r in result.records]
         else:
             records += result.records
@@ -304,6 +303,8 @@ def _captioned(
         if len(captions) != len(records):
             raise RuntimeError(f"The captioner returned {len(captions)} captions for {len(records)} images.")
         records = [_with_caption(r, c) for r, c in zip(records, captions)]
+    # Counted after captioning, whatever the source: an uncaptioned image trains on the empty prompt only.
+    summary.missing_captions += len({r.source for r in records if not r.caption.strip()})
     return records
 
 
@@ -347,7 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the set (default: 0)")
     captions = parser.add_mutually_exclusive_group()
     captions.add_argument(
-        "--captioner", metavar="MODEL_ID", help="caption each HQ crop with this model (e.g. llava-hf/llava-1.5-13b-hf)"
+        "--captioner",
+        metavar="MODEL_ID",
+        help="caption each HQ crop with this model (e.g. llava-hf/llava-1.5-13b-hf), or 'none' for empty captions; "
+        "one of --captioner and --sidecar-captions is required",
     )
     captions.add_argument(
         "--sidecar-captions", action="store_true", help="use each photo's caption sidecar (photo.json)"
@@ -381,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             captions=captions,
             captioner=captioner,
-            captioner_name=args.captioner,
+            captioner_name=args.captioner if captions == "captioner" else None,
             caption_batch_size=args.caption_batch_size,
             workers=args.workers,
             progress=not args.no_progress,
@@ -397,7 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _caption_source(args: argparse.Namespace) -> tuple[str, Any]:
     if args.sidecar_captions:
         return "sidecar", None
+    # The release captions every crop; a set without captions is only made when asked for by name.
     if not args.captioner:
+        raise ValueError(
+            "no caption source: pass --captioner MODEL_ID (e.g. llava-hf/llava-1.5-13b-hf), --sidecar-captions, "
+            "or --captioner none for empty captions."
+        )
+    if args.captioner.strip().lower() == "none":
         return "none", None
     from ..captioning import load_captioner
 

@@ -162,7 +162,6 @@ def _build_from_sdxl(source: str, vae: AutoencoderKL | None, spatial_attention: 
         latent_channels=unet.config.block_out_channels[0],
         spatial_attention=spatial_attention,
     )
-    alignment.zero_init_output()
     return FaithDiffSDXLPipeline(
         vae=vae, unet=unet, alignment=alignment, lq_encoder=FaithDiffLQEncoder.from_vae(vae), **components
     )

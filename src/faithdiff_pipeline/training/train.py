@@ -113,7 +113,9 @@ def training_dataset(config: TrainingConfig) -> Dataset:
 
     try:
         if config.train_manifest:
-            return PreparedPairsDataset(config.train_manifest, config.seed, config.caption_dropout, config.random_flip)
+            return PreparedPairsDataset(
+                config.train_manifest, config.seed, config.caption_dropout, config.random_flip, config.prepared_crops
+            )
         return DegradingDataset(
             config.train_folders,
             config.hq_size,
@@ -136,7 +138,7 @@ def _data_loader(dataset: Dataset, config: TrainingConfig) -> DataLoader:
         dataset,
         batch_size=config.train_batch_size,
         shuffle=True,
-        drop_last=True,
+        drop_last=config.drop_last,
         num_workers=config.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),
     )
@@ -182,7 +184,7 @@ def _check_dataset_size(dataset: Dataset, config: TrainingConfig, num_processes:
     needed = config.train_batch_size * num_processes
     if len(dataset) < needed:
         raise TrainingSetupError(
-            f"The training set has {len(dataset)} pair(s), fewer than one batch (`train_batch_size` "
+            f"The training set has {len(dataset)} pair(s) per epoch, fewer than one batch (`train_batch_size` "
             f"{config.train_batch_size} x {num_processes} process(es) = {needed})."
         )
 
@@ -267,8 +269,9 @@ def _tracker_config(config: TrainingConfig) -> dict[str, Any]:
 def _log_setup(accelerator: Accelerator, config: TrainingConfig, dataset: Any, step: int) -> None:
     effective = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     _logger().info(
-        f"Stage {config.stage}: {len(dataset)} pairs of {dataset.hq_size} px, batch {config.train_batch_size} x "
-        f"accumulation {config.gradient_accumulation_steps} x {accelerator.num_processes} process(es) = {effective}, "
+        f"Stage {config.stage}: {len(dataset)} pairs per epoch of {dataset.hq_size} px, "
+        f"batch {config.train_batch_size} x accumulation {config.gradient_accumulation_steps} x "
+        f"{accelerator.num_processes} process(es) = {effective}, "
         f"steps {step} -> {config.max_train_steps}, mixed precision {accelerator.mixed_precision}."
     )
 
@@ -396,7 +399,9 @@ class _TrainingLoop:
         """EMA update, logging, and the periodic checkpoint and validation. Returns the checkpoint, if one was saved."""
         config = self.config
         if self.ema is not None and step % config.ema_update_interval == 0:
-            self.ema.step(self.accelerator.unwrap_model(self.model).parameters())
+            from .checkpoints import update_ema
+
+            update_ema(self.ema, self.accelerator.unwrap_model(self.model).parameters(), step, config.ema_counting)
         rates = {f"lr/{name}": rate for name, rate in zip(self.group_names, self.lr_scheduler.get_last_lr())}
         self.accelerator.log({"loss": loss, **rates}, step=step)
         checkpoint = None
@@ -411,7 +416,14 @@ class _TrainingLoop:
         from .checkpoints import prune_checkpoints, save_checkpoint
 
         checkpoint = save_checkpoint(
-            self.accelerator, self.pipe, self.model, self.ema, self.config.output_dir, step, self.config.stage
+            self.accelerator,
+            self.pipe,
+            self.model,
+            self.ema,
+            self.config.output_dir,
+            step,
+            self.config.stage,
+            export_ema=self.config.export_ema_weights,
         )
         if self.accelerator.is_main_process:
             for removed in prune_checkpoints(self.config.output_dir, self.config.checkpoints_total_limit):
@@ -420,14 +432,16 @@ class _TrainingLoop:
         return checkpoint
 
     def validate(self, step: int) -> None:
-        """Restores the validation images on the main process (the others wait at their next synchronisation)."""
+        """Restores the validation images on the main process (the others wait at their next synchronisation), with
+        the weights the checkpoints export (the EMA only with ``export_ema_weights``)."""
         from .checkpoints import ema_weights
         from .validation import log_validation, restore_examples
 
         if not self.accelerator.is_main_process or not self.examples:
             return
         upscale = self.config.validation_upscale or self.scale
-        with ema_weights(self.accelerator.unwrap_model(self.model), self.ema):
+        ema = self.ema if self.config.export_ema_weights else None
+        with ema_weights(self.accelerator.unwrap_model(self.model), ema):
             images = restore_examples(
                 self.pipe,
                 self.examples,
@@ -442,7 +456,7 @@ class _TrainingLoop:
 
 # ----------------------------------------------------------------------------------------------------- CLI
 _LIST_FIELDS = ("train_folders", "validation_images")
-_BOOL_FIELDS = ("random_flip", "gradient_checkpointing", "allow_tf32", "use_ema")
+_BOOL_FIELDS = ("random_flip", "drop_last", "gradient_checkpointing", "allow_tf32", "use_ema", "export_ema_weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
