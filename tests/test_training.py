@@ -653,3 +653,26 @@ def test_caption_dropout_rate(manifest: Path) -> None:
         draws += [dataset[i]["caption"] == "" for i in range(len(dataset))]
     n, rate = len(draws), 0.2
     assert abs(sum(draws) - n * rate) <= 4 * (n * rate * (1 - rate)) ** 0.5
+
+
+def test_prepare_data_captions_through_the_loading_modules_choice(tmp_path, capsys) -> None:
+    from conftest import tiny_captioner
+
+    from faithdiff_pipeline.training.data import MANIFEST_NAME
+
+    model, processor = tiny_captioner()
+    model.save_pretrained(tmp_path / "captioner")
+    processor.save_pretrained(tmp_path / "captioner")
+    (tmp_path / "photos").mkdir()
+    _photo(160, 144, seed=1).save(tmp_path / "photos" / "a.png")
+    common = [str(tmp_path / "photos"), "--hq-size", "128", "--no-progress", "--captioner-device", "cpu"]
+    # The default (the release's LLaVA where a CUDA GPU holds it) has no GPU here: one line, naming the options.
+    assert prepare_main([*common, "-o", str(tmp_path / "default")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("faithdiff-prepare-data: error: no caption source: the default captioner")
+    assert "needs a CUDA GPU" in error and "--captioner none" in error
+    assert prepare_main([*common, "-o", str(tmp_path / "set"), "--captioner", str(tmp_path / "captioner")]) == 0
+    settings = json.loads((tmp_path / "set" / "dataset.json").read_text())
+    assert str(tmp_path / "captioner") in json.dumps(settings)
+    records = [json.loads(line) for line in (tmp_path / "set" / MANIFEST_NAME).read_text().splitlines()]
+    assert records and all(isinstance(record["caption"], str) for record in records)

@@ -350,14 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument(
         "--captioner",
         metavar="MODEL_ID",
-        help="caption each HQ crop with this model (e.g. llava-hf/llava-1.5-13b-hf), or 'none' for empty captions; "
-        "one of --captioner and --sidecar-captions is required",
+        default="auto",
+        help="caption each HQ crop: auto (default) is the release's llava-hf/llava-1.5-13b-hf on a CUDA GPU, in the "
+        "precision its free memory holds, as faithdiff-upscale chooses it; a model id or folder; or 'none' for empty "
+        "captions. Without a GPU, pass a model, --sidecar-captions or --captioner none",
     )
     captions.add_argument(
         "--sidecar-captions", action="store_true", help="use each photo's caption sidecar (photo.json)"
     )
-    parser.add_argument("--captioner-quantization", choices=("8bit", "4bit"), help="load the captioner quantised")
-    parser.add_argument("--captioner-device", help="device of the captioner (default: the model's)")
+    parser.add_argument(
+        "--captioner-quantization",
+        choices=("auto", "half", "8bit", "4bit"),
+        default="auto",
+        help="captioner precision: auto (by free GPU memory), half, 8bit or 4bit (bitsandbytes)",
+    )
+    parser.add_argument("--captioner-device", default="auto", help="device of the captioner (default: cuda, mps, cpu)")
     parser.add_argument("--caption-batch-size", type=int, default=8, help="images captioned together (default: 8)")
     parser.add_argument(
         "--workers", type=int, default=0, help="processes that crop and degrade (default: 0, this one)"
@@ -375,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         degradation = load_degradation(args.degradation)
-        captions, captioner = _caption_source(args)
+        captions, captioner, captioner_name = _caption_source(args)
         summary = prepare_training_set(
             args.inputs,
             args.output,
@@ -385,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             captions=captions,
             captioner=captioner,
-            captioner_name=args.captioner if captions == "captioner" else None,
+            captioner_name=captioner_name,
             caption_batch_size=args.caption_batch_size,
             workers=args.workers,
             progress=not args.no_progress,
@@ -398,22 +405,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _caption_source(args: argparse.Namespace) -> tuple[str, Any]:
+def _caption_source(args: argparse.Namespace) -> tuple[str, Any, str | None]:
+    """The caption source, chosen by the loading module as every front-end chooses it. The release captions every
+    crop; a set without captions is only made when asked for by name."""
     if args.sidecar_captions:
-        return "sidecar", None
-    # The release captions every crop; a set without captions is only made when asked for by name.
-    if not args.captioner:
+        return "sidecar", None, None
+    if args.captioner.strip().lower() == "none":
+        return "none", None, None
+    from .. import loading
+
+    device = loading.resolve_device(args.captioner_device)
+    loading.check_options(captioner_precision=args.captioner_quantization)
+    plan = loading.plan_captioner(args.captioner, device, args.captioner_quantization)
+    if plan.model is None:
         raise ValueError(
-            "no caption source: pass --captioner MODEL_ID (e.g. llava-hf/llava-1.5-13b-hf), --sidecar-captions, "
+            "no caption source: the default captioner (the release's LLaVA-1.5-13B) needs a CUDA GPU that holds it, "
+            f"and {device} does not; pass --captioner MODEL_ID (e.g. llava-hf/llava-1.5-7b-hf), --sidecar-captions, "
             "or --captioner none for empty captions."
         )
-    if args.captioner.strip().lower() == "none":
-        return "none", None
-    from ..captioning import load_captioner
-
-    return "captioner", load_captioner(
-        args.captioner, quantization=args.captioner_quantization, device=args.captioner_device
-    )
+    captioner = loading.load_planned_captioner(plan, device, loading.resolve_dtype("auto", device))
+    return "captioner", captioner, plan.model
 
 
 if __name__ == "__main__":
