@@ -58,7 +58,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def manifest(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("set")
-    prepare_training_set([photos], output, hq_size=HQ, progress=False)
+    prepare_training_set([photos], output, hq_size=HQ, captions="none", progress=False)
     return output / "manifest.jsonl"
 
 
@@ -168,7 +168,9 @@ def test_prepare_data_crops_manifest_skips_and_resumes(tmp_path: Path, capsys: p
         handle.write('{"hq": "hq/samp')
     untouched = output / records[0].lq
     stamp = untouched.stat().st_mtime_ns
-    summary = prepare_training_set([samples, extra], output, hq_size=128, crops_per_image=2, progress=False)
+    summary = prepare_training_set(
+        [samples, extra], output, hq_size=128, crops_per_image=2, captions="none", progress=False
+    )
     assert (summary.crops_written, summary.crops_already_done) == (1, 7)
     assert lost.read_bytes() == expected and untouched.stat().st_mtime_ns == stamp
     assert read_manifest(output / "manifest.jsonl") == records
@@ -231,7 +233,7 @@ def test_training_reads_exif_turned_and_16_bit_photos(tmp_path: Path) -> None:
     assert grey.shape == (72, 80, 3) and abs(grey.mean() / 255 - levels.mean()) < 1 / 255  # not washed out
 
     output = tmp_path / "set"
-    prepare_training_set([folder], output, hq_size=HQ, progress=False)
+    prepare_training_set([folder], output, hq_size=HQ, captions="none", progress=False)
     records = {Path(r.source).name: r for r in read_manifest(output / "manifest.jsonl")}
     turned, grey16 = records["turned.jpg"], records["grey16.png"]
     assert turned.source_size == (72, 96) and grey16.source_size == (80, 72)
@@ -324,7 +326,7 @@ def test_data_loader_keeps_the_last_incomplete_batch_by_default(manifest: Path) 
 
 
 def test_prepared_set_shows_another_crop_of_an_image_in_each_epoch(photos: Path, tmp_path: Path) -> None:
-    prepare_training_set([photos], tmp_path, hq_size=HQ, crops_per_image=3, progress=False)
+    prepare_training_set([photos], tmp_path, hq_size=HQ, crops_per_image=3, captions="none", progress=False)
     manifest = tmp_path / "manifest.jsonl"
     dataset = PreparedPairsDataset(manifest, seed=0, random_flip=False)
     assert len(dataset) == 4  # one example per image and epoch (12 crops)
@@ -676,3 +678,54 @@ def test_prepare_data_captions_through_the_loading_modules_choice(tmp_path, caps
     assert str(tmp_path / "captioner") in json.dumps(settings)
     records = [json.loads(line) for line in (tmp_path / "set" / MANIFEST_NAME).read_text().splitlines()]
     assert records and all(isinstance(record["caption"], str) for record in records)
+
+
+def test_prepare_training_set_refuses_without_a_caption_source(photos: Path, tmp_path: Path) -> None:
+    # The Python API, like the command, writes empty captions only when asked for by name.
+    with pytest.raises(ValueError, match="captioner=.*captions='sidecar'.*captions='none'"):
+        prepare_training_set([photos], tmp_path / "set", hq_size=HQ, progress=False)
+    assert not (tmp_path / "set").exists()
+
+
+def test_face_branch_resizes_a_face_and_one_of_its_two_lq_versions(tmp_path: Path, capsys) -> None:
+    from faithdiff_pipeline.training.data import derive_seed, face_variant_lq
+    from faithdiff_pipeline.training.prepare import FACE_LQ_VARIANTS
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    face = _photo(HQ * 2, HQ * 2, seed=4)
+    face.save(faces / "face.png")
+    output = tmp_path / "set"
+    args = ["--faces", str(faces), "-o", str(output), "--hq-size", str(HQ), "--crops-per-image", "12"]
+    assert prepare_main([*args, "--captioner", "none", "--no-progress"]) == 0
+    assert "1 image(s) (1 face(s)): 12 crop(s) written" in capsys.readouterr().out
+    assert json.loads((output / "dataset.json").read_text())["face_folders"] == ["faces"]
+
+    degradation, scale, lq_size = DegradationConfig(), 4, HQ // 4
+    seeds = [derive_seed(0, "faces/face.png", "face-lq", v) for v in range(FACE_LQ_VARIANTS)]
+    variants = [face_variant_lq(face, degradation, torch.Generator().manual_seed(seed)) for seed in seeds]
+    sides, used = set(), set()
+    for record in read_manifest(output / "manifest.jsonl"):
+        width, height = record.source_size
+        side = width // scale
+        # The face and its LQ version are resized to a random square: 1-1.5x the LQ crop (128-192 px at 512 px).
+        assert width == height and lq_size <= side <= lq_size * 3 // 2
+        sides.add(side)
+        hq, lq = load_rgb(output / record.hq), load_rgb(output / record.lq)
+        box = record.crop_box
+        assert np.array_equal(np.asarray(hq), np.asarray(face.resize((width, width), PIL.Image.BICUBIC).crop(box)))
+        lq_box = tuple(v // scale for v in box)
+        matches = [
+            v
+            for v, variant in enumerate(variants)
+            if np.array_equal(np.asarray(lq), np.asarray(variant.resize((side, side), PIL.Image.BICUBIC).crop(lq_box)))
+        ]
+        assert len(matches) == 1
+        used.add(matches[0])
+    assert used == {0, 1} and len(sides) > 2
+
+    # A face folder cannot share its name with a photo folder: the crops are named after the folder.
+    clash = tmp_path / "other" / "faces"
+    clash.mkdir(parents=True)
+    assert prepare_main([str(clash), *args, "--captioner", "none", "--no-progress"]) == 2
+    assert "same name" in capsys.readouterr().err

@@ -150,6 +150,39 @@ def degraded_crop(
     return hq, to_pil(lq), box
 
 
+def face_variant_lq(
+    face: PIL.Image.Image, degradation: DegradationConfig, generator: torch.Generator
+) -> PIL.Image.Image:
+    """One of the release's offline LQ versions of a whole face image: the face (cut down to a multiple of the
+    scale) degraded as a photo crop is. The release keeps two such versions per face and picks one per example."""
+    width, height = (side // degradation.scale * degradation.scale for side in face.size)
+    hq = face.crop((0, 0, width, height))
+    hq_tensor = torch.from_numpy(np.array(hq)).permute(2, 0, 1)[None].float() / 255.0
+    return to_pil(degrade(hq_tensor, degradation, generator))
+
+
+def face_crop(
+    face: PIL.Image.Image, variants: Sequence[PIL.Image.Image], size: int, scale: int, generator: torch.Generator
+) -> tuple[PIL.Image.Image, PIL.Image.Image, tuple[int, int], tuple[int, int, int, int]]:
+    """An aligned HQ/LQ crop of a face by the release's face scheme: one of the face's LQ ``variants`` drawn
+    uniformly; a side ``s`` drawn uniformly from ``[size / scale, 1.5 * size / scale]`` (128-192 px for 512 px crops
+    at x4); the LQ variant resized to ``s`` x ``s`` and the face to ``scale * s`` square, both bicubic as the
+    release does (a face is square and aligned, as in FFHQ); then a random window of the two.
+
+    Returns the HQ crop, the LQ crop, the resized face's size (the source size of the micro-conditioning) and the
+    window in it.
+    """
+    if size % scale:
+        raise ValueError(f"The HQ crop size {size} must be divisible by the degradation scale {scale}.")
+    lq_variant = variants[_uniform_int(generator, len(variants))]
+    lq_size = size // scale
+    side = lq_size + _uniform_int(generator, lq_size // 2 + 1)
+    hq = face.resize((side * scale, side * scale), PIL.Image.BICUBIC)
+    lq = lq_variant.resize((side, side), PIL.Image.BICUBIC)
+    box = random_crop_box(hq.width, hq.height, size, scale, generator)
+    return hq.crop(box), lq.crop(tuple(v // scale for v in box)), hq.size, box
+
+
 def micro_conditioning(source_size: Sequence[int], crop_box: Sequence[int], scale: int) -> list[float]:
     """SDXL's ``time_ids`` as the release sets them in training: original size = ``scale`` x the LQ size of the
     whole source (its size rounded down to a multiple of ``scale``), crop = the crop's (top, left) in that image,

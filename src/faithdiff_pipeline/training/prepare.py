@@ -6,6 +6,10 @@ Output layout::
     OUT/manifest.jsonl   one record per crop: hq, lq, caption, source, source_size, crop_box, seed, scale
     OUT/hq/<folder>/<name>_<ext>_<k>.png, OUT/lq/...   the crops
 
+Folders given as faces (``--faces``) follow the release's face branch instead: each face is degraded whole into two
+LQ versions, and each crop takes one of them, resizes it and the face to a random size (128-192 px LQ for 512 px
+crops at x4) and cuts an aligned window (:func:`faithdiff_pipeline.training.data.face_crop`).
+
 Each crop is drawn and degraded with its own seed (from ``--seed``, the image's key and the crop number), so the set
 is reproducible and a resumed run makes exactly the crops an uninterrupted one would. Images are written under a
 temporary name and renamed when complete, and a crop counts as done once its manifest record is written.
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
 PROG = "faithdiff-prepare-data"
 SETTINGS_NAME = "dataset.json"
 CAPTION_SOURCES = ("none", "sidecar", "captioner")
+# The release keeps two offline LQ versions of every face and draws one per example.
+FACE_LQ_VARIANTS = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class PreparationSettings:
     seed: int
     captions: str
     degradation: dict[str, Any]
+    face_folders: tuple[str, ...] = ()
 
 
 @dataclass
@@ -58,6 +65,7 @@ class PreparationSummary:
     empty answer of the captioner)."""
 
     images: int = 0
+    faces: int = 0
     crops_written: int = 0
     crops_already_done: int = 0
     skipped_small: list[str] = field(default_factory=list)
@@ -66,7 +74,8 @@ class PreparationSummary:
 
     def describe(self, hq_size: int) -> str:
         lines = [
-            f"{self.images} image(s): {self.crops_written} crop(s) written, {self.crops_already_done} already done; "
+            f"{self.images} image(s) ({self.faces} face(s)): {self.crops_written} crop(s) written, "
+            f"{self.crops_already_done} already done; "
             f"{len(self.skipped_small)} image(s) smaller than {hq_size} px skipped; {len(self.unreadable)} unreadable."
         ]
         lines += [f"  unreadable: {path}: {reason}" for path, reason in self.unreadable]
@@ -83,6 +92,7 @@ class _ImageTask:
     crops: tuple[int, ...]
     output: Path
     settings: PreparationSettings
+    face: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,12 +119,13 @@ def prepare_training_set(
     crops_per_image: int = 1,
     degradation: DegradationConfig | None = None,
     seed: int = 0,
-    captions: str = "none",
+    captions: str | None = None,
     captioner: Any = None,
     captioner_name: str | None = None,
     caption_batch_size: int = 8,
     workers: int = 0,
     progress: bool = True,
+    faces: Sequence[str | os.PathLike] = (),
 ) -> PreparationSummary:
     """Makes (or completes) a training set in ``output`` from the HQ images under ``inputs``.
 
@@ -125,38 +136,49 @@ def prepare_training_set(
         crops_per_image: random crops taken from each image.
         degradation: the degradation model (default: FaithDiff's settings).
         seed: the set's seed.
-        captions: ``"none"`` (empty captions), ``"sidecar"`` (the source image's caption sidecar, read with
-            ``faithdiff_pipeline.captioning.read_caption``) or ``"captioner"`` (``captioner`` captions each HQ crop).
+        captions: ``"captioner"`` (``captioner`` captions each HQ crop, as the release does), ``"sidecar"`` (the
+            source image's caption sidecar, read with ``faithdiff_pipeline.captioning.read_caption``) or ``"none"``
+            (empty captions, only when asked for). ``None`` (the default) means ``"captioner"`` when ``captioner``
+            is given and is an error otherwise.
         captioner: with ``captions="captioner"``, an object whose ``caption(images, seed=...) -> list[str]`` returns
             finished captions (e.g. ``faithdiff_pipeline.captioning.load_captioner(...)``).
         captioner_name: the captioner's model id, recorded in ``dataset.json``.
         caption_batch_size: images whose crops are captioned together.
         workers: processes that crop and degrade (0: in this process).
         progress: show a progress bar.
+        faces: folders of aligned square face images (FFHQ-like), prepared with the release's face branch and mixed
+            into the set; their names must differ from those of ``inputs``.
 
     Raises:
         ValueError: bad settings, missing input folders, or an output folder prepared with other settings.
     """
     from .data import MANIFEST_NAME, find_images
 
+    if captions is None:
+        captions = "captioner" if captioner is not None else _missing_caption_source()
+
     degradation = degradation if degradation is not None else DegradationConfig()
     settings = _check_settings(
         hq_size, crops_per_image, degradation, seed, captions, captioner, captioner_name, caption_batch_size, workers
     )
     output = Path(output)
-    images = find_images(inputs)
+    if not inputs and not faces:
+        raise ValueError("`inputs` and `faces` are both empty; give at least one folder of HQ images.")
+    images = find_images([*inputs, *faces])
+    face_keys = {image.key for image in find_images(faces)}
+    settings = dataclasses.replace(settings, face_folders=tuple(sorted({k.split("/")[0] for k in face_keys})))
     _claim_output(output, settings)
     manifest = output / MANIFEST_NAME
     done = _completed_records(manifest, output)
     # Start from a clean manifest: an interrupted run may have left a half-written last line.
     _write_manifest(manifest, list(done.values()))
-    summary = PreparationSummary(images=len(images))
+    summary = PreparationSummary(images=len(images), faces=len(face_keys))
     tasks = []
     for source in images:
         pending = tuple(k for k in range(crops_per_image) if crop_paths(source, k)[0] not in done)
         summary.crops_already_done += crops_per_image - len(pending)
         if pending:
-            tasks.append(_ImageTask(source, pending, output, settings))
+            tasks.append(_ImageTask(source, pending, output, settings, face=source.key in face_keys))
 
     bar = tqdm(total=len(images), initial=len(images) - len(tasks), unit="image", desc=PROG, disable=not progress)
     with open(manifest, "a", encoding="utf-8") as log:
@@ -205,6 +227,14 @@ def _check_settings(
     return PreparationSettings(hq_size, crops_per_image, seed, label, degradation.to_dict())
 
 
+def _missing_caption_source() -> str:
+    raise ValueError(
+        "`captions` is not set and no `captioner` is given: pass captioner=... (e.g. faithdiff_pipeline.captioning."
+        "load_captioner(...)), captions='sidecar' for the photos' caption sidecars, or captions='none' for empty "
+        "captions."
+    )
+
+
 def _claim_output(output: Path, settings: PreparationSettings) -> None:
     """Writes ``dataset.json``, or checks that an existing one matches: resuming with other settings would mix
     two different sets in one manifest."""
@@ -213,6 +243,7 @@ def _claim_output(output: Path, settings: PreparationSettings) -> None:
     current = json.loads(json.dumps(dataclasses.asdict(settings)))
     if path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
+        previous.setdefault("face_folders", [])  # sets made before the face branch have none
         differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if differing:
             raise ValueError(
@@ -251,7 +282,7 @@ def _make_crops(task: _ImageTask) -> _ImageResult:
     """Crops and degrades one image and writes its pairs (captions come later, in the main process)."""
     import torch
 
-    from .data import ManifestRecord, degraded_crop, derive_seed, load_rgb
+    from .data import ManifestRecord, derive_seed, load_rgb
 
     settings = task.settings
     try:
@@ -262,18 +293,42 @@ def _make_crops(task: _ImageTask) -> _ImageResult:
     except (OSError, ValueError) as error:
         return _ImageResult(task, error=str(error.__cause__ or error))
     degradation = DegradationConfig.from_dict(settings.degradation)
+    make_crop = _face_cropper(image, task, degradation) if task.face else _photo_cropper(image, degradation)
     records = []
     for crop in task.crops:
         seed = derive_seed(settings.seed, task.source.key, crop)
-        hq, lq, box = degraded_crop(image, settings.hq_size, degradation, torch.Generator().manual_seed(seed))
+        hq, lq, source_size, box = make_crop(settings.hq_size, torch.Generator().manual_seed(seed))
         hq_path, lq_path = crop_paths(task.source, crop)
         for crop_image, path in ((hq, task.output / hq_path), (lq, task.output / lq_path)):
             path.parent.mkdir(parents=True, exist_ok=True)
             save_image(crop_image, path)
         records.append(
-            ManifestRecord(hq_path, lq_path, "", str(task.source.path), image.size, box, seed, degradation.scale)
+            ManifestRecord(hq_path, lq_path, "", str(task.source.path), source_size, box, seed, degradation.scale)
         )
     return _ImageResult(task, tuple(records))
+
+
+def _photo_cropper(image: Any, degradation: DegradationConfig) -> Any:
+    """``(size, generator) -> (hq, lq, source size, box)`` for a photo: a window of it, degraded."""
+    from .data import degraded_crop
+
+    def make_crop(size: int, generator: Any) -> tuple:
+        hq, lq, box = degraded_crop(image, size, degradation, generator)
+        return hq, lq, image.size, box
+
+    return make_crop
+
+
+def _face_cropper(image: Any, task: _ImageTask, degradation: DegradationConfig) -> Any:
+    """The same for a face, by the release's face branch. Its LQ versions are made once per image, each seeded by
+    the image and its number alone, so that every crop (and a resumed run) draws from the same two."""
+    import torch
+
+    from .data import derive_seed, face_crop, face_variant_lq
+
+    seeds = [derive_seed(task.settings.seed, task.source.key, "face-lq", v) for v in range(FACE_LQ_VARIANTS)]
+    variants = [face_variant_lq(image, degradation, torch.Generator().manual_seed(seed)) for seed in seeds]
+    return lambda size, generator: face_crop(image, variants, size, degradation.scale, generator)
 
 
 def _captioned(
@@ -336,7 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make a FaithDiff training set: random aligned HQ/LQ crops of HQ photos, degraded with the "
         "Real-ESRGAN-style model, with captions and a manifest. Re-running completes an interrupted run.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="FOLDER", help="folders of HQ photos (searched recursively)")
+    parser.add_argument("inputs", nargs="*", metavar="FOLDER", help="folders of HQ photos (searched recursively)")
+    parser.add_argument(
+        "--faces",
+        nargs="+",
+        default=[],
+        metavar="FOLDER",
+        help="folders of aligned square face images (FFHQ-like), prepared with the release's face branch: two LQ "
+        "versions per face, resized with the face to a random size (128-192 px LQ for 512 px crops) before cropping",
+    )
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder of the training set")
     parser.add_argument("--hq-size", type=int, default=512, help="HQ crop size in pixels (default: 512)")
     parser.add_argument("--crops-per-image", type=int, default=1, help="random crops per image (default: 1)")
@@ -376,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``faithdiff-prepare-data``. Returns 0 when done (unreadable images are reported, not fatal), 2 on a usage
     error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.inputs and not args.faces:
+        parser.error("give at least one FOLDER of HQ photos or --faces FOLDER")
     # Only now: parsing alone (`--help`, a usage error) must not wait for torch.
     from .data import MANIFEST_NAME, load_degradation
 
@@ -396,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             caption_batch_size=args.caption_batch_size,
             workers=args.workers,
             progress=not args.no_progress,
+            faces=args.faces,
         )
     except (ValueError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
