@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -10,6 +11,9 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+# "transformer": the released module; "conv_add": the paper's "w/o align" ablation (one convolution on each input).
+ALIGNMENT_TYPES = ("transformer", "conv_add")
 
 
 class ConditionEmbedding(nn.Module):
@@ -89,16 +93,25 @@ class FaithDiffAlignmentModel(ModelMixin, ConfigMixin):
     LQ encoder's penultimate features ``f`` at the same resolution, it returns ``h + proj_out(blocks([h, embed(f)]))``,
     every operation after the condition embedding being per pixel and per sample.
 
+    ``alignment_type="conv_add"`` builds the paper's "w/o align" ablation instead: ``h + latent_conv(h) +
+    lq_conv(f)``, one 3 x 3 convolution on each input, added to the latent; its condition embedding is ``lq_conv(f)``.
+
     Parameters:
-        lq_channels (`int`, defaults to 512): Channels of the LQ features (the VAE encoder's mid-block width).
+        lq_channels (`int`, defaults to 512): Channels of the LQ features (the VAE encoder's mid-block width, or
+            ``2 * latent_channels`` of the VAE for its last layer's output).
         latent_channels (`int`, defaults to 320): Channels of the UNet's ``conv_in`` output.
-        num_layers (`int`, defaults to 2): Number of residual alignment blocks.
+        num_layers (`int`, defaults to 2): Number of residual alignment blocks (``"transformer"`` only).
         num_attention_heads (`int`, defaults to 8): Heads of the attention layers (kept for the checkpoint layout;
-            the per-sample computation does not depend on it).
-        mlp_ratio (`int`, defaults to 2): Hidden width of each MLP as a multiple of the block width ``2 * latent_channels``.
-        norm_num_groups (`int`, defaults to 32): Groups of the condition embedding's GroupNorm.
+            the per-sample computation does not depend on it; ``"transformer"`` only).
+        mlp_ratio (`int`, defaults to 2): Hidden width of each MLP as a multiple of the block width
+            ``2 * latent_channels`` (``"transformer"`` only).
+        norm_num_groups (`int`, defaults to 32): Groups of the condition embedding's GroupNorm; must divide
+            ``lq_channels`` (``"transformer"`` only).
         spatial_attention (`bool`, defaults to `False`): Attend across pixels instead of the release's per-pixel
-            attention (a research option for training new models; the released weights use `False`).
+            attention (a research option for training new models; the released weights use `False`;
+            ``"transformer"`` only).
+        alignment_type (`str`, defaults to `"transformer"`): ``"transformer"``, the released module, or
+            ``"conv_add"``, the paper's "w/o align" ablation (see above).
     """
 
     @register_to_config
@@ -111,27 +124,38 @@ class FaithDiffAlignmentModel(ModelMixin, ConfigMixin):
         mlp_ratio: int = 2,
         norm_num_groups: int = 32,
         spatial_attention: bool = False,
+        alignment_type: str = "transformer",
     ) -> None:
         super().__init__()
-        width = 2 * latent_channels
-        self.condition_embedding = ConditionEmbedding(lq_channels, latent_channels, norm_num_groups)
-        self.blocks = nn.ModuleList(
-            [AlignmentBlock(width, num_attention_heads, mlp_ratio, spatial_attention) for _ in range(num_layers)]
-        )
-        self.proj_out = nn.Linear(width, latent_channels)
+        _check_variant(lq_channels, norm_num_groups, spatial_attention, alignment_type)
+        if alignment_type == "conv_add":
+            self.latent_conv = nn.Conv2d(latent_channels, latent_channels, kernel_size=3, padding=1)
+            self.lq_conv = nn.Conv2d(lq_channels, latent_channels, kernel_size=3, padding=1)
+        else:
+            width = 2 * latent_channels
+            self.condition_embedding = ConditionEmbedding(lq_channels, latent_channels, norm_num_groups)
+            self.blocks = nn.ModuleList(
+                [AlignmentBlock(width, num_attention_heads, mlp_ratio, spatial_attention) for _ in range(num_layers)]
+            )
+            self.proj_out = nn.Linear(width, latent_channels)
         # A freshly built module starts as the release's training does: the LQ path's last convolution and the
         # output projection are zero, so the UNet is unchanged and the LQ condition enters from zero. Loading
         # weights (from_pretrained, load_state_dict) overwrites this initialisation.
         self.zero_init_output()
 
     def zero_init_output(self) -> None:
-        """Zero the condition embedding's output convolution and the output projection.
+        """Zero the layers that end each path: the condition embedding's output convolution and the output
+        projection (``"conv_add"``: both convolutions).
 
         The module then adds nothing to the UNet's conv_in output and its condition embedding is zero, as in the
         release at the start of training. A freshly built module is already in this state; call it again to
         reset one whose weights were changed.
         """
-        for layer in (self.condition_embedding.conv_out, self.proj_out):
+        if self.config.alignment_type == "conv_add":
+            layers = (self.latent_conv, self.lq_conv)
+        else:
+            layers = (self.condition_embedding.conv_out, self.proj_out)
+        for layer in layers:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -141,7 +165,10 @@ class FaithDiffAlignmentModel(ModelMixin, ConfigMixin):
         It convolves and normalises over the whole input, so a tile's embedding must be computed on that tile's
         features (as the release does), not cropped from the embedding of the whole image.
         """
-        return self.condition_embedding(lq_features.to(self.dtype))
+        lq_features = lq_features.to(self.dtype)
+        if self.config.alignment_type == "conv_add":
+            return self.lq_conv(lq_features)
+        return self.condition_embedding(lq_features)
 
     def forward(
         self,
@@ -168,12 +195,29 @@ class FaithDiffAlignmentModel(ModelMixin, ConfigMixin):
                 f"`condition_embeds` has shape {tuple(condition_embeds.shape)}, expected the conv_in output's shape "
                 f"{tuple(hidden_states.shape)}."
             )
+        if self.config.alignment_type == "conv_add":
+            residual = self.latent_conv(hidden_states.to(self.dtype)) + condition_embeds.to(self.dtype)
+            return hidden_states + residual.to(hidden_states.dtype)
         fused = torch.cat([hidden_states.to(self.dtype), condition_embeds.to(self.dtype)], dim=1)
         fused = fused.permute(0, 2, 3, 1)
         for block in self.blocks:
             fused = block(fused)
         residual = self.proj_out(fused).permute(0, 3, 1, 2)
         return hidden_states + residual.to(hidden_states.dtype)
+
+
+def _check_variant(lq_channels: int, norm_num_groups: int, spatial_attention: bool, alignment_type: str) -> None:
+    if alignment_type not in ALIGNMENT_TYPES:
+        raise ValueError(f"`alignment_type` must be one of {ALIGNMENT_TYPES}, got {alignment_type!r}.")
+    if alignment_type == "conv_add" and spatial_attention:
+        raise ValueError(
+            "`spatial_attention=True` needs `alignment_type='transformer'`; the 'conv_add' module has no attention."
+        )
+    if alignment_type == "transformer" and lq_channels % norm_num_groups:
+        raise ValueError(
+            f"`norm_num_groups` {norm_num_groups} must divide `lq_channels` {lq_channels} (the condition embedding's "
+            f"GroupNorm), e.g. {math.gcd(32, lq_channels)}."
+        )
 
 
 class _AlignmentHook:

@@ -31,6 +31,11 @@ RELEASE_VAE = "madebyollin/sdxl-vae-fp16-fix"
 RELEASE_STEPS = {1: 6000, 2: 40000}
 # YAML sections whose keys apply to one stage only.
 STAGE_SECTIONS = {1: "stage1", 2: "stage2"}
+# The paper's ablations, as in ..alignment and ..lq_features (which this module does not import: they load torch).
+ALIGNMENT_TYPES = ("transformer", "conv_add")
+LQ_FEATURE_SOURCES = ("mid_block", "last_layer")
+# What stage 2 can keep frozen (the unified-optimisation ablations); the alignment module is trained in both stages.
+FREEZABLE = ("unet", "lq_encoder")
 
 
 class TrainingSetupError(ValueError):
@@ -51,7 +56,22 @@ class TrainingConfig:
             also seeds the LQ encoder when one is created. Default: the release's ``madebyollin/sdxl-vae-fp16-fix``;
             ``null`` keeps the starting model's own VAE.
         stage1_checkpoint: stage 2 only: the stage-1 pipeline folder to start from (``.../checkpoint-6000/pipeline``).
-            Without it, ``pretrained_model`` must itself be a FaithDiff pipeline.
+            Without it, ``pretrained_model`` must itself be a FaithDiff pipeline (or ``pretrain_alignment`` false).
+
+    Ablations (the paper's; see docs/training.md):
+        alignment_type: the alignment module of a new model: ``"transformer"`` (the release) or ``"conv_add"`` (the
+            paper's "w/o align": one convolution on the noisy latent feature and one on the LQ features, added).
+        lq_feature_source: the LQ features of a new model: ``"mid_block"`` (the release: the VAE encoder's
+            penultimate, 512-channel features for SDXL) or ``"last_layer"`` (the paper's "w last layer": the
+            encoder's final output, 8 channels for SDXL).
+            Both ``null`` by default: a new model (stage 1 from SDXL, or stage 2 without stage 1) is the release's,
+            and a FaithDiff pipeline is continued as it is; a value that contradicts the starting pipeline is an
+            error.
+        pretrain_alignment: ``false`` runs stage 2 straight from the SDXL ``pretrained_model``, with a new
+            (zero-initialised) alignment module and LQ encoder and no stage 1 (the paper's "w/o pre-train align").
+        freeze: stage 2 only: components kept frozen, any of ``unet`` and ``lq_encoder`` (the paper's
+            unified-optimisation rows); they are left out of the optimiser and keep their weights. Stage 1 freezes
+            both anyway.
 
     Data (exactly one of ``train_manifest`` and ``train_folders``):
         train_manifest: ``manifest.jsonl`` written by ``faithdiff-prepare-data``.
@@ -117,6 +137,10 @@ class TrainingConfig:
     pretrained_model: str | None = RELEASE_BASE_MODEL
     vae: str | None = RELEASE_VAE
     stage1_checkpoint: str | None = None
+    alignment_type: str | None = None
+    lq_feature_source: str | None = None
+    pretrain_alignment: bool = True
+    freeze: list[str] = field(default_factory=list)
 
     train_manifest: str | None = None
     train_folders: list[str] = field(default_factory=list)
@@ -173,9 +197,12 @@ class TrainingConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], stage: int | None = None) -> "TrainingConfig":
+    def from_dict(
+        cls, values: Mapping[str, Any], stage: int | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> "TrainingConfig":
         """Settings from a mapping (missing keys keep their defaults). Keys under ``stage1:``/``stage2:`` apply to that
-        stage only, so one file can describe both stages; ``stage`` (e.g. from ``--stage``) picks the stage."""
+        stage only, so one file can describe both stages; ``stage`` (e.g. from ``--stage``) picks the stage.
+        ``overrides`` (e.g. from the command line) win over both."""
         if not isinstance(values, Mapping):
             raise TrainingSetupError(
                 f"The training configuration must be a mapping of settings, got {type(values).__name__}."
@@ -189,6 +216,7 @@ class TrainingConfig:
         if not isinstance(section, Mapping):
             raise TrainingSetupError(f"`{STAGE_SECTIONS[chosen]}` must be a mapping of settings, got {section!r}.")
         merged.update(section)
+        merged.update(overrides or {})
         merged["stage"] = chosen
         unknown = sorted(set(merged) - set(cls.field_names()))
         if unknown:
@@ -200,7 +228,8 @@ class TrainingConfig:
     def from_yaml(
         cls, path: str | os.PathLike, stage: int | None = None, overrides: Mapping[str, Any] | None = None
     ) -> "TrainingConfig":
-        """Settings from a YAML file, then ``overrides`` (e.g. from the command line) on top."""
+        """Settings from a YAML file, then ``overrides`` (e.g. from the command line) on top, stage sections
+        included."""
         import yaml
 
         if not os.path.isfile(path):
@@ -213,7 +242,7 @@ class TrainingConfig:
             raise TrainingSetupError(
                 f"`--config` {os.fspath(path)!r} must hold a YAML mapping, got {type(values).__name__}."
             )
-        return cls.from_dict({**values, **(overrides or {})}, stage=stage)
+        return cls.from_dict(values, stage=stage, overrides=overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,9 +256,13 @@ class TrainingConfig:
             TrainingSetupError: naming the setting, its value and what was expected.
         """
         config = dataclasses.replace(
-            self, train_folders=list(self.train_folders), validation_images=list(self.validation_images)
+            self,
+            train_folders=list(self.train_folders),
+            validation_images=list(self.validation_images),
+            freeze=list(self.freeze),
         )
         config._check_model()
+        config._check_ablations()
         config._check_data()
         config._check_optimisation()
         config._check_outputs()
@@ -259,6 +292,30 @@ class TrainingConfig:
             raise TrainingSetupError(
                 f"`stage1_checkpoint` is for stage 2 only, got {self.stage1_checkpoint!r} in stage {self.stage}; "
                 "to continue a stage-1 run use `resume_from_checkpoint`."
+            )
+
+    def _check_ablations(self) -> None:
+        choices = {"alignment_type": ALIGNMENT_TYPES, "lq_feature_source": LQ_FEATURE_SOURCES}
+        for name, allowed in choices.items():
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise TrainingSetupError(f"`{name}` must be one of {allowed} or null, got {getattr(self, name)!r}.")
+        if self.spatial_attention and self.alignment_type == "conv_add":
+            raise TrainingSetupError(
+                "`spatial_attention: true` needs `alignment_type: transformer`; the 'conv_add' module has no "
+                "attention."
+            )
+        unknown = [name for name in self.freeze if name not in FREEZABLE]
+        if unknown:
+            raise TrainingSetupError(f"`freeze` may name {FREEZABLE}, got {self.freeze!r}.")
+        if not self.pretrain_alignment and self.stage != 2:
+            raise TrainingSetupError(
+                "`pretrain_alignment: false` is for stage 2 (it skips stage 1, the alignment pre-training), got it in "
+                f"stage {self.stage}."
+            )
+        if not self.pretrain_alignment and self.stage1_checkpoint:
+            raise TrainingSetupError(
+                f"`pretrain_alignment: false` starts stage 2 without stage 1, but `stage1_checkpoint` is set to "
+                f"{self.stage1_checkpoint!r}; give one of the two."
             )
 
     def _check_data(self) -> None:

@@ -3,11 +3,16 @@
 Stage 1 trains only the alignment module (zero-initialised, so training starts from the unchanged UNet) on top of a
 frozen UNet and a frozen copy of the VAE encoder as LQ encoder. Stage 2 starts from stage 1 and trains the alignment
 module, the whole UNet and the LQ encoder, the encoder at a tenth of the learning rate.
+
+The paper's ablations change this: stage 2 may start from SDXL without stage 1 (``pretrain_alignment: false``) and
+keep the UNet or the LQ encoder frozen (``freeze``), and a new model may have the "w/o align" alignment module
+(``alignment_type: conv_add``) or the encoder's last-layer features (``lq_feature_source: last_layer``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Collection
@@ -19,11 +24,15 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..alignment import FaithDiffAlignmentModel, aligned_conv_in
-from ..lq_features import FaithDiffLQEncoder
+from ..lq_features import FaithDiffLQEncoder, vae_feature_source
 from ..pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
 from .config import TrainingConfig, TrainingSetupError
 
 TRAINABLE_COMPONENTS = ("unet", "alignment", "lq_encoder")
+# The release's condition-embedding GroupNorm; narrower LQ features (the last layer's 8 channels) take a divisor.
+RELEASE_NORM_GROUPS = 32
+# The variant of a model built without settings: the release's.
+DEFAULT_VARIANT = {"alignment_type": "transformer", "lq_feature_source": "mid_block"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,10 @@ class StageRecipe:
     stage: int
     trained: tuple[str, ...]
     learning_rates: dict[str, str]
+
+    def without(self, frozen: Collection[str]) -> StageRecipe:
+        """The recipe with the ``frozen`` components left untrained."""
+        return StageRecipe(self.stage, tuple(name for name in self.trained if name not in frozen), self.learning_rates)
 
 
 STAGE_RECIPES = {
@@ -72,7 +85,8 @@ def starting_point(config: TrainingConfig) -> tuple[str, bool]:
 
     Raises:
         TrainingSetupError: a local path that does not exist, a ``stage1_checkpoint`` that is not a FaithDiff
-            pipeline, or stage 2 without a FaithDiff pipeline to start from.
+            pipeline, stage 2 without a FaithDiff pipeline to start from (unless ``pretrain_alignment`` is false,
+            which needs an SDXL model), or an ablation setting that contradicts the FaithDiff pipeline.
     """
     source = config.stage1_checkpoint or config.pretrained_model
     name = "stage1_checkpoint" if config.stage1_checkpoint else "pretrained_model"
@@ -86,25 +100,70 @@ def starting_point(config: TrainingConfig) -> tuple[str, bool]:
             f"`stage1_checkpoint` {source!r} is not a FaithDiff pipeline folder; expected the `pipeline` folder of a "
             "stage-1 checkpoint, e.g. OUTPUT/checkpoint-6000/pipeline."
         )
-    if config.stage == 2 and not faithdiff:
+    if not config.pretrain_alignment and faithdiff:
+        raise TrainingSetupError(
+            f"`pretrain_alignment: false` starts stage 2 from an SDXL model, but `pretrained_model` {source!r} is a "
+            "FaithDiff pipeline (its alignment module is already trained); give an SDXL model."
+        )
+    if config.stage == 2 and config.pretrain_alignment and not faithdiff:
         raise TrainingSetupError(
             f"Stage 2 starts from a stage-1 checkpoint, but `pretrained_model` {source!r} is not a FaithDiff pipeline "
             "(it has no alignment module) and no `stage1_checkpoint` is set; run stage 1 first and set "
-            "`stage1_checkpoint: OUTPUT/checkpoint-N/pipeline`."
+            "`stage1_checkpoint: OUTPUT/checkpoint-N/pipeline`, or set `pretrain_alignment: false` to start from "
+            "this SDXL model without stage 1."
         )
+    if faithdiff:
+        _check_variant(config, name, source, pipeline_variant(source))
     return source, faithdiff
+
+
+def pipeline_variant(source: str) -> dict[str, str]:
+    """The ablation variant of a FaithDiff pipeline, read from its component configs: ``alignment_type`` and
+    ``lq_feature_source`` (for a pipeline without an LQ encoder, the VAE encoder output as wide as the alignment
+    module's ``lq_channels``, which is what the pipeline reads)."""
+    alignment = FaithDiffAlignmentModel.load_config(source, subfolder="alignment")
+    variant = {"alignment_type": alignment.get("alignment_type", DEFAULT_VARIANT["alignment_type"])}
+    # An optional component the pipeline was saved without is listed as [null, null].
+    if (model_index(source) or {}).get("lq_encoder", [None])[0] is not None:
+        lq_encoder = FaithDiffLQEncoder.load_config(source, subfolder="lq_encoder")
+        variant["lq_feature_source"] = lq_encoder.get("feature_source", DEFAULT_VARIANT["lq_feature_source"])
+    else:
+        vae = AutoencoderKL.load_config(source, subfolder="vae")
+        variant["lq_feature_source"] = _vae_feature_source(vae, alignment.get("lq_channels"), source)
+    return variant
+
+
+def _vae_feature_source(vae_config: Any, lq_channels: int, source: str) -> str:
+    """The VAE encoder output a FaithDiff pipeline without an LQ encoder feeds its alignment module."""
+    try:
+        return vae_feature_source(vae_config, lq_channels)
+    except ValueError as error:
+        raise TrainingSetupError(
+            f"The alignment module of {source!r} fits no output of its VAE encoder: {error}"
+        ) from None
+
+
+def _check_variant(config: TrainingConfig, name: str, source: str, variant: dict[str, str]) -> None:
+    for setting, found in variant.items():
+        wanted = getattr(config, setting)
+        if wanted is not None and wanted != found:
+            raise TrainingSetupError(
+                f"`{setting}` is {wanted!r}, but `{name}` {source!r} is a FaithDiff pipeline with {setting} "
+                f"{found!r}; leave `{setting}` unset (null) to continue it, or start from an SDXL model."
+            )
 
 
 def load_starting_pipeline(config: TrainingConfig) -> FaithDiffSDXLPipeline:
     """The pipeline a stage starts from (see :func:`starting_point`), in float32 on the CPU.
 
     Stage 1 builds one from an SDXL model (new alignment module, zero-initialised; LQ encoder copied from the VAE
-    encoder) or continues from a FaithDiff pipeline. Stage 2 needs a FaithDiff pipeline: ``stage1_checkpoint``, or
-    ``pretrained_model`` when it is one (e.g. the converted release, to fine-tune it).
+    encoder; both of the configured ablation variant) or continues from a FaithDiff pipeline. Stage 2 needs a
+    FaithDiff pipeline: ``stage1_checkpoint``, or ``pretrained_model`` when it is one (e.g. the converted release,
+    to fine-tune it); with ``pretrain_alignment`` false it builds one from an SDXL model as stage 1 does.
     """
     source, faithdiff = starting_point(config)
     vae = load_vae(config.vae) if config.vae else None
-    pipe = _load_faithdiff(source, vae) if faithdiff else _build_from_sdxl(source, vae, config.spatial_attention)
+    pipe = _load_faithdiff(source, vae) if faithdiff else _build_from_sdxl(source, vae, config)
     _check_epsilon_prediction(pipe.scheduler, source)
     return pipe
 
@@ -137,11 +196,31 @@ def load_vae(name_or_path: str) -> AutoencoderKL:
 def _load_faithdiff(source: str, vae: AutoencoderKL | None) -> FaithDiffSDXLPipeline:
     pipe = FaithDiffSDXLPipeline.from_pretrained(source, **({"vae": vae} if vae is not None else {}))
     if pipe.lq_encoder is None:
-        pipe.register_modules(lq_encoder=FaithDiffLQEncoder.from_vae(pipe.vae))
+        # The VAE encoder's output that the pipeline has been feeding the alignment module, now to be trained.
+        feature_source = _vae_feature_source(pipe.vae.config, pipe.alignment.config.lq_channels, source)
+        pipe.register_modules(lq_encoder=FaithDiffLQEncoder.from_vae(pipe.vae, feature_source))
     return pipe
 
 
-def _build_from_sdxl(source: str, vae: AutoencoderKL | None, spatial_attention: bool = False) -> FaithDiffSDXLPipeline:
+def new_faithdiff_modules(
+    vae: AutoencoderKL, unet: UNet2DConditionModel, config: TrainingConfig
+) -> tuple[FaithDiffAlignmentModel, FaithDiffLQEncoder]:
+    """A fresh alignment module (zero-initialised: the UNet starts unchanged) and an LQ encoder copied from
+    ``vae.encoder``, of the variant ``config`` names (the release's where it names none)."""
+    feature_source = config.lq_feature_source or DEFAULT_VARIANT["lq_feature_source"]
+    lq_encoder = FaithDiffLQEncoder.from_vae(vae, feature_source)
+    lq_channels = lq_encoder.feature_channels
+    alignment = FaithDiffAlignmentModel(
+        lq_channels=lq_channels,
+        latent_channels=unet.config.block_out_channels[0],
+        norm_num_groups=math.gcd(RELEASE_NORM_GROUPS, lq_channels),
+        spatial_attention=config.spatial_attention,
+        alignment_type=config.alignment_type or DEFAULT_VARIANT["alignment_type"],
+    )
+    return alignment, lq_encoder
+
+
+def _build_from_sdxl(source: str, vae: AutoencoderKL | None, config: TrainingConfig) -> FaithDiffSDXLPipeline:
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
         vae = vae if vae is not None else AutoencoderKL.from_pretrained(source, subfolder="vae")
@@ -157,14 +236,8 @@ def _build_from_sdxl(source: str, vae: AutoencoderKL | None, spatial_attention: 
             f"`pretrained_model` {source!r} is not a usable SDXL model (expected the diffusers subfolders unet, vae, "
             f"text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler): {error}"
         ) from error
-    alignment = FaithDiffAlignmentModel(
-        lq_channels=vae.config.block_out_channels[-1],
-        latent_channels=unet.config.block_out_channels[0],
-        spatial_attention=spatial_attention,
-    )
-    return FaithDiffSDXLPipeline(
-        vae=vae, unet=unet, alignment=alignment, lq_encoder=FaithDiffLQEncoder.from_vae(vae), **components
-    )
+    alignment, lq_encoder = new_faithdiff_modules(vae, unet, config)
+    return FaithDiffSDXLPipeline(vae=vae, unet=unet, alignment=alignment, lq_encoder=lq_encoder, **components)
 
 
 def _load_scheduler(source: str) -> SchedulerMixin:
@@ -242,9 +315,17 @@ class FaithDiffTrainingModule(nn.Module):
             )[0]
 
 
-def training_module(pipe: FaithDiffSDXLPipeline, stage: int, gradient_checkpointing: bool) -> FaithDiffTrainingModule:
-    """Freezes what ``stage`` does not train (text encoders and VAE always) and wraps the rest for the optimiser."""
-    recipe = STAGE_RECIPES[stage]
+def stage_recipe(stage: int, frozen: Collection[str] = ()) -> StageRecipe:
+    """What ``stage`` trains, less the ``frozen`` components (stage 2's ``freeze`` setting)."""
+    return STAGE_RECIPES[stage].without(frozen)
+
+
+def training_module(
+    pipe: FaithDiffSDXLPipeline, stage: int, gradient_checkpointing: bool, frozen: Collection[str] = ()
+) -> FaithDiffTrainingModule:
+    """Freezes what ``stage`` does not train (text encoders and VAE always, and the ``frozen`` components) and wraps
+    the rest for the optimiser."""
+    recipe = stage_recipe(stage, frozen)
     for name in ("vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name)
         if module is not None:
@@ -252,7 +333,8 @@ def training_module(pipe: FaithDiffSDXLPipeline, stage: int, gradient_checkpoint
     for name in TRAINABLE_COMPONENTS:
         getattr(pipe, name).requires_grad_(name in recipe.trained).train(name in recipe.trained)
     if gradient_checkpointing:
-        # The frozen UNet of stage 1 still carries the gradient from the loss to the alignment module.
+        # A frozen UNet (stage 1, or frozen in stage 2) still carries the gradient from the loss to the alignment
+        # module.
         pipe.unet.enable_gradient_checkpointing()
         if "lq_encoder" in recipe.trained:
             pipe.lq_encoder.enable_gradient_checkpointing()
@@ -260,10 +342,11 @@ def training_module(pipe: FaithDiffSDXLPipeline, stage: int, gradient_checkpoint
 
 
 def parameter_groups(module: FaithDiffTrainingModule, stage: int, config: TrainingConfig) -> list[dict[str, Any]]:
-    """AdamW parameter groups: one per learning rate, named after what they hold (for logging)."""
+    """AdamW parameter groups: one per learning rate, named after what they hold (for logging), over the
+    components ``module`` trains (frozen ones have none)."""
     recipe = STAGE_RECIPES[stage]
     groups: dict[str, dict[str, Any]] = {}
-    for name in recipe.trained:
+    for name in module.trained:
         rate_name = recipe.learning_rates[name]
         group = groups.setdefault(rate_name, {"name": "", "params": [], "lr": getattr(config, rate_name)})
         group["name"] = f"{group['name']}+{name}" if group["name"] else name

@@ -84,7 +84,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     dataset = training_dataset(config)
     _check_dataset_size(dataset, config, accelerator.num_processes)
     pipe = load_starting_pipeline(config)
-    model = training_module(pipe, config.stage, config.gradient_checkpointing)
+    model = training_module(pipe, config.stage, config.gradient_checkpointing, config.freeze)
     pipe.to(accelerator.device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     optimizer, lr_scheduler = _optimization(model, config, accelerator.num_processes)
@@ -396,7 +396,7 @@ class _TrainingLoop:
         return latents.float() * vae.config.scaling_factor
 
     def after_step(self, step: int, loss: float) -> Path | None:
-        """EMA update, logging, and the periodic checkpoint and validation. Returns the checkpoint, if one was saved."""
+        """EMA update, logging, the periodic checkpoint and validation. Returns the checkpoint, if one was saved."""
         config = self.config
         if self.ema is not None and step % config.ema_update_interval == 0:
             from .checkpoints import update_ema
@@ -455,8 +455,16 @@ class _TrainingLoop:
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
-_LIST_FIELDS = ("train_folders", "validation_images")
-_BOOL_FIELDS = ("random_flip", "drop_last", "gradient_checkpointing", "allow_tf32", "use_ema", "export_ema_weights")
+_LIST_FIELDS = ("train_folders", "validation_images", "freeze")
+_BOOL_FIELDS = (
+    "random_flip",
+    "drop_last",
+    "gradient_checkpointing",
+    "allow_tf32",
+    "use_ema",
+    "export_ema_weights",
+    "pretrain_alignment",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
