@@ -194,8 +194,13 @@ def test_save_load_round_trip(tiny_pipe, lq_image, tmp_path) -> None:
             name
         )
     assert loaded.scheduler.config.timestep_spacing == "leading"
-    # Bit-identical weights; the output may differ in the last float32 bits (BLAS kernels depend on memory alignment).
-    torch.testing.assert_close(_run(loaded, lq_image), expected, rtol=0, atol=1e-5)
+    # Weights read from safetensors sit in memory-mapped storage whose alignment can steer BLAS onto other kernels
+    # (a few 1e-7 in a text encoder, grown by the sampling). In freshly allocated storage, as the original's, the
+    # reloaded pipeline must compute exactly the same image.
+    for name in ("unet", "vae", "alignment", "lq_encoder", "text_encoder", "text_encoder_2"):
+        for parameter in getattr(loaded, name).parameters():
+            parameter.data = parameter.data.clone()
+    assert torch.equal(_run(loaded, lq_image), expected)
 
 
 def test_fp16_variant_round_trip(tiny_pipe, tmp_path) -> None:

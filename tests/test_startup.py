@@ -22,6 +22,7 @@ HEAVY_MODULES = ("torch", "diffusers", "transformers")
 COMMAND_MODULES = (
     "faithdiff_pipeline.cli",
     "faithdiff_pipeline.conversion",
+    "faithdiff_pipeline.explain",
     "faithdiff_pipeline.evaluation.cli",
     "faithdiff_pipeline.training.prepare",
     "faithdiff_pipeline.training.train",

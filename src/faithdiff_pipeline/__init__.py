@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _import_structure = {
     "alignment": ["FaithDiffAlignmentModel", "aligned_conv_in"],
+    "attention_maps": ["AttentionMapRecorder"],
     "color_fix": ["adain_color_fix", "apply_color_fix", "wavelet_color_fix"],
     "conversion": ["convert_official_release", "converted_release"],
     "lq_features": ["FaithDiffLQEncoder", "encoder_mid_block_features"],
@@ -21,6 +22,7 @@ _exports = export_table(_import_structure)
 
 # Spelled out for static tools; tests/test_startup.py checks it against the export table.
 __all__ = [
+    "AttentionMapRecorder",
     "FaithDiffAlignmentModel",
     "FaithDiffLQEncoder",
     "FaithDiffPipelineOutput",
@@ -39,6 +41,7 @@ quiet_diffusers_import_notices()
 
 if TYPE_CHECKING:
     from .alignment import FaithDiffAlignmentModel, aligned_conv_in
+    from .attention_maps import AttentionMapRecorder
     from .color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
     from .conversion import convert_official_release, converted_release
     from .lq_features import FaithDiffLQEncoder, encoder_mid_block_features

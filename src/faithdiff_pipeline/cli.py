@@ -71,14 +71,8 @@ class Job:
         return [self.result] + ([self.compare] if self.compare else [])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="faithdiff-upscale",
-        description="Restore and upscale photos with FaithDiff. Finished images are skipped on a rerun; inputs are "
-        "never overwritten.",
-    )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or glob patterns")
-    parser.add_argument("-o", "--output-dir", type=Path, default=Path("faithdiff-restored"), help="where results go")
+def add_restoration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that restores: the model, sampling, tiles, captions, device and precision."""
     parser.add_argument(
         "--model", help="converted pipeline folder or Hub id (default: the official release, converted on first use)"
     )
@@ -159,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
         "per UNet call",
     )
     parser.add_argument("--vae-tiling", action="store_true", help="tile the VAE and LQ encoder (large images)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="faithdiff-upscale",
+        description="Restore and upscale photos with FaithDiff. Finished images are skipped on a rerun; inputs are "
+        "never overwritten.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or glob patterns")
+    parser.add_argument("-o", "--output-dir", type=Path, default=Path("faithdiff-restored"), help="where results go")
+    add_restoration_arguments(parser)
     parser.add_argument(
         "--captions-only",
         action="store_true",
@@ -448,7 +453,9 @@ def side_by_side(lq: PIL.Image.Image, restored: PIL.Image.Image) -> PIL.Image.Im
     return canvas
 
 
-def restore_one(job: Job, args: argparse.Namespace, pipe: Any, captions: dict) -> None:
+def restore_one(job: Job, args: argparse.Namespace, pipe: Any, captions: dict, **call_options: Any) -> Any:
+    """Restores ``job.source`` as the options say and writes its result (and comparison); returns the restored
+    image (float ``[H, W, 3]`` in [0, 1]). ``call_options`` go to the pipeline call as well."""
     import PIL.Image
     import torch
 
@@ -475,6 +482,7 @@ def restore_one(job: Job, args: argparse.Namespace, pipe: Any, captions: dict) -
         max_output_pixels=args.max_pixels,
         generator=torch.Generator("cpu").manual_seed(args.seed),
         output_type="np",  # float: a 16-bit input keeps its 16 bits
+        **call_options,
     ).images[0]
     parameters = {
         "input": path.name,
@@ -496,6 +504,7 @@ def restore_one(job: Job, args: argparse.Namespace, pipe: Any, captions: dict) -
         restored_8bit = PIL.Image.fromarray((result * 255.0).round().clip(0, 255).astype("uint8"))
         save_result(side_by_side(image.to_pil(), restored_8bit), job.compare, text=metadata)
     save_result(result, job.result, source=image, options=output_options(args), text=metadata)
+    return result
 
 
 def load_restoration_pipeline(args: argparse.Namespace, device: torch.device) -> Any:

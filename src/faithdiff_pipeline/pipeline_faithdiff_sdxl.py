@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -31,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel, ProcessorMixin
 
 from .alignment import FaithDiffAlignmentModel, aligned_conv_in
+from .attention_maps import AttentionMapRecorder
 from .captioning import Captioner, caption_seed
 from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
@@ -430,12 +432,17 @@ class FaithDiffSDXLPipeline(
         return Captioner(self.captioner, self.captioner_processor).caption(images, seed=seed)
 
     def lq_features(self, image: torch.Tensor) -> torch.Tensor:
-        """LQ features of ``image`` (``[B, 3, H, W]`` in [-1, 1]): the LQ encoder's (or VAE encoder's) mid-block output.
+        """LQ features of ``image`` (``[B, 3, H, W]`` in [-1, 1]): the LQ encoder's output (its ``feature_source``:
+        the mid block by default). Without an LQ encoder, the VAE encoder's output of the width the alignment module
+        takes: its mid block's, or its last layer's for a "w last layer" model.
 
         With VAE tiling enabled (``pipe.vae.enable_tiling()``), the LQ encoder is tiled the same way: the VAE's tile
         size and overlap, tiles blended where they meet.
         """
-        encode = self.lq_encoder if self.lq_encoder is not None else partial(vae_encoder_features, self.vae)
+        if self.lq_encoder is not None:
+            encode = self.lq_encoder
+        else:
+            encode = partial(vae_encoder_features, self.vae, channels=self.alignment.config.lq_channels)
         if not getattr(self.vae, "use_tiling", False):
             return encode(image)
         return tiled_encode(
@@ -542,13 +549,15 @@ class FaithDiffSDXLPipeline(
         prompt_embeds: torch.Tensor,
         add_text_embeds: torch.Tensor,
         guidance_rescale: float,
+        before_unet: Callable[[range], None] | None = None,
     ) -> torch.Tensor:
         """The guided noise prediction for the whole latent: the tiles of each batch go through one UNet call, both
         CFG halves together, and the tiles' predictions are blended with Gaussian weights.
 
         ``condition_embeds`` and ``time_ids`` hold each batch's alignment condition (tile-major, as
         :meth:`LatentTiling.crop`) and micro-conditioning. Nothing here copies from the host, so the GPU never idles
-        waiting for the Python loop."""
+        waiting for the Python loop. ``before_unet``, when given, is called with the tile indices of each UNet call
+        before it runs: an attention-map recorder places what the call's layers attend to by them."""
         total = torch.zeros_like(latents)
         cfg_copies = 2 if self.do_classifier_free_guidance else 1
         unet_dtype = self.unet.dtype
@@ -560,6 +569,8 @@ class FaithDiffSDXLPipeline(
                 "text_embeds": _tile_major(add_text_embeds, per_tile, cfg_copies).to(unet_dtype),
                 "time_ids": batch_time_ids,
             }
+            if before_unet is not None:
+                before_unet(indices)
             with aligned_conv_in(self.unet, self.alignment, torch.cat([condition] * cfg_copies)):
                 noise = self.unet(
                     model_input,
@@ -576,6 +587,23 @@ class FaithDiffSDXLPipeline(
                     noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=guidance_rescale)
             tiling.accumulate(total, noise, indices)
         return total / tiling.weight_sum
+
+    def _attention_recording(
+        self,
+        recorder: AttentionMapRecorder | None,
+        prompt: list[str] | None,
+        prompt_2: list[str] | None,
+        tiling: LatentTiling,
+        num_images_per_prompt: int,
+        image_size: tuple[int, int],
+        num_steps: int,
+    ) -> contextlib.AbstractContextManager:
+        """What records the attention maps of the denoising loop: ``recorder``'s recording, or nothing."""
+        if recorder is None:
+            return contextlib.nullcontext()
+        if not isinstance(recorder, AttentionMapRecorder):
+            raise TypeError(f"`attention_maps` must be an AttentionMapRecorder, got {type(recorder).__name__}.")
+        return recorder.recording(self, prompt, prompt_2, tiling, num_images_per_prompt, image_size, num_steps)
 
     def decode_latents(
         self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
@@ -639,6 +667,7 @@ class FaithDiffSDXLPipeline(
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        attention_maps: AttentionMapRecorder | None = None,
     ) -> FaithDiffPipelineOutput | tuple:
         r"""
         Restores and upscales low-quality images.
@@ -702,6 +731,10 @@ class FaithDiffSDXLPipeline(
                 tensors named in ``callback_on_step_end_tensor_inputs``; the tensors it returns replace them.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): Tensors given to the
                 callback, among ``_callback_tensor_inputs``.
+            attention_maps ([`~faithdiff_pipeline.attention_maps.AttentionMapRecorder`], *optional*): Records
+                DAAM attention maps of chosen words of the prompt (or of the caption the captioner writes) while
+                denoising; they are in its ``maps`` once the call returns. The restored images are unchanged. Needs
+                ``prompt``, not ``prompt_embeds``; a word the prompt lacks is a ``ValueError``.
 
         Examples:
 
@@ -806,7 +839,10 @@ class FaithDiffSDXLPipeline(
 
         # 5. Denoise: blend the tiles' guided predictions, then one scheduler step on the whole latent
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        recording = self._attention_recording(
+            attention_maps, prompt, prompt_2, tiling, num_images_per_prompt, lq.size, len(timesteps)
+        )
+        with recording, self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
@@ -820,6 +856,7 @@ class FaithDiffSDXLPipeline(
                     prompt_embeds,
                     add_text_embeds,
                     guidance_rescale,
+                    before_unet=None if attention_maps is None else partial(attention_maps.unet_call, i),
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
