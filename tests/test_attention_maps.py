@@ -267,12 +267,21 @@ def test_explain_writes_the_restored_image_overlays_and_raw_maps(tiny_model_dir,
         assert not np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_explain_reports_an_absent_word_per_image(tiny_model_dir, tmp_path, capsys) -> None:
+def test_explain_reports_an_absent_word_per_image(tiny_model_dir, tmp_path, capsys, monkeypatch) -> None:
     _photo((24, 20)).save(tmp_path / "a.png")
     args = [str(tmp_path / "a.png"), "--words", "dog", "--prompt", PROMPT, "-o", str(tmp_path / "out")]
     assert main([*args, "--model", str(tiny_model_dir), *FAST]) == 1
     assert "failed: a.png: The word 'dog' is not in the prompt" in capsys.readouterr().out
-    assert not list((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()
+    # Found from the prompt's text before any model loads.
+    from faithdiff_pipeline import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(loading, "load_pipeline", never)
+    assert main([*args, "--model", str(tiny_model_dir), *FAST]) == 1
+    assert "failed: a.png: The word 'dog' is not in the prompt" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ layers, from the very inputs those layers receive; the layers' outputs, and so t
 from __future__ import annotations
 
 import fnmatch
+import re
 import string
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +49,17 @@ def clean_word(word: object) -> str:
             f"`words` holds {word!r}, which is empty once surrounding spaces and punctuation are dropped."
         )
     return cleaned
+
+
+def absent_words(text: str, words: Sequence[str]) -> list[str]:
+    """The ``words`` that do not occur in ``text`` as whole words, in any case: a check that needs no tokenizer,
+    for commands to run before loading a model (a word found here may still be cut off by the tokenizers' length)."""
+    folded = text.casefold()
+    return [
+        word
+        for word in words
+        if not re.search(rf"(?<![\w]){re.escape(clean_word(word).casefold())}(?![\w])", folded)
+    ]
 
 
 def _folded(tokens: Sequence[str]) -> list[str]:
@@ -436,7 +448,8 @@ class AttentionMapRecorder:
         rows = len(tiles) * recording.samples
         if hidden_states.shape[0] != rows * recording.cfg_copies:
             raise ValueError(
-                f"A cross-attention layer got a batch of {hidden_states.shape[0]}, expected {rows * recording.cfg_copies} "
+                f"A cross-attention layer got a batch of {hidden_states.shape[0]}, expected "
+                f"{rows * recording.cfg_copies} "
                 f"({recording.cfg_copies} CFG copies x {len(tiles)} tiles x {recording.samples} samples)."
             )
         if context.shape[1] != recording.selection.shape[1]:

@@ -221,6 +221,30 @@ def _report(summary: cli.Summary, folder: Path) -> str:
     return "\n".join(lines)
 
 
+def _with_words_in_prompt(
+    plans: list[Explained], args: argparse.Namespace, captions: dict, words: Sequence[str], summary: cli.Summary
+) -> list[Explained]:
+    """The plans whose prompt holds every word; the others fail here, before the model loads."""
+    from .attention_maps import absent_words
+
+    failed, kept = {name for name, _ in summary.failed}, []
+    for plan in plans:
+        if plan.source.name in failed:
+            continue
+        try:
+            prompt = cli.prompt_for(plan.source, args, captions)
+        except ValueError as error:
+            summary.failed.append((plan.source.name, str(error)))
+            continue
+        missing = absent_words(prompt, words)
+        if missing:
+            reason = f"The word {missing[0]!r} is not in the prompt {prompt!r}; map words of the prompt."
+            summary.failed.append((plan.source.name, reason))
+        else:
+            kept.append(plan)
+    return kept
+
+
 def explain(args: argparse.Namespace) -> int:
     """The whole command once the arguments are parsed: every check first, then the model, then the images."""
     try:
@@ -243,8 +267,10 @@ def explain(args: argparse.Namespace) -> int:
         print(f"{PROG}: {plan.note}", file=sys.stderr)
     summary = cli.Summary()
     captions = cli.caption_first(paths, args, device, plan, summary)
-    failed = {name for name, _ in summary.failed}
-    plans = [item for item in plans if item.source.name not in failed]
+    plans = _with_words_in_prompt(plans, args, captions, recorder.words, summary)
+    if not plans:
+        print(_report(summary, args.output_dir))
+        return 1
     try:
         pipe = cli.load_restoration_pipeline(args, device)
     except (ValueError, OSError) as error:
