@@ -13,12 +13,13 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import shared_path
+
 from faithdiff_pipeline.degradations import (
     KERNEL_TYPES,
     PRESETS,
     DegradationConfig,
+    StageConfig,
     apply_degradation_plan,
     degrade,
     filter2d,
@@ -31,31 +32,24 @@ from faithdiff_pipeline.degradations import (
     plateau_kernel,
     poisson_noise,
     pulse_kernel,
-    random_anisotropic_gaussian_kernel,
-    random_generalized_anisotropic_kernel,
-    random_generalized_isotropic_kernel,
-    random_isotropic_gaussian_kernel,
-    random_mixed_kernel,
-    random_plateau_anisotropic_kernel,
-    random_plateau_isotropic_kernel,
-    random_sinc_kernel,
     sample_degradation_plan,
+    sample_kernel_spec,
+    sample_sinc_spec,
     sinc_kernel,
 )
 
 SIZES = (7, 9, 11, 13, 15, 17, 19, 21)
 
-ISOTROPIC = {
-    "iso": lambda size, g: random_isotropic_gaussian_kernel(size, (0.2, 3.0), g, pad_to=21),
-    "generalized_iso": lambda size, g: random_generalized_isotropic_kernel(size, (0.2, 3.0), (0.5, 4.0), g, 21),
-    "plateau_iso": lambda size, g: random_plateau_isotropic_kernel(size, (0.2, 3.0), (1.0, 2.0), g, 21),
-    "sinc": lambda size, g: random_sinc_kernel(size, g, pad_to=21),
-}
-ANISOTROPIC = {
-    "aniso": lambda size, g: random_anisotropic_gaussian_kernel(size, (0.2, 3.0), g, pad_to=21),
-    "generalized_aniso": lambda size, g: random_generalized_anisotropic_kernel(size, (0.2, 3.0), (0.5, 4.0), g, 21),
-    "plateau_aniso": lambda size, g: random_plateau_anisotropic_kernel(size, (0.2, 3.0), (1.0, 2.0), g, 21),
-}
+
+def _random_kernel(kind: str):
+    """A drawn kernel of family ``kind`` zero-padded to 21, as the degradation model draws and builds it."""
+    if kind == "sinc":
+        return lambda size, g: sample_sinc_spec(size, g).build(pad_to=21)
+    return lambda size, g: sample_kernel_spec(kind, size, (0.2, 3.0), (0.5, 4.0), (1.0, 2.0), g).build(pad_to=21)
+
+
+ISOTROPIC = {kind: _random_kernel(kind) for kind in ("iso", "generalized_iso", "plateau_iso", "sinc")}
+ANISOTROPIC = {kind: _random_kernel(kind) for kind in ("aniso", "generalized_aniso", "plateau_aniso")}
 
 
 def _smooth_images(batch: int = 2, size: int = 64, seed: int = 0, detail: int = 8) -> torch.Tensor:
@@ -132,11 +126,14 @@ def test_kernel_formulas() -> None:
 
 def test_kernel_helpers_reject_bad_sizes_and_probabilities() -> None:
     with pytest.raises(ValueError, match="`size` must be a positive odd integer, got 8"):
-        random_isotropic_gaussian_kernel(8, (0.2, 3.0))
+        sample_kernel_spec("iso", 8, (0.2, 3.0))
     with pytest.raises(ValueError, match="`pad_to` must be at least the kernel size 21, got 19"):
-        random_sinc_kernel(21, pad_to=19)
-    with pytest.raises(ValueError, match="`kernel_prob` must be non-negative and sum to 1"):
-        random_mixed_kernel(["iso", "aniso"], [0.5, 0.4], 7, (0.2, 3.0))
+        sample_sinc_spec(21).build(pad_to=19)
+    # The mixed kernel's family probabilities are a stage's kernel_prob, refused unless they are a distribution.
+    with pytest.raises(ValueError, match="`kernel_prob` must sum to 1"):
+        StageConfig(kernel_list=("iso", "aniso"), kernel_prob=(0.5, 0.4)).validate()
+    with pytest.raises(ValueError, match="`kernel_prob2` must be a probability in \\[0, 1\\], got -0.1"):
+        DegradationConfig.from_dict({"kernel_list2": ["iso", "aniso"], "kernel_prob2": [-0.1, 1.1]})
     with pytest.raises(ValueError, match="`sigma_x` must be a finite number > 0"):
         gaussian_kernel(7, 0.0)
 
@@ -146,13 +143,14 @@ def test_per_image_draws_match_the_configured_probabilities() -> None:
     config = DegradationConfig()
     n = 3000
     plan = sample_degradation_plan(config, n, torch.Generator().manual_seed(0))
-    for stage, blurs, sinc_prob, sigma in (
-        ("1", [s.blur1 for s in plan.samples], config.sinc_prob, config.blur_sigma),
-        ("2", [s.blur2 for s in plan.samples if s.blur2.kind != "pulse"], config.sinc_prob2, config.blur_sigma2),
+    for stage, blurs, settings in (
+        ("1", [s.blur1 for s in plan.samples], config.stage1),
+        ("2", [s.blur2 for s in plan.samples if s.blur2.kind != "pulse"], config.stage2),
     ):
+        sinc_prob, sigma = settings.sinc_prob, settings.blur_sigma
         kinds = Counter(b.kind for b in blurs)
         _within_binomial(kinds["sinc"], len(blurs), sinc_prob, f"sinc{stage}")
-        for kind, prob in zip(config.kernel_list, config.kernel_prob):
+        for kind, prob in zip(settings.kernel_list, settings.kernel_prob):
             _within_binomial(kinds[kind], len(blurs), (1 - sinc_prob) * prob, f"{kind}{stage}")
         sizes = Counter(b.size for b in blurs)
         assert set(sizes) == set(SIZES)
@@ -174,22 +172,11 @@ def test_per_image_draws_match_the_configured_probabilities() -> None:
     _within_binomial(sum(s.final_sinc.kind == "sinc" for s in plan.samples), n, config.final_sinc_prob, "final sinc")
     assert all(math.pi / 3 <= s.final_sinc.omega_c <= math.pi for s in plan.samples if s.final_sinc.kind == "sinc")
     _within_binomial(sum(s.final_resize_first for s in plan.samples), n, 0.5, "final order")
-    for noises, sigmas, scales, jpegs, quality_range in (
-        (
-            [s.noise1 for s in plan.samples],
-            config.noise_range,
-            config.poisson_scale_range,
-            [s.jpeg_quality1 for s in plan.samples],
-            config.jpeg_range,
-        ),
-        (
-            [s.noise2 for s in plan.samples],
-            config.noise_range2,
-            config.poisson_scale_range2,
-            [s.jpeg_quality2 for s in plan.samples],
-            config.jpeg_range2,
-        ),
+    for noises, jpegs, settings in (
+        ([s.noise1 for s in plan.samples], [s.jpeg_quality1 for s in plan.samples], config.stage1),
+        ([s.noise2 for s in plan.samples], [s.jpeg_quality2 for s in plan.samples], config.stage2),
     ):
+        sigmas, scales, quality_range = settings.noise_range, settings.poisson_scale_range, settings.jpeg_range
         _within_binomial(sum(x.kind == "gaussian" for x in noises), n, 0.5, "gaussian noise")
         _within_binomial(sum(x.gray for x in noises), n, 0.4, "grey noise")
         assert all(sigmas[0] <= x.strength <= sigmas[1] for x in noises if x.kind == "gaussian")
@@ -205,15 +192,15 @@ def test_per_batch_resizes_match_the_configured_probabilities(preset: str) -> No
     config = get_preset(preset)
     generator = torch.Generator().manual_seed(1)
     plans = [sample_degradation_plan(config, 1, generator) for _ in range(1500)]
-    stages = [("", [p.resize1 for p in plans])]
+    stages = [("", [p.resize1 for p in plans], config.stage1)]
     if config.two_stage:
-        stages.append(("2", [p.resize2 for p in plans]))
+        stages.append(("2", [p.resize2 for p in plans], config.stage2))
     else:
         assert all(p.resize2 is None and p.samples[0].blur2 is None for p in plans)
-    for suffix, resizes in stages:
-        low, high = getattr(config, "resize_range" + suffix)
+    for suffix, resizes, settings in stages:
+        low, high = settings.resize_range
         counts = Counter(r.direction for r in resizes)
-        for direction, prob in zip(("up", "down", "keep"), getattr(config, "resize_prob" + suffix)):
+        for direction, prob in zip(("up", "down", "keep"), settings.resize_prob):
             _within_binomial(counts[direction], len(resizes), prob, f"{direction}{suffix}")
         for r in resizes:
             expected = {"up": (1.0, high), "down": (low, 1.0), "keep": (1.0, 1.0)}[r.direction]
@@ -291,21 +278,19 @@ def test_plan_and_degrade_agree() -> None:
 
 def test_mild_settings_reduce_to_a_plain_downscale() -> None:
     """With every random step switched off or made negligible, the model is an area downscale (plus q100 JPEG)."""
+    no_resize_noise_or_jpeg = {
+        "resize_prob": (0.0, 0.0, 1.0),
+        "gaussian_noise_prob": 1.0,
+        "noise_range": (0.0, 0.0),
+        "jpeg_range": (100.0, 100.0),
+    }
     config = DegradationConfig(
         resize_modes=("area",),
-        kernel_list=("iso",),
-        kernel_prob=(1.0,),
-        sinc_prob=0.0,
-        blur_sigma=(0.2, 0.2),
-        resize_prob=(0.0, 0.0, 1.0),
-        gaussian_noise_prob=1.0,
-        noise_range=(0.0, 0.0),
-        jpeg_range=(100.0, 100.0),
+        stage1=StageConfig(
+            kernel_list=("iso",), kernel_prob=(1.0,), sinc_prob=0.0, blur_sigma=(0.2, 0.2), **no_resize_noise_or_jpeg
+        ),
+        stage2=dataclasses.replace(DegradationConfig().stage2, **no_resize_noise_or_jpeg),
         second_blur_prob=0.0,
-        resize_prob2=(0.0, 0.0, 1.0),
-        gaussian_noise_prob2=1.0,
-        noise_range2=(0.0, 0.0),
-        jpeg_range2=(100.0, 100.0),
         final_sinc_prob=0.0,
     )
     # Smooth enough that 4:2:0 chroma subsampling at the LQ size loses little.
@@ -401,7 +386,9 @@ def test_grey_poisson_noise_uses_torchvision_luma_weights() -> None:
 # -------------------------------------------------------------------------------------------- config & I/O
 def test_yaml_round_trip_and_realesrgan_layout(tmp_path) -> None:
     import yaml  # a test extra
-    config = dataclasses.replace(get_preset("dasr-level3"), scale=2, jpeg_range2=(40.0, 90.0))
+
+    preset = get_preset("dasr-level3")
+    config = dataclasses.replace(preset, scale=2, stage2=dataclasses.replace(preset.stage2, jpeg_range=(40.0, 90.0)))
     path = tmp_path / "degradation.yml"
     config.to_yaml(path)
     assert DegradationConfig.from_yaml(path) == config
@@ -435,8 +422,8 @@ def test_presets() -> None:
     assert set(PRESETS) == {"faithdiff", "realesrgan", "dasr-level1", "dasr-level2", "dasr-level3"}
     assert PRESETS["faithdiff"] == DegradationConfig()
     copy = get_preset("realesrgan")
-    copy.noise_range = (0.0, 1.0)
-    assert PRESETS["realesrgan"].noise_range == (1.0, 30.0)
+    copy.stage1.noise_range = (0.0, 1.0)
+    assert PRESETS["realesrgan"].stage1.noise_range == (1.0, 30.0)
     assert not PRESETS["dasr-level1"].two_stage and PRESETS["dasr-level3"].two_stage
     with pytest.raises(ValueError, match="Unknown degradation preset 'x4'; valid presets are \\['dasr-level1'"):
         get_preset("x4")
@@ -474,21 +461,24 @@ def test_degrade_rejects_bad_config_generator_and_plan() -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(kernel_prob=(0.5, 0.25, 0.12, 0.03, 0.12, 0.03)), "`kernel_prob` must sum to 1, got \\[0.5"),
-        (dict(resize_prob2=(0.3, 0.3, 0.3)), "`resize_prob2` must sum to 1"),
-        (dict(kernel_list=("iso", "box"), kernel_prob=(0.5, 0.5)), "`kernel_list` must be a non-empty list of kernel"),
-        (dict(kernel_prob=(0.5, 0.5)), "`kernel_prob` must be a list of 6 probabilities"),
-        (dict(sinc_prob=1.5), "`sinc_prob` must be a probability in \\[0, 1\\], got 1.5"),
-        (dict(resize_range=(1.1, 1.5)), "`resize_range` must contain 1"),
-        (dict(jpeg_range2=(60, 110)), "`jpeg_range2` must lie <= 100"),
-        (dict(noise_range=(15, 1)), "`noise_range` must have low <= high, got \\[15.0, 1.0\\]"),
-        (dict(blur_sigma=(0.0, 3.0)), "`blur_sigma` must lie > 0"),
-        (dict(blur_kernel_size=20), "`blur_kernel_size` must be a positive odd integer, got 20"),
-        (dict(blur_kernel_size2_minimum=23), "`blur_kernel_size2_minimum` must be <= `blur_kernel_size2` \\(21\\)"),
-        (dict(scale=0), "`scale` must be a positive integer, got 0"),
-        (dict(resize_modes=("lanczos",)), "`resize_modes` must be a non-empty list from"),
+        ({"kernel_prob": (0.5, 0.25, 0.12, 0.03, 0.12, 0.03)}, "`kernel_prob` must sum to 1, got \\[0.5"),
+        ({"resize_prob2": (0.3, 0.3, 0.3)}, "`resize_prob2` must sum to 1"),
+        (
+            {"kernel_list": ("iso", "box"), "kernel_prob": (0.5, 0.5)},
+            "`kernel_list` must be a non-empty list of kernel",
+        ),
+        ({"kernel_prob": (0.5, 0.5)}, "`kernel_prob` must be a list of 6 probabilities"),
+        ({"sinc_prob": 1.5}, "`sinc_prob` must be a probability in \\[0, 1\\], got 1.5"),
+        ({"resize_range": (1.1, 1.5)}, "`resize_range` must contain 1"),
+        ({"jpeg_range2": (60, 110)}, "`jpeg_range2` must lie <= 100"),
+        ({"noise_range": (15, 1)}, "`noise_range` must have low <= high, got \\[15.0, 1.0\\]"),
+        ({"blur_sigma": (0.0, 3.0)}, "`blur_sigma` must lie > 0"),
+        ({"blur_kernel_size": 20}, "`blur_kernel_size` must be a positive odd integer, got 20"),
+        ({"blur_kernel_size2_minimum": 23}, "`blur_kernel_size2_minimum` must be <= `blur_kernel_size2` \\(21\\)"),
+        ({"scale": 0}, "`scale` must be a positive integer, got 0"),
+        ({"resize_modes": ("lanczos",)}, "`resize_modes` must be a non-empty list from"),
     ],
 )
 def test_config_rejects_bad_settings(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        DegradationConfig(**overrides)
+        DegradationConfig.from_dict(overrides)

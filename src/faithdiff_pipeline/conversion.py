@@ -14,9 +14,10 @@ import secrets
 import shutil
 import struct
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -163,7 +164,8 @@ def _check_state_dict(state_dict: object, path: Path) -> None:
     import torch
 
     if not isinstance(state_dict, Mapping):
-        raise ValueError(
+        # The file's content is wrong, not an argument's type.
+        raise ValueError(  # noqa: TRY004
             f"`faithdiff` {str(path)!r} holds a {type(state_dict).__name__}, not a state dict (names -> tensors)."
         )
     wrong = [
@@ -268,23 +270,31 @@ def _image_mismatches(configs: Mapping[str, Any]) -> list[str]:
         ),
         (
             len(lq["block_out_channels"]) == len(vae["block_out_channels"]),
-            f"the LQ encoder has {len(lq['block_out_channels'])} down blocks but the VAE "
-            f"{len(vae['block_out_channels'])}: the LQ features must have the latents' resolution",
+            (
+                f"the LQ encoder has {len(lq['block_out_channels'])} down blocks but the VAE "
+                f"{len(vae['block_out_channels'])}: the LQ features must have the latents' resolution"
+            ),
         ),
         (
             alignment["lq_channels"] == lq_width,
-            f"the alignment module's lq_channels ({alignment['lq_channels']}) must equal the LQ encoder's output "
-            f"(mid-block) width, the last of its block_out_channels ({lq_width})",
+            (
+                f"the alignment module's lq_channels ({alignment['lq_channels']}) must equal the LQ encoder's output "
+                f"(mid-block) width, the last of its block_out_channels ({lq_width})"
+            ),
         ),
         (
             alignment["latent_channels"] == unet["block_out_channels"][0],
-            f"the alignment module's latent_channels ({alignment['latent_channels']}) must equal the UNet's conv_in "
-            f"output width, its block_out_channels[0] ({unet['block_out_channels'][0]})",
+            (
+                f"the alignment module's latent_channels ({alignment['latent_channels']}) must equal the UNet's conv_in "
+                f"output width, its block_out_channels[0] ({unet['block_out_channels'][0]})"
+            ),
         ),
         (
             width % alignment["num_attention_heads"] == 0,
-            f"the alignment width 2 x latent_channels ({width}) must be divisible by its "
-            f"{alignment['num_attention_heads']} attention heads",
+            (
+                f"the alignment width 2 x latent_channels ({width}) must be divisible by its "
+                f"{alignment['num_attention_heads']} attention heads"
+            ),
         ),
         (
             unet["in_channels"] == latent,
@@ -510,10 +520,11 @@ def convert_official_release(
 
 
 def _check_output(output: Path, variant: str | None, overwrite: bool, num_attention_heads: int) -> None:
+    from .checks import check_integer
+
     if variant not in (None, "fp16"):
         raise ValueError(f"`variant` must be None or 'fp16', got {variant!r}.")
-    if isinstance(num_attention_heads, bool) or not isinstance(num_attention_heads, int) or num_attention_heads < 1:
-        raise ValueError(f"`num_attention_heads` must be a positive integer, got {num_attention_heads!r}.")
+    check_integer(num_attention_heads, "num_attention_heads", 1)
     if output.exists() and not overwrite:
         raise ValueError(
             f"`output_dir` {str(output)!r} already exists; pass overwrite=True (--overwrite) to replace it."

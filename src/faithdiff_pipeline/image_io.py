@@ -31,6 +31,7 @@ import PIL.PngImagePlugin
 from PIL import ImageCms
 
 from .atomic_files import atomic_path
+from .checks import check_choice, check_integer
 
 READABLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Output format -> file suffix.
@@ -117,16 +118,13 @@ class OutputOptions:
     profile: str = "srgb"
 
     def __post_init__(self) -> None:
-        if self.format not in OUTPUT_FORMATS:
-            raise ValueError(f"`format` must be one of {tuple(OUTPUT_FORMATS)}, got {self.format!r}.")
-        if isinstance(self.quality, bool) or not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
-            raise ValueError(f"`quality` must be an integer from 1 to 100, got {self.quality!r}.")
+        check_choice(self.format, "format", OUTPUT_FORMATS)
+        check_integer(self.quality, "quality", 1, 100)
         if self.bit_depth not in (None, 8, 16):
             raise ValueError(f"`bit_depth` must be 8, 16 or None (the source's), got {self.bit_depth!r}.")
         if self.bit_depth == 16 and self.format not in ("png", "tiff"):
             raise ValueError(f"`bit_depth` 16 needs format 'png' or 'tiff'; {self.format!r} stores 8 bits.")
-        if self.profile not in PROFILE_CHOICES:
-            raise ValueError(f"`profile` must be one of {PROFILE_CHOICES}, got {self.profile!r}.")
+        check_choice(self.profile, "profile", PROFILE_CHOICES)
 
     @property
     def suffix(self) -> str:

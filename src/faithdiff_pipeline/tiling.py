@@ -4,24 +4,23 @@ with linear blending that bound the LQ encoder's memory."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 import torch
+
+from .checks import is_integer
 
 MIN_TILE_SIZE = 64
 
 
 def check_tile_arguments(tile_size: object, tile_stride: object) -> None:
     """Refuses latent tile sizes and strides (in pixels) that the pipeline cannot use, naming the argument."""
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < MIN_TILE_SIZE or tile_size % 8:
+    if not is_integer(tile_size) or tile_size < MIN_TILE_SIZE or tile_size % 8:
         raise ValueError(f"`tile_size` must be a multiple of 8 of at least {MIN_TILE_SIZE} pixels, got {tile_size!r}.")
     if tile_stride is not None and (
-        isinstance(tile_stride, bool)
-        or not isinstance(tile_stride, int)
-        or not 8 <= tile_stride <= tile_size
-        or tile_stride % 8
+        not is_integer(tile_stride) or not 8 <= tile_stride <= tile_size or tile_stride % 8
     ):
         raise ValueError(
             f"`tile_stride` must be a multiple of 8 between 8 and `tile_size` ({tile_size}) pixels, got {tile_stride!r}."
@@ -72,12 +71,12 @@ class LatentTiling:
     tile_height: int
     tile_width: int
     stride: int
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 (a torch.device is immutable)
 
     @classmethod
     def for_latent(
         cls, height: int, width: int, tile: int, stride: int, device: torch.device | str = "cpu"
-    ) -> "LatentTiling":
+    ) -> LatentTiling:
         return cls(height, width, min(tile, height), min(tile, width), stride, torch.device(device))
 
     @cached_property

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .._imports import export_table, lazy_export
 
 _import_structure = {
-    "config": ["PRESET_SOURCES", "PRESETS", "RESIZE_MODES", "DegradationConfig", "get_preset"],
+    "config": ["PRESET_SOURCES", "PRESETS", "RESIZE_MODES", "DegradationConfig", "StageConfig", "get_preset"],
     "jpeg": ["jpeg_compress", "jpeg_quantization_tables"],
     "kernels": [
         "KERNEL_TYPES",
@@ -22,19 +22,11 @@ _import_structure = {
         "generalized_gaussian_kernel",
         "plateau_kernel",
         "pulse_kernel",
-        "random_anisotropic_gaussian_kernel",
-        "random_generalized_anisotropic_kernel",
-        "random_generalized_isotropic_kernel",
-        "random_isotropic_gaussian_kernel",
-        "random_mixed_kernel",
-        "random_plateau_anisotropic_kernel",
-        "random_plateau_isotropic_kernel",
-        "random_sinc_kernel",
         "sample_kernel_spec",
         "sample_sinc_spec",
         "sinc_kernel",
     ],
-    "noise": ["add_noise", "gaussian_noise", "poisson_noise"],
+    "noise": ["gaussian_noise", "poisson_noise"],
     "pipeline": [
         "DegradationPlan",
         "NoiseSpec",
@@ -51,17 +43,17 @@ _exports = export_table(_import_structure)
 
 # Spelled out for static tools; tests/test_startup.py checks it against the export table.
 __all__ = [
-    "DegradationConfig",
-    "DegradationPlan",
     "KERNEL_TYPES",
-    "KernelSpec",
-    "NoiseSpec",
     "PRESETS",
     "PRESET_SOURCES",
     "RESIZE_MODES",
+    "DegradationConfig",
+    "DegradationPlan",
+    "KernelSpec",
+    "NoiseSpec",
     "ResizeSpec",
     "SampleDegradation",
-    "add_noise",
+    "StageConfig",
     "apply_degradation_plan",
     "degrade",
     "filter2d",
@@ -74,14 +66,6 @@ __all__ = [
     "plateau_kernel",
     "poisson_noise",
     "pulse_kernel",
-    "random_anisotropic_gaussian_kernel",
-    "random_generalized_anisotropic_kernel",
-    "random_generalized_isotropic_kernel",
-    "random_isotropic_gaussian_kernel",
-    "random_mixed_kernel",
-    "random_plateau_anisotropic_kernel",
-    "random_plateau_isotropic_kernel",
-    "random_sinc_kernel",
     "sample_degradation_plan",
     "sample_kernel_spec",
     "sample_sinc_spec",
@@ -90,7 +74,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .config import PRESET_SOURCES, PRESETS, RESIZE_MODES, DegradationConfig, get_preset
+    from .config import PRESET_SOURCES, PRESETS, RESIZE_MODES, DegradationConfig, StageConfig, get_preset
     from .jpeg import jpeg_compress, jpeg_quantization_tables
     from .kernels import (
         KERNEL_TYPES,
@@ -99,19 +83,11 @@ if TYPE_CHECKING:
         generalized_gaussian_kernel,
         plateau_kernel,
         pulse_kernel,
-        random_anisotropic_gaussian_kernel,
-        random_generalized_anisotropic_kernel,
-        random_generalized_isotropic_kernel,
-        random_isotropic_gaussian_kernel,
-        random_mixed_kernel,
-        random_plateau_anisotropic_kernel,
-        random_plateau_isotropic_kernel,
-        random_sinc_kernel,
         sample_kernel_spec,
         sample_sinc_spec,
         sinc_kernel,
     )
-    from .noise import add_noise, gaussian_noise, poisson_noise
+    from .noise import gaussian_noise, poisson_noise
     from .pipeline import (
         DegradationPlan,
         NoiseSpec,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_SEED_BOUND = 2**62
+from ..seeds import draw_seed
 
 
 def check_generator(generator: torch.Generator | None) -> None:
@@ -44,11 +44,6 @@ def choice(generator: torch.Generator | None, options: tuple | list, probs: tupl
     return next(option for option, prob in zip(reversed(options), reversed(probs)) if prob > 0)
 
 
-def derive_seed(generator: torch.Generator | None) -> int:
-    """A seed drawn from ``generator`` (or from torch's global CPU generator when it is None)."""
-    return int(torch.randint(0, _SEED_BOUND, (1,), generator=generator, device=_device(generator)).item())
-
-
 def split_generators(
     generator: torch.Generator | None, device: torch.device
 ) -> tuple[torch.Generator, torch.Generator]:
@@ -60,10 +55,10 @@ def split_generators(
     """
     check_generator(generator)
     if generator is None:
-        seed = derive_seed(None)
+        seed = draw_seed(None)
         params = torch.Generator().manual_seed(seed)
         noise = torch.Generator(device=device).manual_seed(seed + 1)
         return params, noise
     if generator.device.type == "cpu":
         return generator, generator
-    return torch.Generator().manual_seed(derive_seed(generator)), generator
+    return torch.Generator().manual_seed(draw_seed(generator)), generator

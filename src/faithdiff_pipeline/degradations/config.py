@@ -1,13 +1,30 @@
-"""Settings of the degradation model, their validation and YAML round trip, and the named presets."""
+"""Settings of the degradation model, their validation and YAML round trip, and the named presets.
+
+A :class:`DegradationConfig` holds the settings of the model as a whole and one :class:`StageConfig` (blur, resize,
+noise, JPEG) per stage. Real-ESRGAN's option files spell the second stage's settings with a ``2`` (``blur_sigma2``,
+``blur_kernel_size2_minimum``); those flat names appear only in the dict and YAML forms, and in the error messages,
+which name a setting as an option file spells it.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
-from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..atomic_files import write_text_atomic
+from ..checks import (
+    check_bool,
+    check_choices,
+    check_distribution,
+    check_integer,
+    check_probability,
+    check_range,
+    is_number,
+)
 
 # Defined here rather than in `.kernels`, which needs torch: the settings (and the presets built from them) can then
 # be imported without it.
@@ -15,31 +32,56 @@ KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau
 """The six shaped kernel families of Real-ESRGAN, by the names its option files use."""
 
 RESIZE_MODES = ("area", "bilinear", "bicubic", "nearest")
-_ALL_KERNELS = KERNEL_TYPES
 _SIX_KERNEL_PROBS = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+# Settings that hold names, whose items are kept as given rather than read as numbers.
+_NAME_LISTS = ("kernel_list", "resize_modes")
+# The settings of the model as a whole besides `two_stage`, which the dict form derives from `stage2`.
+_MODEL_SETTINGS = ("scale", "resize_modes", "second_blur_prob", "final_sinc_prob", "final_resize_first_prob")
 # Keys of Real-ESRGAN-style option files that switch off augmentations this model does not implement; a file may
 # carry them (FaithDiff's does) as long as they are 0.
 _DISABLED_EXTRAS = ("color_jitter_prob", "gray_prob")
-_PROB_SUM_TOLERANCE = 1e-6
+# FaithDiff's second stage, where it differs from its first.
+_FAITHDIFF_STAGE2 = {
+    "blur_sigma": (0.2, 1.5),
+    "resize_prob": (0.3, 0.4, 0.3),
+    "resize_range": (0.6, 1.2),
+    "noise_range": (1.0, 12.0),
+    "poisson_scale_range": (0.05, 1.0),
+    "jpeg_range": (60.0, 100.0),
+}
+
+
+def _normalise(settings: Any) -> None:
+    # YAML and callers hand over lists and ints; storing tuples of floats makes equal settings compare equal wherever
+    # they came from.
+    for setting in dataclasses.fields(settings):
+        value = getattr(settings, setting.name)
+        if isinstance(value, (list, tuple)):
+            numbers = setting.name not in _NAME_LISTS
+            setattr(settings, setting.name, tuple(float(v) if numbers and is_number(v) else v for v in value))
+
+
+def _option_name(setting: str, stage: int) -> str:
+    """The option-file name of a stage's setting: the second stage's adds ``2`` to the setting's name, before the
+    ``_minimum`` of ``blur_kernel_size_minimum`` (``blur_kernel_size2_minimum``, as Real-ESRGAN spells it)."""
+    if stage == 1:
+        return setting
+    name, minimum, _ = setting.partition("_minimum")
+    return f"{name}{stage}{minimum}"
 
 
 @dataclass
-class DegradationConfig:
-    """Every setting of the second-order (Real-ESRGAN) degradation model. Defaults are FaithDiff's training settings.
+class StageConfig:
+    """The settings of one degradation stage: blur, random resize, noise, JPEG. Defaults are FaithDiff's first stage.
 
-    Field names follow Real-ESRGAN's option files (``...2`` is the second stage). Ranges are ``(low, high)`` pairs
-    sampled uniformly; three-way ``resize_prob*`` are the probabilities of (up, down, keep). With
-    ``two_stage=False`` (DASR's one-stage levels) every ``...2`` field and ``final_resize_first_prob`` are unused:
-    the model is blur, resize, noise, JPEG, then the resize to the target size and the final sinc filter.
+    Ranges are ``(low, high)`` pairs sampled uniformly. The settings are checked by the :class:`DegradationConfig`
+    holding the stage, which names them as option files do (``resize_prob2`` for the second stage's ``resize_prob``).
 
     Attributes:
-        scale: the downscaling factor from HQ to LQ.
-        two_stage: whether the second degradation stage runs.
-        resize_modes: interpolation modes, picked uniformly for every resize.
         blur_kernel_size, blur_kernel_size_minimum: kernel sizes are odd, uniform in [minimum, size], and zero-padded
-            to ``blur_kernel_size`` (likewise ``blur_kernel_size2*`` for the second stage).
+            to ``blur_kernel_size``.
         kernel_list, kernel_prob: kernel families (see ``KERNEL_TYPES``) and their probabilities.
-        sinc_prob: probability that a stage blurs with a sinc kernel instead of a ``kernel_list`` family.
+        sinc_prob: probability that the stage blurs with a sinc kernel instead of a ``kernel_list`` family.
         blur_sigma: range of the kernels' standard deviations, in pixels.
         betag_range, betap_range: shape ranges of the generalised Gaussian and plateau kernels.
         resize_prob, resize_range: (up, down, keep) probabilities and the range of the resize factor; up draws from
@@ -49,242 +91,261 @@ class DegradationConfig:
         poisson_scale_range: Poisson noise multiplier range.
         gray_noise_prob: probability that the noise is one grey field rather than three colour ones.
         jpeg_range: JPEG quality range.
-        second_blur_prob: probability that the second stage blurs at all.
-        final_sinc_prob: probability of the sinc filter after the resize to the target size.
-        final_resize_first_prob: probability that [resize to target + sinc] comes before the last JPEG, not after.
     """
 
-    scale: int = 4
-    two_stage: bool = True
-    resize_modes: tuple[str, ...] = ("area", "bilinear", "bicubic")
-
-    # First stage.
+    # Blur.
     blur_kernel_size: int = 21
     blur_kernel_size_minimum: int = 7
-    kernel_list: tuple[str, ...] = _ALL_KERNELS
+    kernel_list: tuple[str, ...] = KERNEL_TYPES
     kernel_prob: tuple[float, ...] = _SIX_KERNEL_PROBS
     sinc_prob: float = 0.1
     blur_sigma: tuple[float, float] = (0.2, 3.0)
     betag_range: tuple[float, float] = (0.5, 4.0)
     betap_range: tuple[float, float] = (1.0, 2.0)
+    # Resize.
     resize_prob: tuple[float, float, float] = (0.2, 0.7, 0.1)
     resize_range: tuple[float, float] = (0.3, 1.5)
+    # Noise.
     gaussian_noise_prob: float = 0.5
     noise_range: tuple[float, float] = (1.0, 15.0)
     poisson_scale_range: tuple[float, float] = (0.05, 2.0)
     gray_noise_prob: float = 0.4
+    # JPEG.
     jpeg_range: tuple[float, float] = (60.0, 95.0)
 
-    # Second stage.
-    second_blur_prob: float = 0.5
-    blur_kernel_size2: int = 21
-    blur_kernel_size2_minimum: int = 7
-    kernel_list2: tuple[str, ...] = _ALL_KERNELS
-    kernel_prob2: tuple[float, ...] = _SIX_KERNEL_PROBS
-    sinc_prob2: float = 0.1
-    blur_sigma2: tuple[float, float] = (0.2, 1.5)
-    betag_range2: tuple[float, float] = (0.5, 4.0)
-    betap_range2: tuple[float, float] = (1.0, 2.0)
-    resize_prob2: tuple[float, float, float] = (0.3, 0.4, 0.3)
-    resize_range2: tuple[float, float] = (0.6, 1.2)
-    gaussian_noise_prob2: float = 0.5
-    noise_range2: tuple[float, float] = (1.0, 12.0)
-    poisson_scale_range2: tuple[float, float] = (0.05, 1.0)
-    gray_noise_prob2: float = 0.4
-    jpeg_range2: tuple[float, float] = (60.0, 100.0)
+    def __post_init__(self) -> None:
+        _normalise(self)
 
-    # Last step.
+    @property
+    def kernel_sizes(self) -> tuple[int, ...]:
+        """The odd kernel sizes the stage draws from, uniformly."""
+        return tuple(range(self.blur_kernel_size_minimum, self.blur_kernel_size + 1, 2))
+
+    def validate(self, stage: int = 1) -> None:
+        """Raises ValueError naming the first setting out of its domain, by its option name in stage ``stage``."""
+        names = {setting.name: _option_name(setting.name, stage) for setting in dataclasses.fields(self)}
+        self._validate_blur(names)
+        self._validate_resize_noise_jpeg(names)
+
+    def _validate_blur(self, names: dict[str, str]) -> None:
+        size = check_integer(self.blur_kernel_size, names["blur_kernel_size"], 1, odd=True)
+        minimum = check_integer(self.blur_kernel_size_minimum, names["blur_kernel_size_minimum"], 1, odd=True)
+        if minimum > size:
+            raise ValueError(
+                f"`{names['blur_kernel_size_minimum']}` must be <= `{names['blur_kernel_size']}` ({size}), "
+                f"got {minimum}."
+            )
+        check_choices(self.kernel_list, names["kernel_list"], KERNEL_TYPES, what="kernel types")
+        check_distribution(self.kernel_prob, names["kernel_prob"], len(self.kernel_list))
+        check_probability(self.sinc_prob, names["sinc_prob"])
+        for setting in ("blur_sigma", "betag_range", "betap_range"):
+            check_range(getattr(self, setting), names[setting], low=0.0, open_low=True)
+
+    def _validate_resize_noise_jpeg(self, names: dict[str, str]) -> None:
+        check_distribution(self.resize_prob, names["resize_prob"], 3)
+        low, high = check_range(self.resize_range, names["resize_range"], low=0.0, open_low=True)
+        if not low <= 1.0 <= high:
+            raise ValueError(
+                f"`{names['resize_range']}` must contain 1 (down draws from [low, 1], up from [1, high]), "
+                f"got {[low, high]}."
+            )
+        check_probability(self.gaussian_noise_prob, names["gaussian_noise_prob"])
+        check_range(self.noise_range, names["noise_range"], low=0.0)
+        check_range(self.poisson_scale_range, names["poisson_scale_range"], low=0.0)
+        check_probability(self.gray_noise_prob, names["gray_noise_prob"])
+        check_range(self.jpeg_range, names["jpeg_range"], low=1.0, high=100.0)
+
+    def to_options(self, stage: int) -> dict[str, Any]:
+        """The settings under their option names in stage ``stage``, in field order."""
+        return {_option_name(s.name, stage): getattr(self, s.name) for s in dataclasses.fields(self)}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], stage: int, defaults: StageConfig) -> StageConfig:
+        """``defaults`` with the settings of stage ``stage`` found in ``options`` (by their option names)."""
+        found = {}
+        for setting in dataclasses.fields(cls):
+            name = _option_name(setting.name, stage)
+            if name in options:
+                found[setting.name] = options[name]
+        return dataclasses.replace(defaults, **found)
+
+
+def _faithdiff_stage2() -> StageConfig:
+    return StageConfig(**_FAITHDIFF_STAGE2)
+
+
+@dataclass
+class DegradationConfig:
+    """Every setting of the second-order (Real-ESRGAN) degradation model. Defaults are FaithDiff's training settings.
+
+    The model runs ``stage1``, then ``stage2`` if there is one (``None`` gives DASR's one-stage levels, where
+    ``second_blur_prob`` and ``final_resize_first_prob`` are unused), then the resize to the target size and the
+    final sinc filter; in a two-stage model the second stage's JPEG comes before or after that last step.
+
+    Attributes:
+        scale: the downscaling factor from HQ to LQ.
+        resize_modes: interpolation modes, picked uniformly for every resize.
+        stage1: the first stage's settings.
+        stage2: the second stage's settings, or None for a one-stage model.
+        second_blur_prob: probability that the second stage blurs at all.
+        final_sinc_prob: probability of the sinc filter after the resize to the target size; its size is drawn from
+            the first stage's kernel sizes, and it is zero-padded to the first stage's ``blur_kernel_size``.
+        final_resize_first_prob: probability that [resize to target + sinc] comes before the last JPEG, not after.
+    """
+
+    scale: int = 4
+    resize_modes: tuple[str, ...] = ("area", "bilinear", "bicubic")
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig | None = field(default_factory=_faithdiff_stage2)
+    second_blur_prob: float = 0.5
     final_sinc_prob: float = 0.8
     final_resize_first_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        self._normalise()
+        _normalise(self)
         self.validate()
 
-    # ----------------------------------------------------------------------------------------- normalisation
-    def _normalise(self) -> None:
-        # YAML and callers hand over lists and ints; store tuples of floats so that equality and hashing of the
-        # values do not depend on where they came from.
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list):
-                value = tuple(value)
-            if isinstance(value, tuple) and f.name not in ("kernel_list", "kernel_list2", "resize_modes"):
-                value = tuple(float(v) if _is_number(v) else v for v in value)
-            setattr(self, f.name, value)
+    @property
+    def two_stage(self) -> bool:
+        """Whether the second stage runs: ``stage2`` is set."""
+        return self.stage2 is not None
 
-    # ------------------------------------------------------------------------------------------- validation
+    @property
+    def stages(self) -> tuple[StageConfig, ...]:
+        """The stages that run, in order."""
+        return (self.stage1,) if self.stage2 is None else (self.stage1, self.stage2)
+
     def validate(self) -> None:
         """Raises ValueError/TypeError naming the first setting that is out of its domain."""
-        if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
-            raise ValueError(f"`scale` must be a positive integer, got {self.scale!r}.")
-        if not isinstance(self.two_stage, bool):
-            raise TypeError(f"`two_stage` must be a bool, got {self.two_stage!r}.")
-        _check_modes(self.resize_modes)
-        for suffix in ("", "2"):
-            self._validate_blur(suffix)
-            self._validate_stage(suffix)
-        _check_probability(self.final_sinc_prob, "final_sinc_prob")
-        _check_probability(self.final_resize_first_prob, "final_resize_first_prob")
-
-    def _validate_blur(self, suffix: str) -> None:
-        size_name = "blur_kernel_size" + suffix
-        size, minimum = getattr(self, size_name), getattr(self, size_name + "_minimum")
-        _check_odd(size, size_name)
-        _check_odd(minimum, size_name + "_minimum")
-        if minimum > size:
-            raise ValueError(f"`{size_name}_minimum` must be <= `{size_name}` ({size}), got {minimum}.")
-        _check_kernel_list(getattr(self, "kernel_list" + suffix), "kernel_list" + suffix)
-        probs = getattr(self, "kernel_prob" + suffix)
-        _check_distribution(probs, "kernel_prob" + suffix, len(getattr(self, "kernel_list" + suffix)))
-        _check_probability(getattr(self, "sinc_prob" + suffix), "sinc_prob" + suffix)
-        _check_range(getattr(self, "blur_sigma" + suffix), "blur_sigma" + suffix, low=0.0, open_low=True)
-        _check_range(getattr(self, "betag_range" + suffix), "betag_range" + suffix, low=0.0, open_low=True)
-        _check_range(getattr(self, "betap_range" + suffix), "betap_range" + suffix, low=0.0, open_low=True)
-        if suffix == "2":
-            _check_probability(self.second_blur_prob, "second_blur_prob")
-
-    def _validate_stage(self, suffix: str) -> None:
-        _check_distribution(getattr(self, "resize_prob" + suffix), "resize_prob" + suffix, 3)
-        name = "resize_range" + suffix
-        low, high = _check_range(getattr(self, name), name, low=0.0, open_low=True)
-        if not low <= 1.0 <= high:
-            raise ValueError(
-                f"`{name}` must contain 1 (down draws from [low, 1], up from [1, high]), got {[low, high]}."
-            )
-        _check_probability(getattr(self, "gaussian_noise_prob" + suffix), "gaussian_noise_prob" + suffix)
-        _check_range(getattr(self, "noise_range" + suffix), "noise_range" + suffix, low=0.0)
-        _check_range(getattr(self, "poisson_scale_range" + suffix), "poisson_scale_range" + suffix, low=0.0)
-        _check_probability(getattr(self, "gray_noise_prob" + suffix), "gray_noise_prob" + suffix)
-        _check_range(getattr(self, "jpeg_range" + suffix), "jpeg_range" + suffix, low=1.0, high=100.0)
+        check_integer(self.scale, "scale", 1)
+        check_choices(self.resize_modes, "resize_modes", RESIZE_MODES)
+        for number, stage in enumerate(self.stages, start=1):
+            if not isinstance(stage, StageConfig):
+                raise TypeError(f"`stage{number}` must be a StageConfig, got {type(stage).__name__}.")
+            stage.validate(number)
+        check_probability(self.second_blur_prob, "second_blur_prob")
+        check_probability(self.final_sinc_prob, "final_sinc_prob")
+        check_probability(self.final_resize_first_prob, "final_resize_first_prob")
 
     # ------------------------------------------------------------------------------------ dict / YAML I/O
     def to_dict(self) -> dict[str, Any]:
-        """The settings as plain Python values (lists for the tuples), ready for YAML or JSON."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The settings under Real-ESRGAN's flat option names, as plain Python values (lists for the tuples), ready
+        for YAML or JSON.
+
+        ``two_stage`` tells whether there is a second stage. A one-stage config writes FaithDiff's second-stage
+        settings all the same (unused), so that every config has the same keys, in the order they have always had:
+        a prepared set's stored settings then compare equal to those it was made with.
+        """
+        stage2 = self.stage2 if self.stage2 is not None else _faithdiff_stage2()
+        values = {"scale": self.scale, "two_stage": self.two_stage, "resize_modes": self.resize_modes}
+        values.update(self.stage1.to_options(1))
+        values["second_blur_prob"] = self.second_blur_prob
+        values.update(stage2.to_options(2))
+        values["final_sinc_prob"] = self.final_sinc_prob
+        values["final_resize_first_prob"] = self.final_resize_first_prob
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "DegradationConfig":
-        """Settings from a mapping; missing keys keep FaithDiff's defaults.
+    def from_dict(cls, values: Mapping[str, Any]) -> DegradationConfig:
+        """Settings from a mapping of option names (as :meth:`to_dict` writes); missing keys keep FaithDiff's
+        defaults.
 
         Real-ESRGAN's option layout is accepted as well: kernel settings may sit under a ``kernel_info`` mapping,
         and ``color_jitter_prob``/``gray_prob`` may be present when they are 0. Any other unknown key is a
-        ValueError that names it.
+        ValueError that names it. With ``two_stage: false`` the second stage's settings are checked, then dropped.
         """
-        if not isinstance(values, Mapping):
-            raise TypeError(f"`values` must be a mapping, got {type(values).__name__}.")
-        flat = {k: v for k, v in values.items() if k != "kernel_info"}
-        nested = values.get("kernel_info", {}) or {}
-        if not isinstance(nested, Mapping):
-            raise TypeError(f"`kernel_info` must be a mapping, got {type(nested).__name__}.")
-        clashes = sorted(set(flat) & set(nested))
-        if clashes:
-            raise ValueError(f"Keys given both at the top level and under `kernel_info`: {clashes}.")
-        flat.update(nested)
-        for key in _DISABLED_EXTRAS:
-            if key in flat:
-                if flat[key] not in (0, 0.0):
-                    raise ValueError(
-                        f"`{key}` is not supported by this degradation model; it must be 0, got {flat[key]!r}."
-                    )
-                del flat[key]
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(flat) - known)
-        if unknown:
-            raise ValueError(f"Unknown degradation settings {unknown}; valid settings are {sorted(known)}.")
-        return cls(**flat)
+        options = _flat_options(values)
+        two_stage = check_bool(options.pop("two_stage", True), "two_stage")
+        model = {name: options[name] for name in _MODEL_SETTINGS if name in options}
+        stage1 = StageConfig.from_options(options, 1, StageConfig())
+        stage2 = StageConfig.from_options(options, 2, _faithdiff_stage2())
+        config = cls(**model, stage1=stage1, stage2=stage2)
+        return config if two_stage else dataclasses.replace(config, stage2=None)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "DegradationConfig":
+    def from_yaml(cls, path: str | os.PathLike) -> DegradationConfig:
         """Settings from a YAML file (needs ``pyyaml``); see :meth:`from_dict` for the accepted layout."""
         import yaml
 
         with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle)
         if not isinstance(values, Mapping):
-            raise ValueError(f"{os.fspath(path)!r} must hold a YAML mapping of settings, got {type(values).__name__}.")
+            # The file's content is wrong, not an argument's type.
+            raise ValueError(  # noqa: TRY004
+                f"{os.fspath(path)!r} must hold a YAML mapping of settings, got {type(values).__name__}."
+            )
         return cls.from_dict(values)
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         """Writes every setting to a YAML file (needs ``pyyaml``) that :meth:`from_yaml` reads back unchanged."""
         import yaml
 
-        with open(path, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(self.to_dict(), handle, sort_keys=False, default_flow_style=None)
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))
 
 
-# ------------------------------------------------------------------------------------------------- checks
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _known_options() -> set[str]:
+    stage_settings = [setting.name for setting in dataclasses.fields(StageConfig)]
+    return {"two_stage", *_MODEL_SETTINGS, *(_option_name(name, stage) for name in stage_settings for stage in (1, 2))}
 
 
-def _check_probability(value: Any, name: str) -> None:
-    if not _is_number(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be a probability in [0, 1], got {value!r}.")
-
-
-def _check_distribution(values: Any, name: str, length: int) -> None:
-    if not isinstance(values, tuple) or len(values) != length:
-        raise ValueError(f"`{name}` must be a list of {length} probabilities, got {values!r}.")
-    for value in values:
-        _check_probability(value, name)
-    if abs(math.fsum(values) - 1.0) > _PROB_SUM_TOLERANCE:
-        raise ValueError(f"`{name}` must sum to 1, got {list(values)} (sum {math.fsum(values):g}).")
-
-
-def _check_range(
-    value: Any, name: str, low: float | None = None, high: float | None = None, open_low: bool = False
-) -> tuple[float, float]:
-    if not isinstance(value, tuple) or len(value) != 2 or not all(_is_number(v) and math.isfinite(v) for v in value):
-        raise ValueError(f"`{name}` must be a (low, high) pair of finite numbers, got {value!r}.")
-    if value[0] > value[1]:
-        raise ValueError(f"`{name}` must have low <= high, got {list(value)}.")
-    if low is not None and (value[0] < low or (open_low and value[0] == low)):
-        bound = f"> {low:g}" if open_low else f">= {low:g}"
-        raise ValueError(f"`{name}` must lie {bound}, got {list(value)}.")
-    if high is not None and value[1] > high:
-        raise ValueError(f"`{name}` must lie <= {high:g}, got {list(value)}.")
-    return value
-
-
-def _check_odd(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise ValueError(f"`{name}` must be a positive odd integer, got {value!r}.")
-
-
-def _check_kernel_list(values: Any, name: str) -> None:
-    if not isinstance(values, tuple) or not values or any(v not in KERNEL_TYPES for v in values):
-        raise ValueError(f"`{name}` must be a non-empty list of kernel types from {KERNEL_TYPES}, got {values!r}.")
-
-
-def _check_modes(values: Any) -> None:
-    if not isinstance(values, tuple) or not values or any(v not in RESIZE_MODES for v in values):
-        raise ValueError(f"`resize_modes` must be a non-empty list from {RESIZE_MODES}, got {values!r}.")
+def _flat_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``values`` in one flat mapping: ``kernel_info`` merged in, disabled extras dropped, unknown
+    keys refused."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"`values` must be a mapping, got {type(values).__name__}.")
+    flat = {k: v for k, v in values.items() if k != "kernel_info"}
+    nested = values.get("kernel_info", {}) or {}
+    if not isinstance(nested, Mapping):
+        raise TypeError(f"`kernel_info` must be a mapping, got {type(nested).__name__}.")
+    clashes = sorted(set(flat) & set(nested))
+    if clashes:
+        raise ValueError(f"Keys given both at the top level and under `kernel_info`: {clashes}.")
+    flat.update(nested)
+    for key in _DISABLED_EXTRAS:
+        if key in flat:
+            if flat[key] not in (0, 0.0):
+                raise ValueError(
+                    f"`{key}` is not supported by this degradation model; it must be 0, got {flat[key]!r}."
+                )
+            del flat[key]
+    known = _known_options()
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ValueError(f"Unknown degradation settings {unknown}; valid settings are {sorted(known)}.")
+    return flat
 
 
 # ------------------------------------------------------------------------------------------------ presets
-_REALESRGAN = dict(
-    resize_range=(0.15, 1.5),
-    noise_range=(1.0, 30.0),
-    poisson_scale_range=(0.05, 3.0),
-    jpeg_range=(30.0, 95.0),
-    second_blur_prob=0.8,
-    resize_range2=(0.3, 1.2),
-    noise_range2=(1.0, 25.0),
-    poisson_scale_range2=(0.05, 2.5),
-    jpeg_range2=(30.0, 95.0),
-)
+# Real-ESRGAN x4plus's ranges, where they differ from FaithDiff's.
+_REALESRGAN_STAGE1 = {
+    "resize_range": (0.15, 1.5),
+    "noise_range": (1.0, 30.0),
+    "poisson_scale_range": (0.05, 3.0),
+    "jpeg_range": (30.0, 95.0),
+}
+_REALESRGAN_STAGE2 = {
+    **_FAITHDIFF_STAGE2,
+    "resize_range": (0.3, 1.2),
+    "noise_range": (1.0, 25.0),
+    "poisson_scale_range": (0.05, 2.5),
+    "jpeg_range": (30.0, 95.0),
+}
 # DASR draws only isotropic/anisotropic Gaussians and never a sinc kernel inside a stage.
-_DASR_KERNELS = dict(kernel_list=("iso", "aniso"), kernel_prob=(0.65, 0.35), sinc_prob=0.0)
-_DASR_KERNELS2 = dict(kernel_list2=("iso", "aniso"), kernel_prob2=(0.65, 0.35), sinc_prob2=0.0)
-_DASR_ONE_STAGE = dict(two_stage=False, final_sinc_prob=0.0, gaussian_noise_prob=0.5, gray_noise_prob=0.4)
+_DASR_KERNELS = {"kernel_list": ("iso", "aniso"), "kernel_prob": (0.65, 0.35), "sinc_prob": 0.0}
+
+
+def _dasr_one_stage(**stage: Any) -> DegradationConfig:
+    """DASR's one-stage levels: one stage of Gaussian kernels, no final sinc filter."""
+    first = StageConfig(**_DASR_KERNELS, gaussian_noise_prob=0.5, gray_noise_prob=0.4, **stage)
+    return DegradationConfig(stage1=first, stage2=None, final_sinc_prob=0.0)
+
 
 PRESETS: dict[str, DegradationConfig] = {
     "faithdiff": DegradationConfig(),
-    "realesrgan": DegradationConfig(**_REALESRGAN),
-    "dasr-level1": DegradationConfig(
-        **_DASR_ONE_STAGE,
-        **_DASR_KERNELS,
+    "realesrgan": DegradationConfig(
+        stage1=StageConfig(**_REALESRGAN_STAGE1), stage2=StageConfig(**_REALESRGAN_STAGE2), second_blur_prob=0.8
+    ),
+    "dasr-level1": _dasr_one_stage(
         blur_sigma=(0.2, 0.8),
         resize_prob=(0.1, 0.2, 0.7),
         resize_range=(0.85, 1.2),
@@ -292,9 +353,7 @@ PRESETS: dict[str, DegradationConfig] = {
         poisson_scale_range=(0.05, 0.5),
         jpeg_range=(90.0, 95.0),
     ),
-    "dasr-level2": DegradationConfig(
-        **_DASR_ONE_STAGE,
-        **_DASR_KERNELS,
+    "dasr-level2": _dasr_one_stage(
         blur_sigma=(0.2, 1.5),
         resize_prob=(0.3, 0.4, 0.3),
         resize_range=(0.5, 1.2),
@@ -302,7 +361,11 @@ PRESETS: dict[str, DegradationConfig] = {
         poisson_scale_range=(0.05, 1.5),
         jpeg_range=(50.0, 95.0),
     ),
-    "dasr-level3": DegradationConfig(**_REALESRGAN, **_DASR_KERNELS, **_DASR_KERNELS2),
+    "dasr-level3": DegradationConfig(
+        stage1=StageConfig(**_REALESRGAN_STAGE1, **_DASR_KERNELS),
+        stage2=StageConfig(**_REALESRGAN_STAGE2, **_DASR_KERNELS),
+        second_blur_prob=0.8,
+    ),
 }
 """Named settings. Use :func:`get_preset` for a copy you may modify; see :data:`PRESET_SOURCES` for provenance."""
 

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..checks import is_number
+
 # Annex K.1 and K.2 of ITU-T T.81, in natural order: row = vertical frequency, column = horizontal frequency.
 LUMA_QUANTIZATION_TABLE = (
     (16, 11, 10, 16, 24, 40, 51, 61),
@@ -48,7 +50,7 @@ _MCU = 16  # a 4:2:0 minimum coded unit covers 16x16 luma pixels
 
 
 def _as_quality(quality: float | torch.Tensor, batch: int) -> torch.Tensor:
-    if isinstance(quality, (int, float)) and not isinstance(quality, bool):
+    if is_number(quality):
         quality = torch.full((batch,), float(quality), dtype=torch.float64)
     elif isinstance(quality, torch.Tensor):
         quality = quality.detach().to("cpu", torch.float64).reshape(-1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_choice, check_integer, check_positive, check_range
 from . import _random
 from .config import KERNEL_TYPES
 
@@ -25,21 +26,11 @@ SINC_OMEGA_LARGE = (math.pi / 5, math.pi)
 SINC_LARGE_FROM = 13
 
 
-def _check_size(size: int, name: str = "size") -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
-        raise ValueError(f"`{name}` must be a positive odd integer, got {size!r}.")
-
-
-def _check_positive(value: float, name: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-
-
 def _finish(kernel: torch.Tensor, pad_to: int | None) -> torch.Tensor:
     kernel = (kernel / kernel.sum()).to(torch.float32)
     if pad_to is None:
         return kernel
-    _check_size(pad_to, "pad_to")
+    check_integer(pad_to, "pad_to", 1, odd=True)
     if pad_to < kernel.shape[-1]:
         raise ValueError(f"`pad_to` must be at least the kernel size {kernel.shape[-1]}, got {pad_to}.")
     margin = (pad_to - kernel.shape[-1]) // 2
@@ -53,9 +44,9 @@ def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quadratic_form(size: int, sigma_x: float, sigma_y: float, theta: float) -> torch.Tensor:
-    _check_size(size)
-    _check_positive(sigma_x, "sigma_x")
-    _check_positive(sigma_y, "sigma_y")
+    check_integer(size, "size", 1, odd=True)
+    check_positive(sigma_x, "sigma_x")
+    check_positive(sigma_y, "sigma_y")
     x, y = _grid(size)
     cos, sin = math.cos(theta), math.sin(theta)
     # Coordinates in the frame of the covariance's principal axes, where Sigma is diagonal.
@@ -88,7 +79,7 @@ def generalized_gaussian_kernel(
     pad_to: int | None = None,
 ) -> torch.Tensor:
     """A generalised Gaussian kernel ``exp(-q^beta / 2)``: flatter top for ``beta > 1``, heavier tails below 1."""
-    _check_positive(beta, "beta")
+    check_positive(beta, "beta")
     q = _quadratic_form(size, sigma_x, sigma_x if sigma_y is None else sigma_y, theta)
     return _finish(torch.exp(-0.5 * q.pow(beta)), pad_to)
 
@@ -102,7 +93,7 @@ def plateau_kernel(
     pad_to: int | None = None,
 ) -> torch.Tensor:
     """A plateau kernel ``1 / (1 + q^beta)``: a flat top with polynomially decaying tails."""
-    _check_positive(beta, "beta")
+    check_positive(beta, "beta")
     q = _quadratic_form(size, sigma_x, sigma_x if sigma_y is None else sigma_y, theta)
     return _finish(1.0 / (1.0 + q.pow(beta)), pad_to)
 
@@ -113,8 +104,8 @@ def sinc_kernel(size: int, omega_c: float, pad_to: int | None = None) -> torch.T
     It is the ideal 2-D low-pass impulse response ``omega_c * J1(omega_c * r) / (2 * pi * r)`` sampled on the grid
     and truncated to ``size``; it has negative lobes, which is what produces ringing and overshoot artefacts.
     """
-    _check_size(size)
-    _check_positive(omega_c, "omega_c")
+    check_integer(size, "size", 1, odd=True)
+    check_positive(omega_c, "omega_c")
     x, y = _grid(size)
     r = torch.sqrt(x**2 + y**2)
     safe_r = torch.where(r == 0, torch.ones_like(r), r)
@@ -126,7 +117,7 @@ def sinc_kernel(size: int, omega_c: float, pad_to: int | None = None) -> torch.T
 
 def pulse_kernel(size: int = 1, pad_to: int | None = None) -> torch.Tensor:
     """The identity kernel: a single 1 at the centre."""
-    _check_size(size)
+    check_integer(size, "size", 1, odd=True)
     kernel = torch.zeros(size, size, dtype=torch.float64)
     kernel[size // 2, size // 2] = 1.0
     return _finish(kernel, pad_to)
@@ -154,7 +145,13 @@ class KernelSpec:
             return pulse_kernel(self.size, pad_to)
         if self.kind == "sinc":
             return sinc_kernel(self.size, self.omega_c, pad_to)
-        shape = dict(size=self.size, sigma_x=self.sigma_x, sigma_y=self.sigma_y, theta=self.theta, pad_to=pad_to)
+        shape = {
+            "size": self.size,
+            "sigma_x": self.sigma_x,
+            "sigma_y": self.sigma_y,
+            "theta": self.theta,
+            "pad_to": pad_to,
+        }
         if self.kind in ("iso", "aniso"):
             return gaussian_kernel(**shape)
         if self.kind in ("generalized_iso", "generalized_aniso"):
@@ -162,12 +159,6 @@ class KernelSpec:
         if self.kind in ("plateau_iso", "plateau_aniso"):
             return plateau_kernel(**shape, beta=self.beta)
         raise ValueError(f"`kind` must be one of {KERNEL_TYPES + SPECIAL_KERNELS}, got {self.kind!r}.")
-
-
-def _check_range(value: tuple[float, float], name: str) -> tuple[float, float]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or not value[0] <= value[1]:
-        raise ValueError(f"`{name}` must be a (low, high) pair with low <= high, got {value!r}.")
-    return float(value[0]), float(value[1])
 
 
 def _sample_beta(generator: torch.Generator | None, beta_range: tuple[float, float]) -> float:
@@ -195,20 +186,19 @@ def sample_kernel_spec(
     ``sigma_x`` (and for the anisotropic kinds ``sigma_y`` and the rotation) are uniform in their ranges; the shape
     ``beta`` comes from ``betag_range`` for the generalised kinds and ``betap_range`` for the plateau ones.
     """
-    if kind not in KERNEL_TYPES:
-        raise ValueError(f"`kind` must be one of {KERNEL_TYPES}, got {kind!r}.")
-    _check_size(size)
-    sigma_range = _check_range(sigma_range, "sigma_range")
+    check_choice(kind, "kind", KERNEL_TYPES)
+    check_integer(size, "size", 1, odd=True)
+    sigma_range = check_range(sigma_range, "sigma_range")
     sigma_x = _random.uniform(generator, *sigma_range)
     sigma_y, theta = sigma_x, 0.0
     if kind.endswith("aniso"):
         sigma_y = _random.uniform(generator, *sigma_range)
-        theta = _random.uniform(generator, *_check_range(rotation_range, "rotation_range"))
+        theta = _random.uniform(generator, *check_range(rotation_range, "rotation_range"))
     beta = 1.0
     if kind.startswith("generalized"):
-        beta = _sample_beta(generator, _check_range(betag_range, "betag_range"))
+        beta = _sample_beta(generator, check_range(betag_range, "betag_range"))
     elif kind.startswith("plateau"):
-        beta = _sample_beta(generator, _check_range(betap_range, "betap_range"))
+        beta = _sample_beta(generator, check_range(betap_range, "betap_range"))
     return KernelSpec(kind, size, sigma_x, sigma_y, theta, beta)
 
 
@@ -216,104 +206,8 @@ def sample_sinc_spec(
     size: int, generator: torch.Generator | None = None, omega_range: tuple[float, float] | None = None
 ) -> KernelSpec:
     """Draws a sinc kernel's cut-off, by default from [pi/3, pi] below size 13 and [pi/5, pi] from 13 on."""
-    _check_size(size)
+    check_integer(size, "size", 1, odd=True)
     if omega_range is None:
         omega_range = SINC_OMEGA_SMALL if size < SINC_LARGE_FROM else SINC_OMEGA_LARGE
-    omega_range = _check_range(omega_range, "omega_range")
+    omega_range = check_range(omega_range, "omega_range")
     return KernelSpec("sinc", size, omega_c=_random.uniform(generator, *omega_range))
-
-
-def random_isotropic_gaussian_kernel(
-    size: int, sigma_range: tuple[float, float], generator: torch.Generator | None = None, pad_to: int | None = None
-) -> torch.Tensor:
-    """An isotropic Gaussian kernel with sigma uniform in ``sigma_range``."""
-    return sample_kernel_spec("iso", size, sigma_range, generator=generator).build(pad_to)
-
-
-def random_anisotropic_gaussian_kernel(
-    size: int, sigma_range: tuple[float, float], generator: torch.Generator | None = None, pad_to: int | None = None
-) -> torch.Tensor:
-    """An anisotropic Gaussian kernel: both sigmas uniform in ``sigma_range``, rotation uniform in [-pi, pi]."""
-    return sample_kernel_spec("aniso", size, sigma_range, generator=generator).build(pad_to)
-
-
-def random_generalized_isotropic_kernel(
-    size: int,
-    sigma_range: tuple[float, float],
-    beta_range: tuple[float, float] = (0.5, 4.0),
-    generator: torch.Generator | None = None,
-    pad_to: int | None = None,
-) -> torch.Tensor:
-    """An isotropic generalised Gaussian kernel with random sigma and shape ``beta``."""
-    return sample_kernel_spec("generalized_iso", size, sigma_range, betag_range=beta_range, generator=generator).build(
-        pad_to
-    )
-
-
-def random_generalized_anisotropic_kernel(
-    size: int,
-    sigma_range: tuple[float, float],
-    beta_range: tuple[float, float] = (0.5, 4.0),
-    generator: torch.Generator | None = None,
-    pad_to: int | None = None,
-) -> torch.Tensor:
-    """An anisotropic generalised Gaussian kernel with random sigmas, rotation and shape ``beta``."""
-    spec = sample_kernel_spec("generalized_aniso", size, sigma_range, betag_range=beta_range, generator=generator)
-    return spec.build(pad_to)
-
-
-def random_plateau_isotropic_kernel(
-    size: int,
-    sigma_range: tuple[float, float],
-    beta_range: tuple[float, float] = (1.0, 2.0),
-    generator: torch.Generator | None = None,
-    pad_to: int | None = None,
-) -> torch.Tensor:
-    """An isotropic plateau kernel with random sigma and shape ``beta``."""
-    return sample_kernel_spec("plateau_iso", size, sigma_range, betap_range=beta_range, generator=generator).build(
-        pad_to
-    )
-
-
-def random_plateau_anisotropic_kernel(
-    size: int,
-    sigma_range: tuple[float, float],
-    beta_range: tuple[float, float] = (1.0, 2.0),
-    generator: torch.Generator | None = None,
-    pad_to: int | None = None,
-) -> torch.Tensor:
-    """An anisotropic plateau kernel with random sigmas, rotation and shape ``beta``."""
-    spec = sample_kernel_spec("plateau_aniso", size, sigma_range, betap_range=beta_range, generator=generator)
-    return spec.build(pad_to)
-
-
-def random_sinc_kernel(
-    size: int,
-    generator: torch.Generator | None = None,
-    omega_range: tuple[float, float] | None = None,
-    pad_to: int | None = None,
-) -> torch.Tensor:
-    """A sinc kernel with a random cut-off (see :func:`sample_sinc_spec` for the default range)."""
-    return sample_sinc_spec(size, generator, omega_range).build(pad_to)
-
-
-def random_mixed_kernel(
-    kernel_list: tuple[str, ...] | list[str],
-    kernel_prob: tuple[float, ...] | list[float],
-    size: int,
-    sigma_range: tuple[float, float],
-    betag_range: tuple[float, float] = (0.5, 4.0),
-    betap_range: tuple[float, float] = (1.0, 2.0),
-    generator: torch.Generator | None = None,
-    pad_to: int | None = None,
-) -> torch.Tensor:
-    """A kernel of a family picked from ``kernel_list`` with probabilities ``kernel_prob``, then randomised."""
-    if len(kernel_list) != len(kernel_prob) or not kernel_list:
-        raise ValueError(
-            f"`kernel_list` and `kernel_prob` must be non-empty and of equal length, got {len(kernel_list)} "
-            f"and {len(kernel_prob)}."
-        )
-    if any(prob < 0 for prob in kernel_prob) or abs(sum(kernel_prob) - 1.0) > 1e-6:
-        raise ValueError(f"`kernel_prob` must be non-negative and sum to 1, got {list(kernel_prob)}.")
-    kind = _random.choice(generator, tuple(kernel_list), tuple(kernel_prob))
-    return sample_kernel_spec(kind, size, sigma_range, betag_range, betap_range, generator).build(pad_to)

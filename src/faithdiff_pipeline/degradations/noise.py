@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ def _check_images(images: torch.Tensor) -> None:
 
 
 def _per_image(value, batch: int, name: str) -> list:
-    values = list(value) if isinstance(value, Sequence) or isinstance(value, torch.Tensor) else [value] * batch
+    values = list(value) if isinstance(value, (Sequence, torch.Tensor)) else [value] * batch
     if len(values) != batch:
         raise ValueError(f"`{name}` must hold one value per image ({batch}), got {len(values)}.")
     return [v.item() if isinstance(v, torch.Tensor) else v for v in values]
@@ -85,8 +85,3 @@ def poisson_noise(
         plane = (image * weights).sum(0, keepdim=True) if g else image
         fields.append(_shot_noise(plane, generator, device).expand(3, -1, -1) * s)
     return torch.stack(fields)
-
-
-def add_noise(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``images + noise`` clipped to [0, 1]."""
-    return (images + noise).clamp(0.0, 1.0)

@@ -18,11 +18,12 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_integer
 from . import _random
-from .config import DegradationConfig
+from .config import DegradationConfig, StageConfig
 from .jpeg import jpeg_compress
 from .kernels import KernelSpec, sample_kernel_spec, sample_sinc_spec
-from .noise import add_noise, gaussian_noise, poisson_noise
+from .noise import gaussian_noise, poisson_noise
 
 _DIRECTIONS = ("up", "down", "keep")
 # Real-ESRGAN's final sinc filter always cuts off between pi/3 and pi, whatever its size.
@@ -63,22 +64,30 @@ class SampleDegradation:
 
 @dataclass(frozen=True)
 class DegradationPlan:
-    """Every random choice of one :func:`degrade` call except the noise fields (see the module docstring)."""
+    """Every random choice of one :func:`degrade` call except the noise fields (see the module docstring).
+
+    ``kernel_pad`` and ``kernel_pad2`` are the sizes the kernels of each stage are zero-padded to; ``resize2`` and
+    ``kernel_pad2`` are None for a one-stage plan.
+    """
 
     scale: int
-    two_stage: bool
     kernel_pad: int
-    kernel_pad2: int
+    kernel_pad2: int | None
     resize1: ResizeSpec
     resize2: ResizeSpec | None
     final_resize_mode: str
     samples: tuple[SampleDegradation, ...]
 
+    @property
+    def two_stage(self) -> bool:
+        """Whether the plan has a second stage."""
+        return self.resize2 is not None
+
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _sample_resize(generator: torch.Generator, probs, factor_range, modes) -> ResizeSpec:
-    direction = _random.choice(generator, _DIRECTIONS, probs)
-    low, high = factor_range
+def _sample_resize(generator: torch.Generator, stage: StageConfig, modes: tuple[str, ...]) -> ResizeSpec:
+    direction = _random.choice(generator, _DIRECTIONS, stage.resize_prob)
+    low, high = stage.resize_range
     factor = {
         "up": lambda: _random.uniform(generator, 1.0, high),
         "down": lambda: _random.uniform(generator, low, 1.0),
@@ -87,43 +96,39 @@ def _sample_resize(generator: torch.Generator, probs, factor_range, modes) -> Re
     return ResizeSpec(direction, value, _random.choice(generator, modes))
 
 
-def _sample_blur(generator: torch.Generator, config: DegradationConfig, suffix: str) -> KernelSpec:
-    minimum = getattr(config, f"blur_kernel_size{suffix}_minimum")
-    sizes = tuple(range(minimum, getattr(config, f"blur_kernel_size{suffix}") + 1, 2))
-    size = _random.choice(generator, sizes)
-    if _random.bernoulli(generator, getattr(config, "sinc_prob" + suffix)):
+def _sample_blur(generator: torch.Generator, stage: StageConfig) -> KernelSpec:
+    size = _random.choice(generator, stage.kernel_sizes)
+    if _random.bernoulli(generator, stage.sinc_prob):
         return sample_sinc_spec(size, generator)
-    kind = _random.choice(generator, getattr(config, "kernel_list" + suffix), getattr(config, "kernel_prob" + suffix))
-    sigma, betag, betap = (getattr(config, name + suffix) for name in ("blur_sigma", "betag_range", "betap_range"))
-    return sample_kernel_spec(kind, size, sigma, betag, betap, generator)
+    kind = _random.choice(generator, stage.kernel_list, stage.kernel_prob)
+    return sample_kernel_spec(kind, size, stage.blur_sigma, stage.betag_range, stage.betap_range, generator)
 
 
-def _sample_noise(generator: torch.Generator, config: DegradationConfig, suffix: str) -> NoiseSpec:
-    if _random.bernoulli(generator, getattr(config, "gaussian_noise_prob" + suffix)):
-        kind, strength = "gaussian", _random.uniform(generator, *getattr(config, "noise_range" + suffix))
+def _sample_noise(generator: torch.Generator, stage: StageConfig) -> NoiseSpec:
+    if _random.bernoulli(generator, stage.gaussian_noise_prob):
+        kind, strength = "gaussian", _random.uniform(generator, *stage.noise_range)
     else:
-        kind, strength = "poisson", _random.uniform(generator, *getattr(config, "poisson_scale_range" + suffix))
-    return NoiseSpec(kind, strength, _random.bernoulli(generator, getattr(config, "gray_noise_prob" + suffix)))
+        kind, strength = "poisson", _random.uniform(generator, *stage.poisson_scale_range)
+    return NoiseSpec(kind, strength, _random.bernoulli(generator, stage.gray_noise_prob))
 
 
 def _sample_final_sinc(generator: torch.Generator, config: DegradationConfig) -> KernelSpec:
     if not _random.bernoulli(generator, config.final_sinc_prob):
         return KernelSpec("pulse", 1)
-    sizes = tuple(range(config.blur_kernel_size_minimum, config.blur_kernel_size + 1, 2))
-    return sample_sinc_spec(_random.choice(generator, sizes), generator, _FINAL_SINC_OMEGA)
+    return sample_sinc_spec(_random.choice(generator, config.stage1.kernel_sizes), generator, _FINAL_SINC_OMEGA)
 
 
 def _sample_image(generator: torch.Generator, config: DegradationConfig) -> SampleDegradation:
-    blur1 = _sample_blur(generator, config, "")
-    noise1 = _sample_noise(generator, config, "")
-    quality1 = _random.uniform(generator, *config.jpeg_range)
-    if not config.two_stage:
+    blur1 = _sample_blur(generator, config.stage1)
+    noise1 = _sample_noise(generator, config.stage1)
+    quality1 = _random.uniform(generator, *config.stage1.jpeg_range)
+    if config.stage2 is None:
         return SampleDegradation(blur1, noise1, quality1, _sample_final_sinc(generator, config))
-    blur2 = _sample_blur(generator, config, "2")
+    blur2 = _sample_blur(generator, config.stage2)
     if not _random.bernoulli(generator, config.second_blur_prob):
         blur2 = KernelSpec("pulse", 1)
-    noise2 = _sample_noise(generator, config, "2")
-    quality2 = _random.uniform(generator, *config.jpeg_range2)
+    noise2 = _sample_noise(generator, config.stage2)
+    quality2 = _random.uniform(generator, *config.stage2.jpeg_range)
     final_sinc = _sample_final_sinc(generator, config)
     resize_first = _random.bernoulli(generator, config.final_resize_first_prob)
     return SampleDegradation(blur1, noise1, quality1, final_sinc, blur2, noise2, quality2, resize_first)
@@ -139,27 +144,20 @@ def sample_degradation_plan(
     """
     if not isinstance(config, DegradationConfig):
         raise TypeError(f"`config` must be a DegradationConfig, got {type(config).__name__}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    check_integer(batch_size, "batch_size", 1)
     _random.check_generator(generator)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"`generator` must be on the CPU for planning, got one on {generator.device}.")
     config.validate()
-    resize1 = _sample_resize(generator, config.resize_prob, config.resize_range, config.resize_modes)
-    resize2 = None
-    if config.two_stage:
-        resize2 = _sample_resize(generator, config.resize_prob2, config.resize_range2, config.resize_modes)
+    resize1 = _sample_resize(generator, config.stage1, config.resize_modes)
+    resize2, kernel_pad2 = None, None
+    if config.stage2 is not None:
+        resize2 = _sample_resize(generator, config.stage2, config.resize_modes)
+        kernel_pad2 = config.stage2.blur_kernel_size
     final_mode = _random.choice(generator, config.resize_modes)
     samples = tuple(_sample_image(generator, config) for _ in range(batch_size))
     return DegradationPlan(
-        config.scale,
-        config.two_stage,
-        config.blur_kernel_size,
-        config.blur_kernel_size2,
-        resize1,
-        resize2,
-        final_mode,
-        samples,
+        config.scale, config.stage1.blur_kernel_size, kernel_pad2, resize1, resize2, final_mode, samples
     )
 
 
@@ -204,7 +202,7 @@ def _noise(x: torch.Tensor, specs: list[NoiseSpec], generator: torch.Generator) 
     for i, spec in enumerate(specs):
         make = gaussian_noise if spec.kind == "gaussian" else poisson_noise
         fields.append(make(x[i : i + 1], spec.strength, spec.gray, generator))
-    return add_noise(x, torch.cat(fields))
+    return (x + torch.cat(fields)).clamp(0.0, 1.0)
 
 
 def _final_step(x: torch.Tensor, plan: DegradationPlan, target: tuple[int, int]) -> torch.Tensor:

@@ -2,27 +2,30 @@
 
 A training example is an HQ crop (512 px by default), its degraded LQ crop (HQ / scale), a caption, and SDXL's
 micro-conditioning. Every random choice (crop position, degradation, flip, LQ upscaling filter, caption dropout) comes
-from a generator seeded by :func:`derive_seed` with the run's seed and the example's identity, never from a global
-random state, so a set is reproducible and a resumed run sees exactly the data an uninterrupted run would.
+from a generator seeded by :func:`~faithdiff_pipeline.seeds.hashed_seed` with the run's seed and the example's
+identity, never from a global random state, so a set is reproducible and a resumed run sees exactly the data an
+uninterrupted run would.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
+from ..checks import check_choice
 from ..degradations import PRESETS, DegradationConfig, degrade, get_preset, to_pil
 from ..image_io import READABLE_SUFFIXES, image_size, read_image
+from ..seeds import hashed_generator, hashed_seed
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +37,8 @@ PREPARED_CROPS = ("one_per_epoch", "all")
 UPSCALE_FILTERS = (PIL.Image.NEAREST, PIL.Image.BILINEAR, PIL.Image.BICUBIC)
 
 
-# ------------------------------------------------------------------------------------------------- seeding
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed that depends only on ``parts`` (stable across processes, machines and Python runs, unlike
-    ``hash``)."""
-    digest = hashlib.sha256("/".join(str(part) for part in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seeded_generator(*parts: Any, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator on ``device`` seeded with ``derive_seed(*parts)``."""
-    return torch.Generator(device=device).manual_seed(derive_seed(*parts))
+# The name training.train imports; the seed itself is the seeds module's.
+derive_seed = hashed_seed
 
 
 def _uniform_int(generator: torch.Generator, high: int) -> int:
@@ -214,7 +208,7 @@ class ManifestRecord:
         return json.dumps(values, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, line: str) -> "ManifestRecord":
+    def from_json(cls, line: str) -> ManifestRecord:
         values = json.loads(line)
         return cls(
             hq=values["hq"],
@@ -307,7 +301,7 @@ class _AugmentedPairs(Dataset):
         self.epoch = epoch
 
     def _generator(self, index: int, purpose: str = "example") -> torch.Generator:
-        return seeded_generator(self.seed, purpose, self.epoch, index)
+        return hashed_generator(self.seed, purpose, self.epoch, index)
 
 
 class PreparedPairsDataset(_AugmentedPairs):
@@ -333,8 +327,7 @@ class PreparedPairsDataset(_AugmentedPairs):
         crops: str = "one_per_epoch",
     ) -> None:
         super().__init__(seed, caption_dropout, random_flip)
-        if crops not in PREPARED_CROPS:
-            raise ValueError(f"`crops` must be one of {PREPARED_CROPS}, got {crops!r}.")
+        check_choice(crops, "crops", PREPARED_CROPS)
         self.root = Path(manifest).parent
         self.records = read_manifest(manifest)
         self.crops = crops
@@ -365,7 +358,7 @@ class PreparedPairsDataset(_AugmentedPairs):
         crops = self.images[index]
         # A fixed per-image offset plus the epoch: consecutive epochs show different crops of an image, and the
         # images do not all start from their first crop.
-        offset = derive_seed(self.seed, "window", self.records[crops[0]].source) % len(crops)
+        offset = hashed_seed(self.seed, "window", self.records[crops[0]].source) % len(crops)
         return crops[(offset + self.epoch) % len(crops)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -420,8 +413,7 @@ class DegradingDataset(_AugmentedPairs):
             raise ValueError(
                 f"`hq_size` {hq_size} must be divisible by the degradation scale {self.degradation.scale}."
             )
-        if captions not in ("none", "sidecar"):
-            raise ValueError(f"`captions` must be 'none' or 'sidecar', got {captions!r}.")
+        check_choice(captions, "captions", ("none", "sidecar"))
         self.hq_size = hq_size
         self.scale = self.degradation.scale
         self.captions = captions
@@ -477,5 +469,5 @@ class DegradingDataset(_AugmentedPairs):
 
     def validation_pair(self, index: int) -> tuple[PIL.Image.Image, str]:
         """A fixed LQ crop of source ``index`` (its own seed, independent of the epoch) and its caption."""
-        _, lq, _, caption = self._pair(index % len(self.sources), seeded_generator(self.seed, "validation", index))
+        _, lq, _, caption = self._pair(index % len(self.sources), hashed_generator(self.seed, "validation", index))
         return lq, caption

@@ -23,16 +23,19 @@ import json
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from ..atomic_files import write_text_atomic
+from ..checks import check_choice, check_integer
 from ..degradations import PRESETS, DegradationConfig
 from ..image_io import image_size, save_image
+from ..seeds import hashed_seed
 
 # torch, and `.data` which imports it, are imported by the functions that use them: `--help` and usage errors then
 # come at once.
@@ -74,9 +77,11 @@ class PreparationSummary:
 
     def describe(self, hq_size: int) -> str:
         lines = [
-            f"{self.images} image(s) ({self.faces} face(s)): {self.crops_written} crop(s) written, "
-            f"{self.crops_already_done} already done; "
-            f"{len(self.skipped_small)} image(s) smaller than {hq_size} px skipped; {len(self.unreadable)} unreadable."
+            (
+                f"{self.images} image(s) ({self.faces} face(s)): {self.crops_written} crop(s) written, "
+                f"{self.crops_already_done} already done; "
+                f"{len(self.skipped_small)} image(s) smaller than {hq_size} px skipped; {len(self.unreadable)} unreadable."
+            )
         ]
         lines += [f"  unreadable: {path}: {reason}" for path, reason in self.unreadable]
         if self.missing_captions:
@@ -212,15 +217,13 @@ def _check_settings(
         ("caption_batch_size", caption_batch_size, 1),
         ("workers", workers, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        check_integer(value, name, minimum)
     if hq_size % 8 or hq_size % degradation.scale:
         raise ValueError(
             f"`hq_size` must be a multiple of 8 (the VAE's factor) and of the degradation scale ({degradation.scale}), "
             f"got {hq_size}."
         )
-    if captions not in CAPTION_SOURCES:
-        raise ValueError(f"`captions` must be one of {CAPTION_SOURCES}, got {captions!r}.")
+    check_choice(captions, "captions", CAPTION_SOURCES)
     if (captions == "captioner") != (captioner is not None):
         raise ValueError("`captioner` must be given exactly when `captions='captioner'`.")
     label = f"captioner:{captioner_name or type(captioner).__name__}" if captioner is not None else captions
@@ -282,7 +285,7 @@ def _make_crops(task: _ImageTask) -> _ImageResult:
     """Crops and degrades one image and writes its pairs (captions come later, in the main process)."""
     import torch
 
-    from .data import ManifestRecord, derive_seed, load_rgb
+    from .data import ManifestRecord, load_rgb
 
     settings = task.settings
     try:
@@ -296,7 +299,7 @@ def _make_crops(task: _ImageTask) -> _ImageResult:
     make_crop = _face_cropper(image, task, degradation) if task.face else _photo_cropper(image, degradation)
     records = []
     for crop in task.crops:
-        seed = derive_seed(settings.seed, task.source.key, crop)
+        seed = hashed_seed(settings.seed, task.source.key, crop)
         hq, lq, source_size, box = make_crop(settings.hq_size, torch.Generator().manual_seed(seed))
         hq_path, lq_path = crop_paths(task.source, crop)
         for crop_image, path in ((hq, task.output / hq_path), (lq, task.output / lq_path)):
@@ -324,9 +327,9 @@ def _face_cropper(image: Any, task: _ImageTask, degradation: DegradationConfig) 
     the image and its number alone, so that every crop (and a resumed run) draws from the same two."""
     import torch
 
-    from .data import derive_seed, face_crop, face_variant_lq
+    from .data import face_crop, face_variant_lq
 
-    seeds = [derive_seed(task.settings.seed, task.source.key, "face-lq", v) for v in range(FACE_LQ_VARIANTS)]
+    seeds = [hashed_seed(task.settings.seed, task.source.key, "face-lq", v) for v in range(FACE_LQ_VARIANTS)]
     variants = [face_variant_lq(image, degradation, torch.Generator().manual_seed(seed)) for seed in seeds]
     return lambda size, generator: face_crop(image, variants, size, degradation.scale, generator)
 
@@ -335,7 +338,7 @@ def _captioned(
     results: list[_ImageResult], settings: PreparationSettings, captioner: Any, summary: PreparationSummary
 ) -> list[ManifestRecord]:
     """The records of a chunk of images, with their captions; small and unreadable images go to the summary."""
-    from .data import derive_seed, load_rgb
+    from .data import load_rgb
 
     records = []
     for result in results:
@@ -354,7 +357,7 @@ def _captioned(
         output = results[0].task.output
         crops = [load_rgb(output / r.hq) for r in records]
         # Seeded by the chunk's first crop, so that re-running a set samples the same captions.
-        captions = captioner.caption(crops, seed=derive_seed(settings.seed, "caption", records[0].hq))
+        captions = captioner.caption(crops, seed=hashed_seed(settings.seed, "caption", records[0].hq))
         if len(captions) != len(records):
             raise RuntimeError(f"The captioner returned {len(captions)} captions for {len(records)} images.")
         records = [_with_caption(r, c) for r, c in zip(records, captions)]
