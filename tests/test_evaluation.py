@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import re
@@ -217,7 +216,7 @@ def test_synthetic_set_crops_top_left_and_records_its_making(hq_folder, tmp_path
 
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     assert manifest["preset"] == "dasr-level1" and manifest["seed"] == 3 and manifest["scale"] == 4
-    assert manifest["config"] == json.loads(json.dumps(dataclasses.asdict(get_preset("dasr-level1"))))
+    assert manifest["config"] == json.loads(json.dumps(get_preset("dasr-level1").to_dict()))
     assert set(manifest["versions"]) >= {"faithdiff_pipeline", "torch"}
     assert [image["name"] for image in manifest["images"]] == ["a", "b", "c"]
 

@@ -6,13 +6,15 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 
 from .. import loading
+from ..atomic_files import write_text_atomic
 from ..image_io import image_size, read_image, save_result
 from .datasets import (
     MANIFEST_NAME,
@@ -25,17 +27,21 @@ from .datasets import (
     pair_folders,
     read_tensor,
 )
-from .metric_specs import EVAL_EXTRA, METRICS, MetricUnavailableError
+from .metric_specs import EVAL_EXTRA, METRICS, OCR_METRICS, MetricUnavailableError
+from .ocr_backends import OCR_BACKENDS, OcrUnavailableError
 from .report import crop_grid, crop_tiles, markdown_table, plot_metrics, write_csv
 
 if TYPE_CHECKING:
     import torch
 
     from .metrics import ScoreFn
+    from .ocr import OcrEvaluation
+    from .ocr_backends import OcrBackend
 
 PROG = "faithdiff-eval"
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 SETTINGS_NAME = "settings.json"
+OCR_READINGS_NAME = "ocr.jsonl"
 
 
 @dataclass
@@ -90,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--preset", help="degradation preset for --make-set (e.g. dasr-level2)")
     data.add_argument("--seed", type=int, default=0, help="seed of the synthetic set (default: 0)")
     data.add_argument("--set-dir", metavar="OUT", help="folder the synthetic set is written to")
+    data.add_argument(
+        "--ocr-truth",
+        metavar="PATH",
+        help="ground-truth text: a JSON file {NAME: text} or a folder of ICDAR-style gt_NAME.txt word boxes; for "
+        "--ocr (default: the text a --make-set set carries), and carried into a set built by --make-set",
+    )
 
     run = parser.add_argument_group("methods, metrics and outputs")
     run.add_argument(
@@ -107,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="recompute existing results (and rebuild --set-dir)")
     run.add_argument("--grid-images", type=int, default=4, help="images shown in the crop grid (default: 4)")
     run.add_argument("--crop-size", type=int, default=128, help="side of the grid's crops in HQ pixels (default: 128)")
+
+    ocr = parser.add_argument_group("OCR evaluation (see docs/evaluation.md)")
+    ocr.add_argument(
+        "--ocr",
+        metavar="BACKEND",
+        help=f"also read each result's text and score it against --ocr-truth: {' or '.join(OCR_BACKENDS)}",
+    )
+    ocr.add_argument("--ocr-lang", metavar="CODES", help="tesseract's language codes, e.g. eng+deu (default: eng)")
+    ocr.add_argument(
+        "--ocr-case-sensitive", action="store_true", help="compare texts with their case (default: case folded)"
+    )
 
     sampling = parser.add_argument_group("FaithDiff sampling (for --method faithdiff=...)")
     sampling.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
@@ -145,15 +168,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``faithdiff-eval``. Returns 0 on success, 1 when some images failed, 2 on a usage error."""
     args = build_parser().parse_args(argv)
     try:
+        # Checked first: a missing OCR engine must not wait until a set is built.
+        ocr_backend = _ocr_backend(args)
         dataset, caption = _load_set(args)
         if args.out is None:
             if args.make_set:
                 print(f"Wrote {len(dataset.pairs)} pairs (scale {dataset.scale}) to {args.set_dir}")
                 return 0
             raise ValueError("`--out` is required to evaluate methods: the folder for results and reports.")
-        run = _prepare_run(args, dataset)
+        run = _prepare_run(args, dataset, ocr_backend)
         pipelines = _load_pipelines(run)
-    except (ValueError, OSError, MetricUnavailableError) as error:
+        if run.ocr is not None:
+            run.ocr.backend.load(words=run.ocr.truth.kind == "words")
+    except (ValueError, OSError, MetricUnavailableError, OcrUnavailableError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     failures = _restore_all(run, pipelines)
@@ -173,7 +200,14 @@ def _load_set(args: argparse.Namespace) -> tuple[PairedSet, str]:
             )
         if not args.preset or not args.set_dir:
             raise ValueError(f"`--make-set {args.make_set}` needs --preset NAME and --set-dir OUT.")
-        dataset = make_synthetic_set(args.make_set, args.set_dir, args.preset, args.seed, overwrite=args.overwrite)
+        if args.ocr_truth:
+            from .text_sets import make_text_set
+
+            dataset = make_text_set(
+                args.make_set, args.set_dir, args.preset, args.ocr_truth, args.seed, overwrite=args.overwrite
+            )
+        else:
+            dataset = make_synthetic_set(args.make_set, args.set_dir, args.preset, args.seed, overwrite=args.overwrite)
     elif not args.hq or not args.lq:
         raise ValueError(
             "an evaluation set is needed: pass --hq DIR and --lq DIR, or --make-set HQ_DIR --preset NAME --set-dir OUT."
@@ -208,9 +242,12 @@ class Run:
     scorers: dict[str, ScoreFn]
     device: torch.device
     dtype: torch.dtype
+    ocr: OcrEvaluation | None = None
+    # What OCR read, one record per scored (method, image).
+    readings: list[dict] = field(default_factory=list)
 
 
-def _prepare_run(args: argparse.Namespace, dataset: PairedSet) -> Run:
+def _prepare_run(args: argparse.Namespace, dataset: PairedSet, ocr_backend: OcrBackend | None = None) -> Run:
     from .metrics import default_metric_names, load_metric, parse_metric_names
 
     methods = [parse_method(text) for text in args.method] or [Method("lanczos", "lanczos")]
@@ -231,8 +268,46 @@ def _prepare_run(args: argparse.Namespace, dataset: PairedSet) -> Run:
     run = Run(args, dataset, out, methods, metric_names, {}, device, dtype)
     for method in methods:
         _prepare_method(run, method)
+    if ocr_backend is not None:
+        run.ocr = _prepare_ocr(args, dataset, ocr_backend)
     run.scorers = {name: load_metric(name, device) for name in metric_names}
     return run
+
+
+def _ocr_backend(args: argparse.Namespace) -> OcrBackend | None:
+    """The engine of ``--ocr``, checked to be installed but not loaded, or ``None`` without ``--ocr`` (whose other
+    options are then refused)."""
+    from .ocr_backends import create_backend
+
+    if args.ocr is None:
+        for option, given in (("--ocr-lang", args.ocr_lang), ("--ocr-case-sensitive", args.ocr_case_sensitive)):
+            if given:
+                raise ValueError(f"`{option}` sets how --ocr reads; pass --ocr BACKEND ({' or '.join(OCR_BACKENDS)}).")
+        if args.ocr_truth and not args.make_set:
+            raise ValueError(
+                "`--ocr-truth` is the ground truth of --ocr BACKEND or of a set built by --make-set; pass one of them."
+            )
+        return None
+    device, _ = device_and_dtype(args.device, args.dtype)
+    return create_backend(args.ocr, str(device), args.ocr_lang)
+
+
+def _prepare_ocr(args: argparse.Namespace, dataset: PairedSet, backend: OcrBackend) -> OcrEvaluation:
+    """The OCR part of the run: ``backend`` and the set's ground truth, checked against the set."""
+    from .ocr import OcrEvaluation
+    from .ocr_truth import read_text_truth, set_truth_path
+    from .text_metrics import TextNormalization
+
+    # A set built here carries its ground truth in its own pixels; the source's would not fit its crops.
+    path = set_truth_path(dataset.hq_dir) if args.make_set or not args.ocr_truth else Path(args.ocr_truth)
+    if path is None:
+        raise ValueError(
+            f"`--ocr {args.ocr}` needs ground-truth text: --ocr-truth FILE.json or a folder of gt_NAME.txt word "
+            "boxes (a set built by --make-set ... --ocr-truth carries its own)."
+        )
+    truth = read_text_truth(path)
+    truth.check_covers(pair.name for pair in dataset.pairs)
+    return OcrEvaluation(backend, truth, TextNormalization(case_sensitive=args.ocr_case_sensitive))
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -398,7 +473,7 @@ def _restore_all(run: Run, pipelines: dict[str, Any]) -> list[str]:
                 # 8-bit sRGB RGB PNG (no source metadata), atomically: what the metrics read back, and never a
                 # truncated file that a resumed run would take for a result.
                 save_result(_restore(run, method, pipelines.get(method.name), pair), method.results[pair.name])
-            except Exception as error:  # one bad image must not stop a long run; it is reported and counted
+            except Exception as error:  # noqa: BLE001 - one bad image must not stop a long run: reported, counted
                 failures.append(f"{method.name}/{pair.name}")
                 message = f"{PROG}: {method.name}/{pair.name}: restoring failed: {type(error).__name__}: {error}"
                 tqdm.write(message, file=sys.stderr)
@@ -417,7 +492,7 @@ def _score_all(run: Run, failures: list[str]) -> list[dict]:
                 continue
             try:
                 rows.append(_score(run, method, pair))
-            except Exception as error:  # as above: counted, reported, and the run goes on
+            except Exception as error:  # noqa: BLE001 - as above: counted, reported, and the run goes on
                 failures.append(key)
                 tqdm.write(f"{PROG}: {key}: scoring failed: {type(error).__name__}: {error}", file=sys.stderr)
     order = {method.name: i for i, method in enumerate(run.methods)}
@@ -435,16 +510,35 @@ def _score(run: Run, method: Method, pair: ImagePair) -> dict:
     row: dict[str, Any] = {"method": method.name, "image": pair.name}
     for name, scorer in run.scorers.items():
         row[name] = float(scorer(restored, hq if METRICS[name].full_reference else None)[0])
+    if run.ocr is not None:
+        row.update(_score_ocr(run.ocr, method.results[pair.name], pair, run.readings, method.name))
     return row
+
+
+def _score_ocr(ocr: OcrEvaluation, result: Path, pair: ImagePair, readings: list[dict], method: str) -> dict:
+    """The OCR scores of one result; what was read is added to ``readings``."""
+    from .ocr import score_text
+
+    scores, reading = score_text(
+        read_image(result).to_pil(), ocr.truth.images[pair.name], pair.hq_size, ocr.backend, ocr.normalization
+    )
+    readings.append(
+        {"method": method, "image": pair.name, "references": reading.references, "predictions": reading.predictions}
+    )
+    return scores
 
 
 def _write_reports(run: Run, rows: list[dict], caption: str) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
-    names = run.metric_names
+    names = run.metric_names + (list(OCR_METRICS) if run.ocr is not None else [])
     write_csv(rows, names, run.out / "metrics.csv")
     count = len(run.dataset.pairs)
-    table = markdown_table(rows, names, f"Means over {count} images of {caption}, scale x{run.dataset.scale}.")
-    (run.out / "table.md").write_text(table, encoding="utf-8")
+    caption = f"Means over {count} images of {caption}, scale x{run.dataset.scale}."
+    if run.ocr is not None:
+        caption += f" {run.ocr.describe()}."
+        _write_readings(run, rows)
+    table = markdown_table(rows, names, caption)
+    write_text_atomic(run.out / "table.md", table)
     print(table)
     if rows:
         try:
@@ -452,6 +546,13 @@ def _write_reports(run: Run, rows: list[dict], caption: str) -> None:
         except ImportError:
             print(f"note: metrics.png skipped: matplotlib is not installed ({EVAL_EXTRA}).", file=sys.stderr)
     _write_grid(run)
+
+
+def _write_readings(run: Run, rows: list[dict]) -> None:
+    """``ocr.jsonl``: for each scored (method, image), in the order of the CSV, the reference and read texts."""
+    by_key = {(reading["method"], reading["image"]): reading for reading in run.readings}
+    lines = [json.dumps(by_key[row["method"], row["image"]], ensure_ascii=False) + "\n" for row in rows]
+    write_text_atomic(run.out / OCR_READINGS_NAME, "".join(lines))
 
 
 def _write_grid(run: Run) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -182,7 +182,7 @@ def _versions() -> dict[str, str]:
 def _set_description(preset: str, config: Any, seed: int, source: Path) -> dict[str, Any]:
     return {
         "preset": preset,
-        "config": json.loads(json.dumps(dataclasses.asdict(config), default=_jsonable)),
+        "config": json.loads(json.dumps(config.to_dict(), default=_jsonable)),
         "seed": seed,
         "scale": int(config.scale),
         "crop": CROP_RULE,
@@ -227,7 +227,7 @@ def make_synthetic_set(
 
     config = _resolve_preset(preset)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        raise TypeError(f"`seed` must be an integer, got {seed!r}.")
     sources = list_images(hq_dir, "HQ folder")
     set_dir = Path(set_dir)
     names = sorted(sources)

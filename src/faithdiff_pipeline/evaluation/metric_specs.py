@@ -48,5 +48,17 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("niqe", False, False, "niqe", "NIQE", 2),
     )
 }
+# The scores of `faithdiff-eval --ocr` (text_metrics.py). They are not image metrics (`--metrics` does not take them),
+# but columns of the same table and CSV.
+OCR_METRICS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec("word-acc", True, True, None, "Word acc"),
+        MetricSpec("cer", False, True, None, "CER"),
+        MetricSpec("ned", False, True, None, "NED"),
+    )
+}
+# Every column a report can have.
+REPORT_COLUMNS: dict[str, MetricSpec] = {**METRICS, **OCR_METRICS}
 BUILTIN_METRICS = tuple(name for name, spec in METRICS.items() if spec.pyiqa_name is None)
 PYIQA_METRICS = tuple(name for name, spec in METRICS.items() if spec.pyiqa_name is not None)

@@ -14,7 +14,7 @@ Conventions (those of IQA-PyTorch, ``pyiqa``, with the Y channel of BasicSR's ``
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

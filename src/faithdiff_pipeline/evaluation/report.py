@@ -5,15 +5,15 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import PIL.Image
 import PIL.ImageDraw
 
 from ..atomic_files import atomic_path
 from ..image_io import save_image
-from .metric_specs import METRICS
+from .metric_specs import REPORT_COLUMNS
 
 # One evaluated image: {"method": ..., "image": ..., <metric name>: float, ...}.
 Row = dict
@@ -24,9 +24,9 @@ _MISSING = (200, 200, 200)
 
 
 def write_csv(rows: Sequence[Row], metric_names: Sequence[str], path: str | os.PathLike) -> Path:
-    """One line per (method, image) with every metric, at full precision."""
+    """One line per (method, image) with every metric, at full precision, written atomically."""
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as stream:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["method", "image", *metric_names])
         for row in rows:
@@ -59,7 +59,7 @@ def method_means(rows: Sequence[Row], metric_names: Sequence[str]) -> dict[str, 
 
 def column_label(name: str) -> str:
     """The table title of a metric with its direction: ``PSNR ↑``, ``LPIPS ↓``."""
-    spec = METRICS[name]
+    spec = REPORT_COLUMNS[name]
     return f"{spec.label} {'↑' if spec.higher_is_better else '↓'}"
 
 
@@ -77,14 +77,14 @@ def markdown_table(rows: Sequence[Row], metric_names: Sequence[str], caption: st
         title = method if values["images"] == most else f"{method} ({values['images']} images)"
         cells = []
         for name in metric_names:
-            text = f"{values[name]:.{METRICS[name].decimals}f}"
+            text = f"{values[name]:.{REPORT_COLUMNS[name].decimals}f}"
             cells.append(f"**{text}**" if best.get(name) == method else text)
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def _best(means: dict[str, dict[str, float]], name: str) -> str:
-    pick = max if METRICS[name].higher_is_better else min
+    pick = max if REPORT_COLUMNS[name].higher_is_better else min
     return pick(means, key=lambda method: means[method][name])
 
 
