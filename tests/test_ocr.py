@@ -36,6 +36,7 @@ from faithdiff_pipeline.evaluation import (
     score_text,
 )
 from faithdiff_pipeline.evaluation import cli as eval_cli
+from faithdiff_pipeline.evaluation import methods as eval_methods
 from faithdiff_pipeline.evaluation.ocr_backends import paddle_device
 from faithdiff_pipeline.evaluation.ocr_truth import parse_icdar_words
 from faithdiff_pipeline.evaluation.text_metrics import page_scores, word_scores
@@ -395,7 +396,7 @@ def test_ocr_mistakes_are_one_line_before_any_model_loads(
             image.crop((0, 0, 384, 256)).resize((192, 128)).save(lq / path.name)
     argv = ["--hq", str(hq), "--lq", str(lq), "--out", str(tmp_path / "out"), "--metrics", "psnr"]
     argv += ["--method", f"faithdiff={tiny_pipeline_dir}", "--ocr", "tesseract", "--ocr-truth", str(manifest)]
-    monkeypatch.setattr(eval_cli, "_load_faithdiff", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(eval_methods, "load_faithdiff", lambda *a, **k: pytest.fail("a model was loaded"))
     if case == "backend":
         argv[argv.index("tesseract")] = "easyocr"
     elif case == "no-truth":

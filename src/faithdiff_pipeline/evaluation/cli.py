@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,18 +14,16 @@ import PIL.Image
 
 from .. import loading
 from ..atomic_files import write_text_atomic
-from ..image_io import image_size, read_image, save_result
+from ..image_io import read_image, save_result
 from .datasets import (
     MANIFEST_NAME,
     ImagePair,
     PairedSet,
-    format_names,
-    list_images,
     make_synthetic_set,
-    missing_names,
     pair_folders,
     read_tensor,
 )
+from .methods import SETTINGS_NAME, EvaluationMethod, LanczosMethod, parse_method
 from .metric_specs import EVAL_EXTRA, METRICS, OCR_METRICS, MetricUnavailableError
 from .ocr_backends import OCR_BACKENDS, OcrUnavailableError
 from .report import crop_grid, crop_tiles, markdown_table, plot_metrics, write_csv
@@ -39,54 +36,13 @@ if TYPE_CHECKING:
     from .ocr_backends import OcrBackend
 
 PROG = "faithdiff-eval"
-_METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-SETTINGS_NAME = "settings.json"
 OCR_READINGS_NAME = "ocr.jsonl"
 
 
-@dataclass
-class Method:
-    """A method to evaluate.
-
-    ``kind`` is ``"lanczos"`` (the baseline, computed here), ``"faithdiff"`` (a pipeline run here) or ``"folder"``
-    (results of another method, read from ``source``). Computed results are saved under ``<out>/results/<name>``.
-    """
-
-    name: str
-    kind: str
-    source: str | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    results: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def computed(self) -> bool:
-        return self.kind != "folder"
-
-
-def parse_method(text: str) -> Method:
-    """``lanczos``, ``faithdiff=PIPELINE_DIR_OR_HUB_ID`` or ``NAME=RESULT_DIR`` (``--method``)."""
-    name, sep, source = text.partition("=")
-    name, source = name.strip(), source.strip()
-    expected = "expected lanczos, faithdiff=PIPELINE_DIR_OR_HUB_ID or NAME=RESULT_DIR"
-    if name == "lanczos" and not source:
-        return Method("lanczos", "lanczos")
-    if not sep or not source:
-        raise ValueError(f"`--method` {text!r} is not a method: {expected}.")
-    if not _METHOD_NAME.match(name):
-        raise ValueError(
-            f"`--method` {text!r}: the name {name!r} must be letters, digits, '.', '_', '+' or '-'; {expected}."
-        )
-    if name == "lanczos":
-        raise ValueError(
-            f"`--method` {text!r}: 'lanczos' is the built-in baseline and takes no value; write `--method lanczos`."
-        )
-    return Method(name, "faithdiff" if name == "faithdiff" else "folder", source)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface (see ``docs/evaluation.md``)."""
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command-line interface (see ``docs/evaluation.md``), named ``prog`` in its usage and messages."""
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog,
         description="Restore an evaluation set with FaithDiff and other methods, and compare them with IQA metrics.",
     )
     data = parser.add_argument_group("evaluation set (either --hq and --lq, or --make-set)")
@@ -164,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``faithdiff-eval``. Returns 0 on success, 1 when some images failed, 2 on a usage error."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Runs ``faithdiff-eval`` with the arguments ``argv`` (default: the command line's), its usage and messages
+    headed ``prog``. Returns 0 on success, 1 when some images failed, 2 on a usage error."""
+    args = build_parser(prog).parse_args(argv)
     try:
         # Checked first: a missing OCR engine must not wait until a set is built.
         ocr_backend = _ocr_backend(args)
@@ -177,17 +134,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             raise ValueError("`--out` is required to evaluate methods: the folder for results and reports.")
         run = _prepare_run(args, dataset, ocr_backend)
-        pipelines = _load_pipelines(run)
+        _load_methods(run)
         if run.ocr is not None:
             run.ocr.backend.load(words=run.ocr.truth.kind == "words")
     except (ValueError, OSError, MetricUnavailableError, OcrUnavailableError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    failures = _restore_all(run, pipelines)
+    failures = _restore_all(run)
     rows = _score_all(run, failures)
     _write_reports(run, rows, caption)
     if failures:
-        print(f"{PROG}: {len(failures)} image(s) failed: {', '.join(failures)}", file=sys.stderr)
+        print(f"{prog}: {len(failures)} image(s) failed: {', '.join(failures)}", file=sys.stderr)
         return 1
     return 0
 
@@ -237,7 +194,7 @@ class Run:
     args: argparse.Namespace
     dataset: PairedSet
     out: Path
-    methods: list[Method]
+    methods: list[EvaluationMethod]
     metric_names: list[str]
     scorers: dict[str, ScoreFn]
     device: torch.device
@@ -250,7 +207,7 @@ class Run:
 def _prepare_run(args: argparse.Namespace, dataset: PairedSet, ocr_backend: OcrBackend | None = None) -> Run:
     from .metrics import default_metric_names, load_metric, parse_metric_names
 
-    methods = [parse_method(text) for text in args.method] or [Method("lanczos", "lanczos")]
+    methods = [parse_method(text) for text in args.method] or [LanczosMethod()]
     duplicates = sorted({m.name for m in methods if [n.name for n in methods].count(m.name) > 1})
     if duplicates:
         raise ValueError(f"`--method` names {', '.join(duplicates)} more than once; give each method its own name.")
@@ -267,7 +224,7 @@ def _prepare_run(args: argparse.Namespace, dataset: PairedSet, ocr_backend: OcrB
     out = Path(args.out)
     run = Run(args, dataset, out, methods, metric_names, {}, device, dtype)
     for method in methods:
-        _prepare_method(run, method)
+        method.prepare(run)
     if ocr_backend is not None:
         run.ocr = _prepare_ocr(args, dataset, ocr_backend)
     run.scorers = {name: load_metric(name, device) for name in metric_names}
@@ -324,155 +281,31 @@ def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.devic
         raise ValueError(str(error).replace("`dtype`", "`--dtype`")) from error
 
 
-def _prepare_method(run: Run, method: Method) -> None:
-    """Fixes where each result of ``method`` is, checks folder results against the set, and checks that results
-    already saved under ``--out`` were made with the same settings."""
-    pairs = run.dataset.pairs
-    if method.kind == "folder":
-        found = list_images(method.source, f"result folder of method {method.name!r}")
-        if absent := missing_names((p.name for p in pairs), found):
-            raise ValueError(
-                f"result folder {method.source!r} of method {method.name!r} lacks {len(absent)} image(s) of the set: "
-                f"{format_names(absent)} (results are paired by file name)."
-            )
-        for pair in pairs:
-            size = image_size(found[pair.name])
-            if size != pair.hq_size:
-                raise ValueError(
-                    f"result {str(found[pair.name])!r} of method {method.name!r} is {size[0]}x{size[1]}; "
-                    f"expected the HQ size {pair.hq_size[0]}x{pair.hq_size[1]}."
-                )
-        method.results = {pair.name: found[pair.name] for pair in pairs}
-        return
-    folder = run.out / "results" / method.name
-    method.results = {pair.name: folder / f"{pair.name}.png" for pair in pairs}
-    method.settings = {"method": method.kind, "lq_dir": str(run.dataset.lq_dir.resolve())}
-    if method.kind == "faithdiff":
-        try:
-            loading.check_model_source(method.source)
-        except ValueError as error:
-            raise ValueError(str(error).replace("`model`", f"`--method {method.name}`")) from error
-        method.settings.update(_faithdiff_settings(run, method))
-    _check_settings(folder, method, run.args.overwrite)
-
-
-def _faithdiff_settings(run: Run, method: Method) -> dict[str, Any]:
-    args = run.args
-    upscale = args.upscale if args.upscale is not None else run.dataset.scale
-    if not upscale > 0:
-        raise ValueError(f"`--upscale` must be a number > 0, got {upscale}.")
-    if args.captions == "sidecar" and args.prompt:
-        raise ValueError("`--prompt` gives one prompt for every image; it conflicts with `--captions sidecar`.")
-    if args.tile_size < 64 or args.tile_size % 8:
-        raise ValueError(f"`--tile-size` must be a multiple of 8 of at least 64 pixels, got {args.tile_size}.")
-    for pair in run.dataset.pairs:
-        output = (round(pair.lq_size[0] * upscale), round(pair.lq_size[1] * upscale))
-        if output != pair.hq_size:
-            raise ValueError(
-                f"`--upscale` {upscale} turns LQ image {pair.name!r} ({pair.lq_size[0]}x{pair.lq_size[1]}) into "
-                f"{output[0]}x{output[1]}, but its HQ image is {pair.hq_size[0]}x{pair.hq_size[1]}; "
-                f"use the set's scale {run.dataset.scale}."
-            )
-    source = Path(method.source)
-    return {
-        "pipeline": str(source.resolve()) if source.exists() else method.source,
-        "variant": args.variant,
-        "dtype": str(run.dtype).removeprefix("torch."),
-        "steps": args.steps,
-        "upscale": upscale,
-        "seed": args.sample_seed,
-        "prompt": args.prompt,
-        "captions": args.captions,
-        "tile_size": args.tile_size,
-    }
-
-
-def _check_settings(folder: Path, method: Method, overwrite: bool) -> None:
-    path = folder / SETTINGS_NAME
-    if path.is_file() and not overwrite:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved != method.settings:
-            changed = sorted(k for k in set(saved) | set(method.settings) if saved.get(k) != method.settings.get(k))
-            before = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
-            now = ", ".join(f"{k}={method.settings.get(k)!r}" for k in changed)
-            raise ValueError(
-                f"results in {str(folder)!r} were made with other settings ({before}; now {now}); "
-                "pass --overwrite or choose another --out."
-            )
-
-
-def _todo(run: Run, method: Method) -> list[ImagePair]:
-    """The images of a computed method that still need restoring (all of them with ``--overwrite``)."""
-    if not method.computed:
-        return []
-    return [p for p in run.dataset.pairs if run.args.overwrite or not method.results[p.name].is_file()]
-
-
-def _load_pipelines(run: Run) -> dict[str, Any]:
-    """The FaithDiff pipelines of the methods that have images left to restore, loaded before any work starts so
+def _load_methods(run: Run) -> None:
+    """Loads what the computed methods with images left to restore need (their pipelines), before any work starts so
     that a wrong path fails at once."""
-    pipelines = {}
     for method in run.methods:
-        if method.kind != "faithdiff" or not _todo(run, method):
-            continue
-        try:
-            pipe = _load_faithdiff(method.source, run.args.variant, run.device, run.dtype)
-        except (OSError, ValueError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"`--method faithdiff={method.source}` could not be loaded: {reason}") from error
-        pipe.set_progress_bar_config(disable=True)
-        pipelines[method.name] = pipe
-    return pipelines
+        if method.todo(run):
+            method.load(run)
 
 
-def _load_faithdiff(source: str, variant: str | None, device: torch.device, dtype: torch.dtype) -> Any:
-    """The pipeline of ``--method faithdiff=SOURCE`` on ``device``, loaded as faithdiff-upscale loads it: the
-    weights variant follows the dtype (:func:`loading.weights_variant`), unless ``--variant`` names one, which then
-    loads exactly the files it names, so that the results match what settings.json records."""
-    return loading.load_pipeline(source, device, dtype, variant="auto" if variant is None else variant)
-
-
-def _restore(run: Run, method: Method, pipe: Any, pair: ImagePair) -> PIL.Image.Image:
-    import torch
-
-    from ..captioning import read_caption
-
-    lq = read_image(pair.lq)
-    if method.kind == "lanczos":
-        return lq.to_pil().resize(pair.hq_size, PIL.Image.LANCZOS)
-    settings = method.settings
-    prompt = read_caption(pair.lq) if settings["captions"] == "sidecar" else settings["prompt"]
-    if prompt is None:
-        raise ValueError(f"no caption sidecar {pair.lq.with_suffix('.json').name} beside the LQ image")
-    generator = torch.Generator("cpu").manual_seed(settings["seed"])
-    return pipe(
-        lq.pipeline_input(),
-        prompt=prompt,
-        upscale=settings["upscale"],
-        num_inference_steps=settings["steps"],
-        tile_size=settings["tile_size"],
-        generator=generator,
-        output_type="pil",
-    ).images[0]
-
-
-def _restore_all(run: Run, pipelines: dict[str, Any]) -> list[str]:
+def _restore_all(run: Run) -> list[str]:
     """Restores and saves every missing result; returns ``method/image`` for each failure (reported as it happens)."""
     from tqdm.auto import tqdm
 
     failures = []
     for method in run.methods:
-        todo = _todo(run, method)
+        todo = method.todo(run)
         if not todo:
             continue
-        folder = run.out / "results" / method.name
+        folder = method.folder(run)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SETTINGS_NAME).write_text(json.dumps(method.settings, indent=2) + "\n", encoding="utf-8")
         for pair in tqdm(todo, desc=f"restoring with {method.name}", unit="image"):
             try:
                 # 8-bit sRGB RGB PNG (no source metadata), atomically: what the metrics read back, and never a
                 # truncated file that a resumed run would take for a result.
-                save_result(_restore(run, method, pipelines.get(method.name), pair), method.results[pair.name])
+                save_result(method.restore(pair), method.results[pair.name])
             except Exception as error:  # noqa: BLE001 - one bad image must not stop a long run: reported, counted
                 failures.append(f"{method.name}/{pair.name}")
                 message = f"{PROG}: {method.name}/{pair.name}: restoring failed: {type(error).__name__}: {error}"
@@ -499,7 +332,7 @@ def _score_all(run: Run, failures: list[str]) -> list[dict]:
     return sorted(rows, key=lambda row: (order[row["method"]], row["image"]))
 
 
-def _score(run: Run, method: Method, pair: ImagePair) -> dict:
+def _score(run: Run, method: EvaluationMethod, pair: ImagePair) -> dict:
     hq = read_tensor(pair.hq)
     restored = read_tensor(method.results[pair.name])
     if restored.shape != hq.shape:
