@@ -688,7 +688,8 @@ def test_prepare_training_set_refuses_without_a_caption_source(photos: Path, tmp
 
 
 def test_face_branch_resizes_a_face_and_one_of_its_two_lq_versions(tmp_path: Path, capsys) -> None:
-    from faithdiff_pipeline.training.data import derive_seed, face_variant_lq
+    from faithdiff_pipeline.seeds import hashed_seed
+    from faithdiff_pipeline.training.data import face_variant_lq
     from faithdiff_pipeline.training.prepare import FACE_LQ_VARIANTS
 
     faces = tmp_path / "faces"
@@ -702,7 +703,7 @@ def test_face_branch_resizes_a_face_and_one_of_its_two_lq_versions(tmp_path: Pat
     assert json.loads((output / "dataset.json").read_text())["face_folders"] == ["faces"]
 
     degradation, scale, lq_size = DegradationConfig(), 4, HQ // 4
-    seeds = [derive_seed(0, "faces/face.png", "face-lq", v) for v in range(FACE_LQ_VARIANTS)]
+    seeds = [hashed_seed(0, "faces/face.png", "face-lq", v) for v in range(FACE_LQ_VARIANTS)]
     variants = [face_variant_lq(face, degradation, torch.Generator().manual_seed(seed)) for seed in seeds]
     sides, used = set(), set()
     for record in read_manifest(output / "manifest.jsonl"):

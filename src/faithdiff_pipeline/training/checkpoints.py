@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType

@@ -1,13 +1,28 @@
-"""The training configuration: one dataclass, read from YAML, overridden from the command line, checked up front."""
+"""The training configuration: one dataclass, read from YAML, overridden from the command line, checked up front.
+
+transformers' ``HfArgumentParser`` makes the dataclass's fields ``faithdiff-train``'s flags (each field's ``help``
+is what ``--help`` prints) and gives each the type that reads its value from text; YAML text values (``1e-5``,
+``no``, ``null``) are read with the same types. What this module adds is the per-stage merge of a YAML file and the
+checks of :meth:`TrainingConfig.resolve`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from ..checks import check_bool, check_choice, check_integer, check_positive, check_probability, is_number
+
+# transformers is imported where a parser is made: importing this module (the dataclass, the checks) stays light.
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
 
 STAGES = (1, 2)
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -36,6 +51,10 @@ ALIGNMENT_TYPES = ("transformer", "conv_add")
 LQ_FEATURE_SOURCES = ("mid_block", "last_layer")
 # What stage 2 can keep frozen (the unified-optimisation ablations); the alignment module is trained in both stages.
 FREEZABLE = ("unet", "lq_encoder")
+# How a YAML text or a flag says None, for the settings that may be None.
+NULL_WORDS = ("null", "none", "~", "")
+# What HfArgumentParser's types read, for the message when a text is not one.
+_EXPECTED = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}
 
 
 class TrainingSetupError(ValueError):
@@ -44,192 +63,305 @@ class TrainingSetupError(ValueError):
 
 @dataclass
 class TrainingConfig:
-    """Every setting of a FaithDiff training run. Defaults are the release's recipe (``train_stage_1.sh`` and
+    """Every setting of a FaithDiff training run, one field each, documented by its ``help`` (what
+    ``faithdiff-train --help`` prints). Defaults are the release's recipe (``train_stage_1.sh`` and
     ``train_stage_2.sh``) unless a field says otherwise; ``None`` fields are filled in per stage by :meth:`resolve`.
 
-    Model:
-        stage: 1 trains the alignment module only; 2 trains the UNet, the alignment module and the LQ encoder.
-        pretrained_model: the starting point, a folder or Hub id: an SDXL diffusers model (text encoders, tokenizers,
-            scheduler, UNet, VAE) or a FaithDiff pipeline folder (e.g. the converted release, to fine-tune it).
-            Default: the release's base, ``SG161222/RealVisXL_V4.0``.
-        vae: the VAE that replaces the starting model's (folder or Hub id, with or without a ``vae`` subfolder); it
-            also seeds the LQ encoder when one is created. Default: the release's ``madebyollin/sdxl-vae-fp16-fix``;
-            ``null`` keeps the starting model's own VAE.
-        stage1_checkpoint: stage 2 only: the stage-1 pipeline folder to start from (``.../checkpoint-6000/pipeline``).
-            Without it, ``pretrained_model`` must itself be a FaithDiff pipeline (or ``pretrain_alignment`` false).
-
-    Ablations (the paper's; see docs/training.md):
-        alignment_type: the alignment module of a new model: ``"transformer"`` (the release) or ``"conv_add"`` (the
-            paper's "w/o align": one convolution on the noisy latent feature and one on the LQ features, added).
-        lq_feature_source: the LQ features of a new model: ``"mid_block"`` (the release: the VAE encoder's
-            penultimate, 512-channel features for SDXL) or ``"last_layer"`` (the paper's "w last layer": the
-            encoder's final output, 8 channels for SDXL).
-            Both ``null`` by default: a new model (stage 1 from SDXL, or stage 2 without stage 1) is the release's,
-            and a FaithDiff pipeline is continued as it is; a value that contradicts the starting pipeline is an
-            error.
-        pretrain_alignment: ``false`` runs stage 2 straight from the SDXL ``pretrained_model``, with a new
-            (zero-initialised) alignment module and LQ encoder and no stage 1 (the paper's "w/o pre-train align").
-        freeze: stage 2 only: components kept frozen, any of ``unet`` and ``lq_encoder`` (the paper's
-            unified-optimisation rows); they are left out of the optimiser and keep their weights. Stage 1 freezes
-            both anyway.
-
-    Data (exactly one of ``train_manifest`` and ``train_folders``):
-        train_manifest: ``manifest.jsonl`` written by ``faithdiff-prepare-data``.
-        train_folders: folders of HQ photos, cropped and degraded on the fly in the data loader.
-        hq_size: HQ crop size of the on-the-fly mode (a prepared set has its own).
-        prepared_crops: how a prepared set is read: ``"one_per_epoch"`` (default) gives one example per source image
-            per epoch, a different one of its prepared crops in consecutive epochs (close to the release's new window
-            every epoch, with ``--crops-per-image N`` windows); ``"all"`` makes every crop an example of every epoch
-            (with one crop per image: a fixed crop). The on-the-fly mode cuts a new window every epoch.
-        degradation: on-the-fly degradation: a preset name or a YAML file (default: FaithDiff's settings).
-        captions: on-the-fly captions: ``"none"`` or ``"sidecar"`` (``photo.json`` beside ``photo.jpg``).
-        caption_dropout: probability that a caption is replaced by ``""``; the LQ condition is never dropped.
-        random_flip: flip HQ and LQ horizontally with probability 1/2.
-        drop_last: drop each epoch's last, incomplete batch. Off by default, as in the release, so that every pair is
-            seen in every epoch (the last optimiser step of an epoch may then average fewer pairs).
-        dataloader_num_workers: data-loader worker processes.
-
-    Batch and optimisation:
-        train_batch_size: images per process per forward pass.
-        gradient_accumulation_steps: derived from ``effective_batch_size`` when ``None``.
-        effective_batch_size: images per optimiser step, over all processes and accumulation steps; ``None`` lets
-            it follow from the other two.
-        max_train_steps: optimiser steps (``None``: 6,000 in stage 1, 40,000 in stage 2).
-        learning_rate: of the alignment module (and, in stage 2, the UNet). The release uses 5e-5 in both stages;
-            the paper reports 1e-5 for stage 2.
-        lq_encoder_learning_rate: of the LQ encoder in stage 2.
-        adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon: AdamW.
-        lr_scheduler, lr_warmup_steps: a ``diffusers.optimization.get_scheduler`` schedule, counted in optimiser steps.
-        max_grad_norm: gradient clipping (``None`` disables it).
-        noise_offset: scale of the per-channel offset added to the training noise.
-        mixed_precision: ``"no"``, ``"fp16"`` (the default, as the release) or ``"bf16"``; ``None`` takes accelerate's
-            configuration.
-        gradient_checkpointing: recompute UNet and LQ-encoder activations in the backward pass.
-        spatial_attention: a new alignment module (stage 1 from SDXL) attends across each sample's pixels instead of
-            the release's per-pixel attention; a research option, off by default.
-        allow_tf32: TF32 matrix products on Ampere and later GPUs.
-        use_ema, ema_decay, ema_update_interval: an exponential moving average of the trained weights (off by
-            default; the release updated one every 100 steps). It is saved in accelerate's state of each checkpoint.
-        ema_counting: the counter of the EMA's warm-up decay ``min(ema_decay, n / (n + 9))``: ``"diffusers"`` (the
-            default) counts EMA updates, as diffusers' EMAModel does; ``"global_step"`` uses the optimiser step, as
-            the release does, so that with an update every 100 steps the decay is already about 0.91 at the first
-            update and the average stays close to the early weights.
-        export_ema_weights: the checkpoints' pipeline folders (and validation) hold the EMA weights instead of the
-            trained ones. Off by default: the release exported the trained (non-EMA) weights. Requires ``use_ema``.
-            Which weights a pipeline holds is written in its ``training.json`` and in ``training_state.json``.
-        seed: seeds the data order, the crops and degradations, the augmentations and the diffusion noise.
-
-    Checkpoints, validation and logging:
-        output_dir: where checkpoints, validation images and logs go.
-        checkpointing_steps: a checkpoint every N steps (and at the end).
-        checkpoints_total_limit: keep only the newest N checkpoints (``None`` keeps all).
-        resume_from_checkpoint: a checkpoint folder, or ``"latest"`` (the newest in ``output_dir``, if any).
-        validation_steps: restore the validation images every N steps (0 disables validation).
-        validation_images: LQ images to restore (captions from their sidecars); by default the first
-            ``num_validation_images`` LQ crops of the training set.
-        num_validation_images, validation_inference_steps, validation_guidance_scale: validation sampling.
-        validation_upscale: upscale factor of validation (``None``: the training set's scale).
-        report_to: an accelerate tracker (``"tensorboard"``, ``"wandb"``, ...), ``"all"`` or ``"none"``.
-        tracker_project_name: the tracker's run name.
+    The fields come in groups: the model (``stage`` to ``stage1_checkpoint``), the paper's ablations (see
+    docs/training.md), the data (exactly one of ``train_manifest`` and ``train_folders``), batch and optimisation,
+    and checkpoints, validation and logging.
     """
 
-    stage: int = 1
-    pretrained_model: str | None = RELEASE_BASE_MODEL
-    vae: str | None = RELEASE_VAE
-    stage1_checkpoint: str | None = None
-    alignment_type: str | None = None
-    lq_feature_source: str | None = None
-    pretrain_alignment: bool = True
-    freeze: list[str] = field(default_factory=list)
+    # The command line requires it, so that one YAML file can describe both stages.
+    stage: int = field(
+        default=1,
+        metadata={
+            "help": "1 trains the alignment module only; 2 trains the UNet, the alignment module and the LQ encoder.",
+            "required": True,
+            "choices": STAGES,
+        },
+    )
+    pretrained_model: str | None = field(
+        default=RELEASE_BASE_MODEL,
+        metadata={
+            "help": "The starting point, a folder or Hub id: an SDXL diffusers model (text encoders, tokenizers, "
+            "scheduler, UNet, VAE) or a FaithDiff pipeline folder (e.g. the converted release, to fine-tune it). "
+            "The default is the release's base.",
+        },
+    )
+    vae: str | None = field(
+        default=RELEASE_VAE,
+        metadata={
+            "help": "The VAE that replaces the starting model's (folder or Hub id, with or without a `vae` "
+            "subfolder); it also seeds the LQ encoder when one is created. null keeps the starting model's own VAE; "
+            "the default is the release's.",
+        },
+    )
+    stage1_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Stage 2 only: the stage-1 pipeline folder to start from (.../checkpoint-6000/pipeline). "
+            "Without it, `pretrained_model` must itself be a FaithDiff pipeline (or `pretrain_alignment` false).",
+        },
+    )
 
-    train_manifest: str | None = None
-    train_folders: list[str] = field(default_factory=list)
-    hq_size: int = 512
-    prepared_crops: str = "one_per_epoch"
-    degradation: str | None = None
-    captions: str = "none"
-    caption_dropout: float = 0.2
-    random_flip: bool = True
-    drop_last: bool = False
-    dataloader_num_workers: int = 4
+    alignment_type: str | None = field(
+        default=None,
+        metadata={
+            "help": f"The alignment module of a new model, one of {ALIGNMENT_TYPES}: 'transformer' (the release) or "
+            "'conv_add' (the paper's 'w/o align': one convolution on the noisy latent feature and one on the LQ "
+            "features, added). null: the release's for a new model (stage 1 from SDXL, or stage 2 without stage 1), "
+            "and a FaithDiff pipeline's own when one is continued; a value that contradicts the starting pipeline is "
+            "an error.",
+        },
+    )
+    lq_feature_source: str | None = field(
+        default=None,
+        metadata={
+            "help": f"The LQ features of a new model, one of {LQ_FEATURE_SOURCES}: 'mid_block' (the release: the VAE "
+            "encoder's penultimate, 512-channel features for SDXL) or 'last_layer' (the paper's 'w last layer': the "
+            "encoder's final output, 8 channels for SDXL). null as for `alignment_type`.",
+        },
+    )
+    pretrain_alignment: bool = field(
+        default=True,
+        metadata={
+            "help": "false runs stage 2 straight from the SDXL `pretrained_model`, with a new (zero-initialised) "
+            "alignment module and LQ encoder and no stage 1 (the paper's 'w/o pre-train align').",
+        },
+    )
+    freeze: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"Stage 2 only: components kept frozen, any of {FREEZABLE} (the paper's unified-optimisation "
+            "rows); they are left out of the optimiser and keep their weights. Stage 1 freezes both anyway.",
+        },
+    )
 
-    train_batch_size: int = 16
-    gradient_accumulation_steps: int | None = None
-    effective_batch_size: int | None = 256
-    max_train_steps: int | None = None
-    learning_rate: float = 5e-5
-    lq_encoder_learning_rate: float = 5e-6
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "cosine"
-    lr_warmup_steps: int = 300
-    max_grad_norm: float | None = 1.0
-    noise_offset: float = 0.02
-    mixed_precision: str | None = "fp16"
-    gradient_checkpointing: bool = True
-    spatial_attention: bool = False
-    allow_tf32: bool = True
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    ema_update_interval: int = 100
-    ema_counting: str = "diffusers"
-    export_ema_weights: bool = False
-    seed: int = 42
+    train_manifest: str | None = field(
+        default=None,
+        metadata={"help": "The manifest.jsonl written by faithdiff-prepare-data (or give `train_folders`)."},
+    )
+    train_folders: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Folders of HQ photos, cropped and degraded on the fly in the data loader (or give "
+            "`train_manifest`).",
+        },
+    )
+    hq_size: int = field(
+        default=512, metadata={"help": "HQ crop size of the on-the-fly mode (a prepared set has its own)."}
+    )
+    prepared_crops: str = field(
+        default="one_per_epoch",
+        metadata={
+            "help": "How a prepared set is read: 'one_per_epoch' gives one example per source image per epoch, a "
+            "different one of its prepared crops in consecutive epochs (close to the release's new window every "
+            "epoch, with --crops-per-image N windows); 'all' makes every crop an example of every epoch (with one "
+            "crop per image: a fixed crop). The on-the-fly mode cuts a new window every epoch.",
+        },
+    )
+    degradation: str | None = field(
+        default=None,
+        metadata={"help": "On-the-fly degradation: a preset name or a YAML file (null: FaithDiff's settings)."},
+    )
+    captions: str = field(
+        default="none",
+        metadata={
+            "help": f"On-the-fly captions, one of {CAPTION_SOURCES}: 'sidecar' reads photo.json beside photo.jpg."
+        },
+    )
+    caption_dropout: float = field(
+        default=0.2,
+        metadata={"help": "Probability that a caption is replaced by ''; the LQ condition is never dropped."},
+    )
+    random_flip: bool = field(default=True, metadata={"help": "Flip HQ and LQ horizontally with probability 1/2."})
+    drop_last: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop each epoch's last, incomplete batch. Off, as in the release, so that every pair is seen "
+            "in every epoch (the last optimiser step of an epoch may then average fewer pairs).",
+        },
+    )
+    dataloader_num_workers: int = field(default=4, metadata={"help": "Data-loader worker processes."})
 
-    output_dir: str = "faithdiff-training"
-    checkpointing_steps: int = 2000
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    validation_steps: int = 500
-    validation_images: list[str] = field(default_factory=list)
-    num_validation_images: int = 4
-    validation_inference_steps: int = 20
-    validation_guidance_scale: float = 5.0
-    validation_upscale: float | None = None
-    report_to: str = "tensorboard"
-    tracker_project_name: str = "faithdiff"
+    train_batch_size: int = field(default=16, metadata={"help": "Images per process per forward pass."})
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={"help": "Forward passes per optimiser step; null derives it from `effective_batch_size`."},
+    )
+    effective_batch_size: int | None = field(
+        default=256,
+        metadata={
+            "help": "Images per optimiser step, over all processes and accumulation steps; null lets it follow from "
+            "the other two.",
+        },
+    )
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Optimiser steps (null: the release's 6000 in stage 1, 40000 in stage 2)."}
+    )
+    learning_rate: float = field(
+        default=5e-5,
+        metadata={
+            "help": "Of the alignment module (and, in stage 2, the UNet). The release uses 5e-5 in both stages; the "
+            "paper reports 1e-5 for stage 2.",
+        },
+    )
+    lq_encoder_learning_rate: float = field(default=5e-6, metadata={"help": "Of the LQ encoder in stage 2."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW's beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW's beta2."})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW's weight decay."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW's epsilon."})
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata={
+            "help": f"A diffusers.optimization.get_scheduler schedule, one of {LR_SCHEDULERS}, in optimiser steps."
+        },
+    )
+    lr_warmup_steps: int = field(default=300, metadata={"help": "Warm-up of the schedule, in optimiser steps."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (null disables it)."})
+    noise_offset: float = field(
+        default=0.02, metadata={"help": "Scale of the per-channel offset added to the training noise."}
+    )
+    mixed_precision: str | None = field(
+        default="fp16",
+        metadata={"help": f"One of {MIXED_PRECISION} ('fp16' as the release); null takes accelerate's configuration."},
+    )
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute UNet and LQ-encoder activations in the backward pass."}
+    )
+    spatial_attention: bool = field(
+        default=False,
+        metadata={
+            "help": "A new alignment module (stage 1 from SDXL) attends across each sample's pixels instead of the "
+            "release's per-pixel attention; a research option.",
+        },
+    )
+    allow_tf32: bool = field(default=True, metadata={"help": "TF32 matrix products on Ampere and later GPUs."})
+    use_ema: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep an exponential moving average of the trained weights (the release updated one every 100 "
+            "steps); it is saved in accelerate's state of each checkpoint.",
+        },
+    )
+    ema_decay: float = field(default=0.9999, metadata={"help": "The EMA's decay."})
+    ema_update_interval: int = field(default=100, metadata={"help": "An EMA update every N optimiser steps."})
+    ema_counting: str = field(
+        default="diffusers",
+        metadata={
+            "help": "The counter n of the EMA's warm-up decay min(ema_decay, n / (n + 9)): 'diffusers' counts EMA "
+            "updates, as diffusers' EMAModel does; 'global_step' uses the optimiser step, as the release does, so "
+            "that with an update every 100 steps the decay is already about 0.91 at the first update and the average "
+            "stays close to the early weights.",
+        },
+    )
+    export_ema_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "The checkpoints' pipeline folders (and validation) hold the EMA weights instead of the trained "
+            "ones (the release exported the trained ones); needs `use_ema`. Which weights a pipeline holds is "
+            "written in its training.json and in training_state.json.",
+        },
+    )
+    seed: int = field(
+        default=42,
+        metadata={
+            "help": "Seeds the data order, the crops and degradations, the augmentations and the diffusion noise."
+        },
+    )
+
+    output_dir: str = field(
+        default="faithdiff-training", metadata={"help": "Where checkpoints, validation images and logs go."}
+    )
+    checkpointing_steps: int = field(
+        default=2000, metadata={"help": "A checkpoint every N optimiser steps (and at the end)."}
+    )
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N checkpoints (null keeps all)."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' (the newest in `output_dir`, if any)."}
+    )
+    validation_steps: int = field(
+        default=500,
+        metadata={"help": "Restore the validation images every N optimiser steps (0 disables validation)."},
+    )
+    validation_images: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "LQ images to restore (captions from their sidecars); by default the first "
+            "`num_validation_images` LQ crops of the training set.",
+        },
+    )
+    num_validation_images: int = field(
+        default=4, metadata={"help": "Training-set crops restored when no images are given."}
+    )
+    validation_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of validation."})
+    validation_guidance_scale: float = field(
+        default=5.0, metadata={"help": "Classifier-free guidance scale of validation."}
+    )
+    validation_upscale: float | None = field(
+        default=None, metadata={"help": "Upscale factor of validation (null: the training set's scale)."}
+    )
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "An accelerate tracker ('tensorboard', 'wandb', ...), 'all' or 'none'."},
+    )
+    tracker_project_name: str = field(default="faithdiff", metadata={"help": "The tracker's run name."})
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
     def field_names(cls) -> list[str]:
+        """The settings' names, in their order."""
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_dict(
         cls, values: Mapping[str, Any], stage: int | None = None, overrides: Mapping[str, Any] | None = None
-    ) -> "TrainingConfig":
-        """Settings from a mapping (missing keys keep their defaults). Keys under ``stage1:``/``stage2:`` apply to that
-        stage only, so one file can describe both stages; ``stage`` (e.g. from ``--stage``) picks the stage.
-        ``overrides`` (e.g. from the command line) win over both."""
+    ) -> TrainingConfig:
+        """Settings from a mapping (missing keys keep their defaults).
+
+        Args:
+            values: settings by name. Keys under ``stage1:``/``stage2:`` apply to that stage only, so that one file
+                can describe both stages. Text values are read as the command line reads them (``1e-5``, ``no``,
+                ``null``, and a comma-separated list for the list settings); others are taken as they are.
+            stage: the stage, which picks the section (e.g. from ``--stage``); None takes ``values["stage"]``, or 1.
+            overrides: settings (e.g. from the command line) that win over ``values``, its stage sections included.
+
+        Raises:
+            TrainingSetupError: an unknown setting, a stage other than 1 and 2, or a text its setting cannot read.
+        """
         if not isinstance(values, Mapping):
             raise TrainingSetupError(
                 f"The training configuration must be a mapping of settings, got {type(values).__name__}."
             )
-        chosen = stage if stage is not None else values.get("stage", 1)
-        chosen = _coerce("stage", chosen, int)
-        if chosen not in STAGES:
-            raise TrainingSetupError(f"`stage` must be 1 or 2, got {chosen!r}.")
-        merged = {k: v for k, v in values.items() if k not in STAGE_SECTIONS.values()}
+        chosen = _read_setting("stage", values.get("stage", 1) if stage is None else stage)
+        check_integer(chosen, "stage", min(STAGES), max(STAGES), error=TrainingSetupError)
         section = values.get(STAGE_SECTIONS[chosen]) or {}
         if not isinstance(section, Mapping):
             raise TrainingSetupError(f"`{STAGE_SECTIONS[chosen]}` must be a mapping of settings, got {section!r}.")
+        merged = {k: v for k, v in values.items() if k not in STAGE_SECTIONS.values()}
         merged.update(section)
         merged.update(overrides or {})
         merged["stage"] = chosen
         unknown = sorted(set(merged) - set(cls.field_names()))
         if unknown:
             raise TrainingSetupError(f"Unknown training settings {unknown}; valid settings are {cls.field_names()}.")
-        hints = typing.get_type_hints(cls)
-        return cls(**{name: _coerce(name, value, hints[name]) for name, value in merged.items()})
+        (config,) = settings_parser().parse_dict({name: _read_setting(name, value) for name, value in merged.items()})
+        return config
 
     @classmethod
     def from_yaml(
         cls, path: str | os.PathLike, stage: int | None = None, overrides: Mapping[str, Any] | None = None
-    ) -> "TrainingConfig":
-        """Settings from a YAML file, then ``overrides`` (e.g. from the command line) on top, stage sections
-        included."""
+    ) -> TrainingConfig:
+        """Settings from a YAML file, read as :meth:`from_dict` reads a mapping.
+
+        Args:
+            path: the YAML file, a mapping of settings with optional ``stage1:``/``stage2:`` sections.
+            stage: as for :meth:`from_dict`.
+            overrides: as for :meth:`from_dict`.
+        """
         import yaml
 
         if not os.path.isfile(path):
@@ -245,10 +377,11 @@ class TrainingConfig:
         return cls.from_dict(values, stage=stage, overrides=overrides)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings by name, as :meth:`from_dict` reads them back."""
         return dataclasses.asdict(self)
 
     # ---------------------------------------------------------------------------------------------- checks
-    def resolve(self) -> "TrainingConfig":
+    def resolve(self) -> TrainingConfig:
         """Checks every setting and fills in the per-stage defaults (steps). Returns a copy; the accumulation steps,
         which depend on the number of processes, come from :meth:`with_processes`.
 
@@ -272,7 +405,7 @@ class TrainingConfig:
         config._accumulation(1 if config.gradient_accumulation_steps is None else None)
         return config
 
-    def with_processes(self, num_processes: int) -> "TrainingConfig":
+    def with_processes(self, num_processes: int) -> TrainingConfig:
         """A copy whose ``gradient_accumulation_steps`` makes batch x accumulation x ``num_processes`` equal the
         effective batch.
 
@@ -282,8 +415,7 @@ class TrainingConfig:
         return dataclasses.replace(self, gradient_accumulation_steps=self._accumulation(num_processes))
 
     def _check_model(self) -> None:
-        if self.stage not in STAGES:
-            raise TrainingSetupError(f"`stage` must be 1 or 2, got {self.stage!r}.")
+        check_integer(self.stage, "stage", min(STAGES), max(STAGES), error=TrainingSetupError)
         if not self.pretrained_model and not (self.stage == 2 and self.stage1_checkpoint):
             raise TrainingSetupError(
                 "`pretrained_model` is required: an SDXL diffusers folder or Hub id, or a FaithDiff pipeline folder."
@@ -293,6 +425,8 @@ class TrainingConfig:
                 f"`stage1_checkpoint` is for stage 2 only, got {self.stage1_checkpoint!r} in stage {self.stage}; "
                 "to continue a stage-1 run use `resume_from_checkpoint`."
             )
+        for name in _SWITCHES:
+            check_bool(getattr(self, name), name, error=TrainingSetupError)
 
     def _check_ablations(self) -> None:
         choices = {"alignment_type": ALIGNMENT_TYPES, "lq_feature_source": LQ_FEATURE_SOURCES}
@@ -335,17 +469,13 @@ class TrainingConfig:
                 raise TrainingSetupError(
                     f"`train_folders` entry {folder!r} is not a folder; expected folders of HQ images."
                 )
-        _check_int(self.hq_size, "hq_size", 8)
+        check_integer(self.hq_size, "hq_size", 8, error=TrainingSetupError)
         if self.hq_size % 8:
             raise TrainingSetupError(f"`hq_size` must be a multiple of 8 (the VAE's factor), got {self.hq_size}.")
-        if self.prepared_crops not in PREPARED_CROPS:
-            raise TrainingSetupError(
-                f"`prepared_crops` must be one of {PREPARED_CROPS}, got {self.prepared_crops!r}."
-            )
-        if self.captions not in CAPTION_SOURCES:
-            raise TrainingSetupError(f"`captions` must be one of {CAPTION_SOURCES}, got {self.captions!r}.")
-        _check_probability(self.caption_dropout, "caption_dropout")
-        _check_int(self.dataloader_num_workers, "dataloader_num_workers", 0)
+        check_choice(self.prepared_crops, "prepared_crops", PREPARED_CROPS, error=TrainingSetupError)
+        check_choice(self.captions, "captions", CAPTION_SOURCES, error=TrainingSetupError)
+        check_probability(self.caption_dropout, "caption_dropout", error=TrainingSetupError)
+        check_integer(self.dataloader_num_workers, "dataloader_num_workers", 0, error=TrainingSetupError)
         for path in self.validation_images:
             if not os.path.isfile(path):
                 raise TrainingSetupError(
@@ -353,45 +483,43 @@ class TrainingConfig:
                 )
 
     def _check_optimisation(self) -> None:
-        _check_int(self.train_batch_size, "train_batch_size", 1)
+        check_integer(self.train_batch_size, "train_batch_size", 1, error=TrainingSetupError)
         for name in ("gradient_accumulation_steps", "effective_batch_size", "max_train_steps"):
             if getattr(self, name) is not None:
-                _check_int(getattr(self, name), name, 1)
+                check_integer(getattr(self, name), name, 1, error=TrainingSetupError)
         for name in ("learning_rate", "lq_encoder_learning_rate", "adam_epsilon"):
-            _check_positive(getattr(self, name), name)
+            check_positive(getattr(self, name), name, error=TrainingSetupError)
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise TrainingSetupError(f"`{name}` must lie in [0, 1), got {getattr(self, name)!r}.")
-        if self.adam_weight_decay < 0:
-            raise TrainingSetupError(f"`adam_weight_decay` must be >= 0, got {self.adam_weight_decay!r}.")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise TrainingSetupError(f"`lr_scheduler` must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
-        _check_int(self.lr_warmup_steps, "lr_warmup_steps", 0)
+            value = getattr(self, name)
+            if not is_number(value) or not 0.0 <= value < 1.0:
+                raise TrainingSetupError(f"`{name}` must lie in [0, 1), got {value!r}.")
+        _check_non_negative(self.adam_weight_decay, "adam_weight_decay")
+        check_choice(self.lr_scheduler, "lr_scheduler", LR_SCHEDULERS, error=TrainingSetupError)
+        check_integer(self.lr_warmup_steps, "lr_warmup_steps", 0, error=TrainingSetupError)
         if self.max_grad_norm is not None:
-            _check_positive(self.max_grad_norm, "max_grad_norm")
-        if self.noise_offset < 0:
-            raise TrainingSetupError(f"`noise_offset` must be >= 0, got {self.noise_offset!r}.")
+            check_positive(self.max_grad_norm, "max_grad_norm", error=TrainingSetupError)
+        _check_non_negative(self.noise_offset, "noise_offset")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise TrainingSetupError(
                 f"`mixed_precision` must be one of {MIXED_PRECISION} or null, got {self.mixed_precision!r}."
             )
-        _check_int(self.ema_update_interval, "ema_update_interval", 1)
-        if self.ema_counting not in EMA_COUNTING:
-            raise TrainingSetupError(f"`ema_counting` must be one of {EMA_COUNTING}, got {self.ema_counting!r}.")
+        check_integer(self.ema_update_interval, "ema_update_interval", 1, error=TrainingSetupError)
+        check_choice(self.ema_counting, "ema_counting", EMA_COUNTING, error=TrainingSetupError)
         if self.export_ema_weights and not self.use_ema:
             raise TrainingSetupError("`export_ema_weights: true` needs `use_ema: true` (there is no EMA to export).")
+        check_integer(self.seed, "seed", 0, error=TrainingSetupError)
 
     def _check_outputs(self) -> None:
-        _check_int(self.checkpointing_steps, "checkpointing_steps", 1)
+        check_integer(self.checkpointing_steps, "checkpointing_steps", 1, error=TrainingSetupError)
         if self.checkpoints_total_limit is not None:
-            _check_int(self.checkpoints_total_limit, "checkpoints_total_limit", 1)
-        _check_int(self.validation_steps, "validation_steps", 0)
-        _check_int(self.num_validation_images, "num_validation_images", 1)
-        _check_int(self.validation_inference_steps, "validation_inference_steps", 1)
+            check_integer(self.checkpoints_total_limit, "checkpoints_total_limit", 1, error=TrainingSetupError)
+        check_integer(self.validation_steps, "validation_steps", 0, error=TrainingSetupError)
+        check_integer(self.num_validation_images, "num_validation_images", 1, error=TrainingSetupError)
+        check_integer(self.validation_inference_steps, "validation_inference_steps", 1, error=TrainingSetupError)
         if self.validation_upscale is not None:
-            _check_positive(self.validation_upscale, "validation_upscale")
-        if not self.output_dir:
-            raise TrainingSetupError("`output_dir` must name a folder, got an empty value.")
+            check_positive(self.validation_upscale, "validation_upscale", error=TrainingSetupError)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise TrainingSetupError(f"`output_dir` must name a folder, got {self.output_dir!r}.")
 
     def _accumulation(self, num_processes: int | None) -> int:
         """Gradient accumulation steps such that batch x accumulation x processes = the effective batch. With
@@ -426,71 +554,104 @@ class TrainingConfig:
         return self.gradient_accumulation_steps
 
 
-# ---------------------------------------------------------------------------------------------- coercion
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """``value`` as the field's type. YAML reads ``1e-5`` as a string and the command line gives strings only, so
-    numbers, booleans and lists are parsed here, and ``null``/``none`` means None for optional fields."""
-    args = typing.get_args(annotation)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
-    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~", ""))):
-        return None
-    if typing.get_origin(base) is list:
-        return _coerce_list(name, value)
-    if base is bool:
-        return _coerce_bool(name, value)
-    if base in (int, float):
-        return _coerce_number(name, value, base)
-    if base is str:
-        if not isinstance(value, str):
-            raise TrainingSetupError(f"`{name}` must be a string, got {value!r}.")
+# The on/off settings, which resolve() checks are bools (YAML's `1` is not one).
+_SWITCHES = tuple(name for name, hint in typing.get_type_hints(TrainingConfig).items() if hint is bool)
+
+
+def settings_parser(**kwargs: Any) -> HfArgumentParser:
+    """transformers' ``HfArgumentParser`` of :class:`TrainingConfig`: a flag per setting, ``--learning-rate`` (also
+    ``--learning_rate``), with the setting's help and default; an on/off setting takes ``true``/``false`` or
+    nothing (true), and one that is on by default also ``--no-random-flip``. The settings that may be None read
+    ``null`` as None.
+
+    Only the flags given reach the parsed namespace, so that they can be laid over a YAML file, its stage sections
+    included (:meth:`TrainingConfig.from_dict` fills in the rest). A value its setting cannot read raises
+    ``argparse.ArgumentError``, one line naming the setting, instead of exiting.
+
+    Args:
+        kwargs: passed on to ``argparse.ArgumentParser`` (``prog``, ``description``, ...).
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(TrainingConfig, exit_on_error=False, **kwargs)
+    hints = typing.get_type_hints(TrainingConfig)
+    # argparse lists a parser's arguments only in `_actions`; those of the settings have the setting as `dest`.
+    for action in parser._actions:
+        if action.dest not in hints:
+            continue
+        # The spelling with dashes first, as the help and messages show it.
+        action.option_strings.sort(key=lambda flag: "_" in flag)
+        if action.type is None:  # the `--no-...` flag of a setting on by default
+            action.help = f"the same as {action.option_strings[0].replace('--no-', '--', 1)} false"
+        else:
+            nullable = type(None) in typing.get_args(hints[action.dest])
+            action.type = _SettingReader(action.dest, action.type, nullable, action.nargs == "+")
+            if action.choices is None:
+                action.metavar = "BOOL" if action.type.parse.__name__ == "string_to_bool" else "VALUE"
+            if not action.required:
+                action.help = f"{action.help} (default: {_shown(action.default)})"
+        action.default = argparse.SUPPRESS
+    return parser
+
+
+@dataclass(frozen=True)
+class _SettingReader:
+    """Reads one setting from text with the type HfArgumentParser gave its flag; where the setting may be None,
+    a word of ``NULL_WORDS`` is None.
+
+    Args:
+        name: the setting.
+        parse: HfArgumentParser's type: ``int``, ``float``, ``str`` or ``string_to_bool``.
+        nullable: whether the setting may be None.
+        many: whether the setting is a list (the flag takes several values; one YAML text is split at commas).
+    """
+
+    name: str
+    parse: Callable[[str], Any]
+    nullable: bool
+    many: bool
+
+    def __call__(self, text: str) -> Any:
+        if self.nullable and text.strip().lower() in NULL_WORDS:
+            return None
+        try:
+            return self.parse(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            # argparse keeps the message of an ArgumentTypeError (of a ValueError only the type's name).
+            expected = _EXPECTED.get(self.parse.__name__, "a value of its type")
+            raise argparse.ArgumentTypeError(f"`{self.name}` must be {expected}, got {text!r}.") from None
+
+
+@cache
+def _setting_readers() -> dict[str, _SettingReader]:
+    return {
+        action.dest: action.type for action in settings_parser()._actions if isinstance(action.type, _SettingReader)
+    }
+
+
+def _read_setting(name: str, value: Any) -> Any:
+    """``value`` of the setting ``name`` as the command line reads it when it is text (YAML 1.1 reads ``1e-5`` as
+    text), a comma-separated list for a list setting; another value as it is, for ``resolve`` to check."""
+    if not isinstance(value, str):
         return value
-    return value
-
-
-def _coerce_list(name: str, value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise TrainingSetupError(f"`{name}` must be a list of strings (or a comma-separated string), got {value!r}.")
-    return list(value)
-
-
-def _coerce_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-        return value.strip().lower() in ("true", "yes", "1", "on")
-    raise TrainingSetupError(f"`{name}` must be true or false, got {value!r}.")
-
-
-def _coerce_number(name: str, value: Any, kind: type) -> int | float:
-    expected = "an integer" if kind is int else "a number"
-    if isinstance(value, bool):
-        raise TrainingSetupError(f"`{name}` must be {expected}, got {value!r}.")
+    reader = _setting_readers()[name]
     try:
-        number = float(value) if isinstance(value, str) else value
-    except ValueError:
-        raise TrainingSetupError(f"`{name}` must be {expected}, got {value!r}.") from None
-    if not isinstance(number, (int, float)) or not math.isfinite(number):
-        raise TrainingSetupError(f"`{name}` must be {expected}, got {value!r}.")
-    if kind is int:
-        if number != int(number):
-            raise TrainingSetupError(f"`{name}` must be an integer, got {value!r}.")
-        return int(number)
-    return float(number)
+        if reader.many:
+            return [reader(part.strip()) for part in value.split(",") if part.strip()]
+        return reader(value)
+    except argparse.ArgumentTypeError as error:
+        raise TrainingSetupError(str(error)) from None
 
 
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TrainingSetupError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+def _shown(default: Any) -> str:
+    """A default as YAML writes it."""
+    if default is None:
+        return "null"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
 
 
-def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise TrainingSetupError(f"`{name}` must be a positive number, got {value!r}.")
-
-
-def _check_probability(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise TrainingSetupError(f"`{name}` must be a probability in [0, 1], got {value!r}.")
+def _check_non_negative(value: Any, name: str) -> None:
+    if not is_number(value) or not math.isfinite(value) or value < 0:
+        raise TrainingSetupError(f"`{name}` must be a finite number >= 0, got {value!r}.")

@@ -37,10 +37,6 @@ PREPARED_CROPS = ("one_per_epoch", "all")
 UPSCALE_FILTERS = (PIL.Image.NEAREST, PIL.Image.BILINEAR, PIL.Image.BICUBIC)
 
 
-# The name training.train imports; the seed itself is the seeds module's.
-derive_seed = hashed_seed
-
-
 def _uniform_int(generator: torch.Generator, high: int) -> int:
     """An integer in [0, high)."""
     return int(torch.randint(0, high, (1,), generator=generator).item())

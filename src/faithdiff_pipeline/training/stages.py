@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Collection
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, UNet2DConditionModel
@@ -224,13 +225,13 @@ def _build_from_sdxl(source: str, vae: AutoencoderKL | None, config: TrainingCon
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
         vae = vae if vae is not None else AutoencoderKL.from_pretrained(source, subfolder="vae")
-        components = dict(
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"),
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-            tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
-            scheduler=_load_scheduler(source),
-        )
+        components = {
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"),
+            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
+            "scheduler": _load_scheduler(source),
+        }
     except (OSError, ValueError) as error:
         raise TrainingSetupError(
             f"`pretrained_model` {source!r} is not a usable SDXL model (expected the diffusers subfolders unet, vae, "

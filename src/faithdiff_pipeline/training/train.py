@@ -12,15 +12,16 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from .config import TrainingConfig, TrainingSetupError
+from .config import TrainingConfig, TrainingSetupError, settings_parser
 
 # torch, accelerate, diffusers and the modules of this package that need them are imported by the functions that
 # use them: the command line is parsed, and `--help` or a usage error answered, without loading them.
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
     from torch.utils.data import DataLoader, Dataset
+    from transformers import HfArgumentParser
 
     from .validation import ValidationExample
 
@@ -355,12 +357,12 @@ class _TrainingLoop:
         micro-step): a resumed run draws what an uninterrupted one would, and processes draw different noise."""
         import torch
 
-        from .data import derive_seed
+        from ..seeds import hashed_generator
         from .losses import epsilon_loss, noise_latents
 
         accelerator, config = self.accelerator, self.config
-        generator = torch.Generator(device=accelerator.device).manual_seed(
-            derive_seed(config.seed, "noise", accelerator.process_index, step, micro_step)
+        generator = hashed_generator(
+            config.seed, "noise", accelerator.process_index, step, micro_step, device=accelerator.device
         )
         with torch.no_grad():
             prompt_embeds, _, pooled_prompt_embeds, _ = self._encode_prompts(batch["caption"])
@@ -455,54 +457,39 @@ class _TrainingLoop:
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
-_LIST_FIELDS = ("train_folders", "validation_images", "freeze")
-_BOOL_FIELDS = (
-    "random_flip",
-    "drop_last",
-    "gradient_checkpointing",
-    "allow_tf32",
-    "use_ema",
-    "export_ema_weights",
-    "pretrain_alignment",
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
+def build_parser(prog: str = PROG) -> HfArgumentParser:
+    """The command line of ``faithdiff-train``, named ``prog`` in its usage and messages: a flag per setting of
+    :class:`TrainingConfig` (see :func:`settings_parser`) and ``--config``. Its namespace holds the flags given."""
+    parser = settings_parser(
+        prog=prog,
+        usage="%(prog)s --stage {1,2} [--config YAML] [--setting VALUE ...]",
         description="Train FaithDiff (stage 1: the alignment module; stage 2: UNet, alignment module and LQ encoder). "
         "Settings come from --config and can be overridden one by one, e.g. --learning-rate 1e-5 --report-to none. "
         "Launch with `accelerate launch` for several GPUs or machines.",
     )
-    parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="training stage")
-    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (see docs/training.md)")
-    overrides = parser.add_argument_group("settings (override --config; see TrainingConfig for each)")
-    for name in TrainingConfig.field_names():
-        if name == "stage":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if name in _LIST_FIELDS:
-            overrides.add_argument(flag, nargs="+", dest=name, default=argparse.SUPPRESS, metavar="VALUE")
-        elif name in _BOOL_FIELDS:
-            overrides.add_argument(flag, nargs="?", const="true", dest=name, default=argparse.SUPPRESS, metavar="BOOL")
-        else:
-            overrides.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE")
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="YAML file of settings, with optional stage1:/stage2: sections (see docs/training.md); the other flags "
+        "override it, its sections included.",
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``faithdiff-train``. Returns 0 when training finished, 2 on a mistake in the settings or data."""
-    args = vars(build_parser().parse_args(argv))
-    stage, config_path = args.pop("stage"), args.pop("config")
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Runs ``faithdiff-train`` with the arguments ``argv`` (default: the command line's), its usage and messages
+    headed ``prog``. Returns 0 when training finished, 2 on a mistake in the settings or data."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
+        args = vars(build_parser(prog).parse_args(argv))
+        stage, config_path = args.pop("stage"), args.pop("config")
         if config_path is not None:
             config = TrainingConfig.from_yaml(config_path, stage=stage, overrides=args)
         else:
             config = TrainingConfig.from_dict(args, stage=stage)
         result = train(config)
-    except TrainingSetupError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+    except (argparse.ArgumentError, TrainingSetupError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     from accelerate import PartialState
 
