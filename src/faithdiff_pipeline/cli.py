@@ -27,12 +27,14 @@ from .image_io import (
     save_result,
 )
 from .loading import CAPTIONER_PRECISIONS, check_model_source, check_options
+from .restoration_settings import RestorationSettings
 
 if TYPE_CHECKING:
     import PIL.Image
     import torch
 
 # torch and diffusers are imported where they are used: `--help` and every usage error answer at once.
+PROG = "faithdiff-upscale"
 IMAGE_SUFFIXES = READABLE_SUFFIXES
 CAPTION_MODES = ("auto", "none", "sidecar")
 _NAMES_SHOWN = 5
@@ -127,7 +129,8 @@ def add_restoration_arguments(parser: argparse.ArgumentParser) -> None:
         "--offload",
         choices=["none", "text-encoders", "model", "sequential"],
         default="none",
-        help="keep models in host memory: text-encoders (costs ~0.15 s per image), model or sequential (slow)",
+        help="keep models in host memory, moved to the device as they run: text-encoders (the two text encoders, "
+        "streamed in once per image), model (each model in turn) or sequential (layer by layer, slowest)",
     )
     parser.add_argument(
         "--compile",
@@ -155,9 +158,10 @@ def add_restoration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-tiling", action="store_true", help="tile the VAE and LQ encoder (large images)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command line of ``faithdiff-upscale``, named ``prog`` in its usage and messages."""
     parser = argparse.ArgumentParser(
-        prog="faithdiff-upscale",
+        prog=prog,
         description="Restore and upscale photos with FaithDiff. Finished images are skipped on a rerun; inputs are "
         "never overwritten.",
     )
@@ -253,13 +257,12 @@ def _names(items: Sequence[str]) -> str:
     return shown + (f"; and {len(items) - _NAMES_SHOWN} more" if len(items) > _NAMES_SHOWN else "")
 
 
-def plan_jobs(paths: list[Path], args: argparse.Namespace) -> list[Job]:
-    """The result files of every input; refuses, before any work, results that would share a name or replace an
-    input file."""
-    out = args.output_dir.resolve()
-    suffix = OUTPUT_FORMATS[args.format]
+def plan_jobs(paths: list[Path], output_dir: Path, suffix: str, compare: bool) -> list[Job]:
+    """The result files of every input in ``output_dir``, named with ``suffix`` (and ``NAME_compare.png`` with
+    ``compare``); refuses, before any work, results that would share a name or replace an input file."""
+    out = output_dir.resolve()
     jobs = [
-        Job(path, out / f"{path.stem}{suffix}", out / f"{path.stem}_compare.png" if args.compare else None)
+        Job(path, out / f"{path.stem}{suffix}", out / f"{path.stem}_compare.png" if compare else None)
         for path in paths
     ]
     writers: dict[Path, list[Path]] = {}
@@ -341,7 +344,8 @@ def output_options(args: argparse.Namespace) -> OutputOptions:
         raise UsageError(message.rstrip(".")) from error
 
 
-def check_arguments(args: argparse.Namespace) -> None:
+def _check_prompts(args: argparse.Namespace) -> None:
+    """The options of prompts and captions, and the models' options that depend on them."""
     if args.prompt is not None and args.caption != "auto":
         raise UsageError(f"--prompt gives a fixed prompt; it conflicts with --caption {args.caption}")
     if args.prompt is not None and args.captioner not in ("auto", "none"):
@@ -359,6 +363,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         for name, flag in (("`preclean`", "--preclean"), ("`low_vram`", "--low-vram"), ("`fp8`", "--fp8")):
             message = message.replace(name, flag)
         raise UsageError(message) from error
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The numbers of sampling and tiling: finite and in range."""
     _finite(args.upscale, "--upscale")
     _finite(args.guidance, "--guidance")
     if args.upscale <= 0:
@@ -367,7 +375,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--steps and --tile-batch-size must be at least 1")
     if args.max_pixels < 1:
         raise UsageError(f"--max-pixels must be at least 1, got {args.max_pixels}")
-    output_options(args)
+
+
+def parse_settings(args: argparse.Namespace) -> RestorationSettings:
+    """Checks every option of a parsed restoring command and returns its restoration settings; mistakes raise
+    UsageError, named by their flags."""
+    _check_prompts(args)
+    _check_sampling(args)
+    output = output_options(args)
     from .tiling import check_tile_arguments
 
     try:
@@ -379,6 +394,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_model_source(args.model)
     except ValueError as error:
         raise UsageError(str(error).replace("`model`", "--model")) from error
+    return RestorationSettings.from_arguments(args, output)
 
 
 def _check_sixteen_bit(paths: list[Path]) -> None:
@@ -390,28 +406,34 @@ def _check_sixteen_bit(paths: list[Path]) -> None:
 
 
 def caption_first(
-    paths: list[Path], args: argparse.Namespace, device: torch.device, plan: Any, summary: Summary
+    paths: list[Path],
+    settings: RestorationSettings,
+    device: torch.device,
+    plan: Any,
+    summary: Summary,
+    prog: str = PROG,
 ) -> dict:
     """Captions every image that needs a caption and writes its sidecar (the release's format), then frees the
     captioner, so that its memory peak and the restoration's never add up. Images with a sidecar are not captioned
-    again. Returns the captions of images whose sidecar could not be written (a read-only folder); a failure goes
-    to ``summary`` and takes the image out of the job."""
+    again. Returns the captions of images whose sidecar could not be written (a read-only folder), which a line on
+    stderr, headed ``prog``, reports; a failure goes to ``summary`` and takes the image out of the job."""
     from tqdm.auto import tqdm
 
     from . import loading
     from .captioning import clean_caption, read_caption, write_caption
 
-    needing = [path for path in paths if args.prompt is None and args.caption == "auto" and read_caption(path) is None]
+    wanted = settings.prompt is None and settings.caption == "auto"
+    needing = [path for path in paths if wanted and read_caption(path) is None]
     if not needing or plan.model is None:
         return {}
-    captioner = loading.load_planned_captioner(plan, device, loading.resolve_dtype(args.dtype, device))
-    clean = loading.load_preclean(args.preclean, device) if args.preclean else None
+    captioner = loading.load_planned_captioner(plan, device, loading.resolve_dtype(settings.dtype, device))
+    clean = loading.load_preclean(settings.preclean, device) if settings.preclean else None
     kept: dict[Path, str] = {}
     try:
         for path in tqdm(needing, desc="captions", unit="image"):
             try:
                 image = read_image(path).to_pil()
-                raw = captioner.raw_captions([clean(image) if clean else image], seed=args.seed)[0]
+                raw = captioner.raw_captions([clean(image) if clean else image], seed=settings.seed)[0]
             except (ValueError, OSError, RuntimeError) as error:
                 summary.failed.append((path.name, f"captioning failed: {str(error).splitlines()[0]}"))
                 continue
@@ -423,22 +445,22 @@ def caption_first(
         loading.release(captioner)
     if kept:
         print(
-            f"faithdiff-upscale: {len(kept)} caption sidecar(s) could not be written beside the inputs",
+            f"{prog}: {len(kept)} caption sidecar(s) could not be written beside the inputs",
             file=sys.stderr,
         )
     return kept
 
 
-def prompt_for(path: Path, args: argparse.Namespace, captions: dict) -> str:
+def prompt_for(path: Path, settings: RestorationSettings, captions: dict) -> str:
     """The prompt of one image, following --prompt / --caption: a fixed prompt, its sidecar, or no prompt."""
     from .captioning import read_caption
 
-    if args.prompt is not None:
-        return args.prompt
-    if args.caption == "none":
+    if settings.prompt is not None:
+        return settings.prompt
+    if settings.caption == "none":
         return ""
     stored = read_caption(path)
-    if stored is None and args.caption == "sidecar":
+    if stored is None and settings.caption == "sidecar":
         raise ValueError(f"no caption sidecar {path.with_suffix('.json').name}")
     return stored if stored is not None else captions.get(path, "")
 
@@ -453,84 +475,55 @@ def side_by_side(lq: PIL.Image.Image, restored: PIL.Image.Image) -> PIL.Image.Im
     return canvas
 
 
-def restore_one(job: Job, args: argparse.Namespace, pipe: Any, captions: dict, **call_options: Any) -> Any:
-    """Restores ``job.source`` as the options say and writes its result (and comparison); returns the restored
+def restore_one(job: Job, settings: RestorationSettings, pipe: Any, captions: dict, **call_options: Any) -> Any:
+    """Restores ``job.source`` as ``settings`` say and writes its result (and comparison); returns the restored
     image (float ``[H, W, 3]`` in [0, 1]). ``call_options`` go to the pipeline call as well."""
     import PIL.Image
-    import torch
-
-    from . import __version__
 
     path = job.source
     try:
         image = read_image(path)
     except ValueError as error:
         raise ValueError(f"not a readable image ({error})") from error
-    prompt = prompt_for(path, args, captions)
-    result = pipe(
-        image.pipeline_input(),
-        prompt=prompt,
-        negative_prompt=args.negative_prompt,
-        upscale=args.upscale,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        start_point=args.start_point,
-        tile_size=args.tile_size,
-        tile_stride=args.tile_stride,
-        tile_batch_size=1 if args.low_vram else args.tile_batch_size,
-        color_fix=None if args.color_fix == "none" else args.color_fix,
-        max_output_pixels=args.max_pixels,
-        generator=torch.Generator("cpu").manual_seed(args.seed),
-        output_type="np",  # float: a 16-bit input keeps its 16 bits
-        **call_options,
-    ).images[0]
-    parameters = {
-        "input": path.name,
-        "prompt": prompt,
-        "negative_prompt": args.negative_prompt,
-        "upscale": args.upscale,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "seed": args.seed,
-        "start_point": args.start_point,
-        "tile_size": args.tile_size,
-        "tile_stride": args.tile_stride,
-        "color_fix": args.color_fix,
-        "model": args.model or "official release",
-        "faithdiff_pipeline": __version__,
-    }
-    metadata = {"parameters": json.dumps(parameters), "caption": prompt}
+    prompt = prompt_for(path, settings, captions)
+    # Float output: a 16-bit input keeps its 16 bits.
+    arguments = {**settings.call_arguments(prompt), "output_type": "np", **call_options}
+    result = pipe(image.pipeline_input(), **arguments).images[0]
+    metadata = {"parameters": json.dumps(settings.parameters(path.name, prompt)), "caption": prompt}
     if job.compare:
         restored_8bit = PIL.Image.fromarray((result * 255.0).round().clip(0, 255).astype("uint8"))
         save_result(side_by_side(image.to_pil(), restored_8bit), job.compare, text=metadata)
-    save_result(result, job.result, source=image, options=output_options(args), text=metadata)
+    save_result(result, job.result, source=image, options=settings.output, text=metadata)
     return result
 
 
-def load_restoration_pipeline(args: argparse.Namespace, device: torch.device) -> Any:
-    """The pipeline as the options set it up, on ``device``: one call for every engine, so that they never differ."""
+def load_restoration_pipeline(settings: RestorationSettings, device: torch.device) -> Any:
+    """The pipeline as ``settings`` set it up, on ``device``: one call for every engine, so that they never
+    differ."""
     from . import loading
 
     return loading.load_pipeline(
-        args.model,
+        settings.model,
         device,
-        loading.resolve_dtype(args.dtype, device),
-        offload=args.offload,
-        compile=args.compile,
-        fp8=args.fp8,
-        low_vram=args.low_vram,
-        vae_tiling=args.vae_tiling,
+        loading.resolve_dtype(settings.dtype, device),
+        offload=settings.offload,
+        compile=settings.compile,
+        fp8=settings.fp8,
+        low_vram=settings.low_vram,
+        vae_tiling=settings.vae_tiling,
     )
 
 
-def run(jobs: list[Job], args: argparse.Namespace, pipe: Any, captions: dict, progress: bool = True) -> Summary:
+def run(jobs: list[Job], settings: RestorationSettings, pipe: Any, captions: dict, progress: bool = True) -> Summary:
+    """Restores every job with :func:`restore_one`; an image that fails is listed in the summary and the run goes
+    on."""
     from tqdm.auto import tqdm
 
     summary = Summary()
     start = time.perf_counter()
     for job in tqdm(jobs, desc="images", unit="image", disable=not progress):
         try:
-            restore_one(job, args, pipe, captions)
+            restore_one(job, settings, pipe, captions)
         except (ValueError, TypeError, OSError, RuntimeError) as error:
             summary.failed.append(
                 (job.source.name, str(error).splitlines()[0] if str(error) else type(error).__name__)
@@ -554,17 +547,20 @@ def _process_share(jobs: list[Job], device: str) -> tuple[list[Job], torch.devic
         return list(share), state.device
 
 
-def _error(message: str) -> int:
-    print(f"faithdiff-upscale: error: {message}", file=sys.stderr)
+def error_line(message: str, prog: str) -> int:
+    """Prints a command's one-line error, headed ``prog``; returns the exit status of a usage error."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
 
 
-def _captions_only(paths: list[Path], args: argparse.Namespace, device: torch.device, plan: Any) -> int:
+def _captions_only(
+    paths: list[Path], settings: RestorationSettings, device: torch.device, plan: Any, prog: str
+) -> int:
     from .captioning import read_caption
 
     captioned_before = [path.name for path in paths if read_caption(path) is not None]
     summary, start = Summary(skipped=captioned_before), time.perf_counter()
-    caption_first(paths, args, device, plan, summary)
+    caption_first(paths, settings, device, plan, summary, prog)
     failed = {name for name, _ in summary.failed}
     summary.done = [p.name for p in paths if p.name not in failed and p.name not in captioned_before]
     summary.seconds = time.perf_counter() - start
@@ -572,68 +568,78 @@ def _captions_only(paths: list[Path], args: argparse.Namespace, device: torch.de
     return 1 if summary.failed else 0
 
 
-def restore(args: argparse.Namespace) -> int:
-    """The whole command once the arguments are parsed: every check first, then the model, then the images."""
+def _plan(args: argparse.Namespace) -> tuple[RestorationSettings, list[Job], list[Job]]:
+    """``(settings, jobs to do, jobs skipped)`` of the local engine; mistakes raise UsageError."""
+    settings = parse_settings(args)
+    paths = collect_inputs(args.inputs)
+    _check_sixteen_bit(paths)
+    if args.captions_only:
+        return settings, [Job(path, path) for path in paths], []
+    from .atomic_files import remove_leftovers
+
+    remove_leftovers(args.output_dir)
+    jobs = plan_jobs(paths, args.output_dir, settings.output.suffix, args.compare)
+    return settings, *sort_jobs(jobs, args.overwrite)
+
+
+def restore(args: argparse.Namespace, prog: str = PROG) -> int:
+    """The whole command once the arguments are parsed: every check first, then the model, then the images; its
+    messages are headed ``prog``."""
     try:
         from . import ray_engine
 
         ray_engine.check_engine_options(args)
         if args.engine == "ray":
             # Its inputs and outputs may be URIs: it makes these same checks and plans itself, with these functions.
-            return ray_engine.restore(args)
-        check_arguments(args)
-        paths = collect_inputs(args.inputs)
-        _check_sixteen_bit(paths)
-        if args.captions_only:
-            jobs, skipped = [Job(path, path) for path in paths], []
-        else:
-            from .atomic_files import remove_leftovers
-
-            remove_leftovers(args.output_dir)
-            jobs, skipped = sort_jobs(plan_jobs(paths, args), args.overwrite)
+            return ray_engine.restore(args, prog)
+        settings, jobs, skipped = _plan(args)
     except UsageError as error:
-        return _error(str(error))
+        return error_line(str(error), prog)
     from . import loading
 
-    share, process_device = _process_share(jobs, args.device)
+    share, process_device = _process_share(jobs, settings.device)
     try:
-        device = process_device or loading.resolve_device(args.device)
+        device = process_device or loading.resolve_device(settings.device)
     except ValueError as error:
-        return _error(str(error).replace("`device`", "--device"))
-    plan = loading.plan_captioner(args.captioner, device, args.captioner_quantization)
+        return error_line(str(error).replace("`device`", "--device"), prog)
+    plan = loading.plan_captioner(settings.captioner, device, settings.captioner_quantization)
     if args.captions_only and plan.model is None:
-        return _error(f"--captions-only has no captioner: {plan.note}")
+        return error_line(f"--captions-only has no captioner: {plan.note}", prog)
     if plan.note:
-        print(f"faithdiff-upscale: {plan.note}", file=sys.stderr)
+        print(f"{prog}: {plan.note}", file=sys.stderr)
     if args.captions_only:
-        return _captions_only([job.source for job in share], args, device, plan)
+        return _captions_only([job.source for job in share], settings, device, plan, prog)
     summary = Summary(skipped=[job.source.name for job in skipped])
-    captions = caption_first([job.source for job in share], args, device, plan, summary)
+    captions = caption_first([job.source for job in share], settings, device, plan, summary, prog)
     failed = {name for name, _ in summary.failed}
     share = [job for job in share if job.source.name not in failed]
     if share:
         try:
-            pipe = load_restoration_pipeline(args, device)
+            pipe = load_restoration_pipeline(settings, device)
         except (ValueError, OSError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            return _error(f"could not load the pipeline: {reason}")
+            return error_line(f"could not load the pipeline: {reason}", prog)
         pipe.set_progress_bar_config(leave=False, desc="steps")
         try:
             args.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            return _error(f"output directory {str(args.output_dir)!r} cannot be created: {error.strerror or error}")
-        worked = run(share, args, pipe, captions)
+            reason = error.strerror or error
+            return error_line(f"output directory {str(args.output_dir)!r} cannot be created: {reason}", prog)
+        worked = run(share, settings, pipe, captions)
         summary.done, summary.failed, summary.seconds = worked.done, summary.failed + worked.failed, worked.seconds
     print(summary.report())
     return 1 if summary.failed else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Runs ``faithdiff-upscale`` with the arguments ``argv`` (default: the command line's), its usage and messages
+    headed ``prog``. Returns 0 when every image was restored or skipped, 1 when some failed, 2 on a usage error and
+    130 when interrupted."""
+    args = build_parser(prog).parse_args(argv)
     try:
-        return restore(args)
+        return restore(args, prog)
     except KeyboardInterrupt:
-        print("faithdiff-upscale: interrupted; finished images are kept, rerun to continue", file=sys.stderr)
+        print(f"{prog}: interrupted; finished images are kept, rerun to continue", file=sys.stderr)
         return 130
 
 

@@ -45,6 +45,7 @@ _CHECKPOINT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt")
 # at every length and flipping bytes in them, in both the zip and the pre-1.6 pickle format).
 _CORRUPT_CHECKPOINT_ERRORS = (RuntimeError, OSError, EOFError, ValueError, IndexError, KeyError, struct.error)
 
+PROG = "faithdiff-convert"
 # Leftovers beside an output folder carry these marks, so that a later conversion recognises and removes them.
 _STAGING_MARK = "faithdiff-staging-"
 _RETIRED_MARK = "faithdiff-retired"
@@ -607,9 +608,10 @@ def converted_release(variant: str | None = "fp16", cache_dir: str | os.PathLike
     return folder
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command line of ``faithdiff-convert``, named ``prog`` in its usage and messages."""
     parser = argparse.ArgumentParser(
-        prog="faithdiff-convert",
+        prog=prog,
         description="Convert the official FaithDiff release to a diffusers pipeline folder.",
     )
     parser.add_argument("output_dir", help="folder to write the pipeline to")
@@ -622,18 +624,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``faithdiff-convert``: 0 on success, 2 with one error line, 130 when interrupted."""
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Runs ``faithdiff-convert`` with the arguments ``argv`` (default: the command line's), its usage and messages
+    headed ``prog``: 0 on success, 2 with one error line, 130 when interrupted."""
+    args = build_parser(prog).parse_args(argv)
     try:
         output = convert_official_release(
             args.faithdiff, args.base, args.vae, args.output_dir, args.variant, args.overwrite, args.heads
         )
     except KeyboardInterrupt:
-        print("faithdiff-convert: interrupted; the unfinished conversion was removed", file=sys.stderr)
+        print(f"{prog}: interrupted; the unfinished conversion was removed", file=sys.stderr)
         return 130
     except (ValueError, OSError) as error:
-        print(f"faithdiff-convert: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     print(f"Wrote {output}")
     return 0

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import cli
 from .cli import UsageError
+from .restoration_settings import RestorationSettings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,9 +46,10 @@ class Explained:
         return [self.restored, *self.overlays.values(), *self.maps.values()]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command line of ``faithdiff-explain``, named ``prog`` in its usage and messages."""
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog,
         description="Restore photos with FaithDiff and map, DAAM-style, where the UNet's cross-attention looks at "
         "chosen words of each prompt: per word NAME_WORD.png (a heat-map overlay on the restored image) and "
         "NAME_WORD_map.png (the map, 16-bit greyscale, normalised to [0, 1]), beside the restored NAME.png.",
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="record only the layers whose maps are the latent tile downsampled by these factors, e.g. 2,4 (SDXL at "
         "a 1024 px tile: 64x64 and 32x32 maps; default: all)",
     )
-    # What faithdiff-upscale's checks and result writing read, fixed here: PNG results, no comparison.
+    # What faithdiff-upscale's checks and settings read, fixed here: PNG results, no comparison.
     parser.set_defaults(
         captions_only=False,
         format="png",
@@ -190,8 +192,14 @@ def write_maps(plan: Explained, restored: np.ndarray, recorder: AttentionMapReco
 
 
 def explain_all(
-    plans: list[Explained], args: argparse.Namespace, pipe: Any, recorder: AttentionMapRecorder, captions: dict
+    plans: list[Explained],
+    settings: RestorationSettings,
+    pipe: Any,
+    recorder: AttentionMapRecorder,
+    captions: dict,
 ) -> cli.Summary:
+    """Restores every planned input with ``recorder`` attached and writes its maps; an image that fails is listed
+    in the summary and the run goes on."""
     from tqdm.auto import tqdm
 
     summary = cli.Summary()
@@ -199,7 +207,7 @@ def explain_all(
     for plan in tqdm(plans, desc="images", unit="image"):
         try:
             job = cli.Job(plan.source, plan.restored)
-            write_maps(plan, cli.restore_one(job, args, pipe, captions, attention_maps=recorder), recorder)
+            write_maps(plan, cli.restore_one(job, settings, pipe, captions, attention_maps=recorder), recorder)
         except (ValueError, TypeError, OSError, RuntimeError) as error:
             summary.failed.append(
                 (plan.source.name, str(error).splitlines()[0] if str(error) else type(error).__name__)
@@ -210,11 +218,6 @@ def explain_all(
     return summary
 
 
-def _error(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _report(summary: cli.Summary, folder: Path) -> str:
     lines = [f"{len(summary.done)} explained, {len(summary.failed)} failed; maps in {folder}"]
     lines += [f"  failed: {name}: {reason}" for name, reason in summary.failed]
@@ -222,7 +225,11 @@ def _report(summary: cli.Summary, folder: Path) -> str:
 
 
 def _with_words_in_prompt(
-    plans: list[Explained], args: argparse.Namespace, captions: dict, words: Sequence[str], summary: cli.Summary
+    plans: list[Explained],
+    settings: RestorationSettings,
+    captions: dict,
+    words: Sequence[str],
+    summary: cli.Summary,
 ) -> list[Explained]:
     """The plans whose prompt holds every word; the others fail here, before the model loads."""
     from .attention_maps import absent_words
@@ -232,7 +239,7 @@ def _with_words_in_prompt(
         if plan.source.name in failed:
             continue
         try:
-            prompt = cli.prompt_for(plan.source, args, captions)
+            prompt = cli.prompt_for(plan.source, settings, captions)
         except ValueError as error:
             summary.failed.append((plan.source.name, str(error)))
             continue
@@ -245,59 +252,64 @@ def _with_words_in_prompt(
     return kept
 
 
-def explain(args: argparse.Namespace) -> int:
-    """The whole command once the arguments are parsed: every check first, then the model, then the images."""
+def explain(args: argparse.Namespace, prog: str = PROG) -> int:
+    """The whole command once the arguments are parsed: every check first, then the model, then the images; its
+    messages are headed ``prog``."""
     try:
-        cli.check_arguments(args)
+        settings = cli.parse_settings(args)
         recorder = make_recorder(args)
         paths = cli.collect_inputs(args.inputs)
         cli._check_sixteen_bit(paths)
         plans = plan_outputs(paths, recorder.words, args.output_dir)
     except UsageError as error:
-        return _error(str(error))
+        return cli.error_line(str(error), prog)
     from . import loading
     from .atomic_files import remove_leftovers
 
     try:
-        device = loading.resolve_device(args.device)
+        device = loading.resolve_device(settings.device)
     except ValueError as error:
-        return _error(str(error).replace("`device`", "--device"))
-    plan = loading.plan_captioner(args.captioner, device, args.captioner_quantization)
+        return cli.error_line(str(error).replace("`device`", "--device"), prog)
+    plan = loading.plan_captioner(settings.captioner, device, settings.captioner_quantization)
     if plan.note:
-        print(f"{PROG}: {plan.note}", file=sys.stderr)
+        print(f"{prog}: {plan.note}", file=sys.stderr)
     summary = cli.Summary()
-    captions = cli.caption_first(paths, args, device, plan, summary)
-    plans = _with_words_in_prompt(plans, args, captions, recorder.words, summary)
+    captions = cli.caption_first(paths, settings, device, plan, summary, prog)
+    plans = _with_words_in_prompt(plans, settings, captions, recorder.words, summary)
     if not plans:
         print(_report(summary, args.output_dir))
         return 1
     try:
-        pipe = cli.load_restoration_pipeline(args, device)
+        pipe = cli.load_restoration_pipeline(settings, device)
     except (ValueError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return _error(f"could not load the pipeline: {reason}")
+        return cli.error_line(f"could not load the pipeline: {reason}", prog)
     try:
         recorder.select_layers(pipe.unet)
     except ValueError as error:
-        return _error(_as_flags(str(error)))
+        return cli.error_line(_as_flags(str(error)), prog)
     pipe.set_progress_bar_config(leave=False, desc="steps")
     try:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        return _error(f"output directory {str(args.output_dir)!r} cannot be created: {error.strerror or error}")
+        reason = error.strerror or error
+        return cli.error_line(f"output directory {str(args.output_dir)!r} cannot be created: {reason}", prog)
     remove_leftovers(args.output_dir)
-    worked = explain_all(plans, args, pipe, recorder, captions)
+    worked = explain_all(plans, settings, pipe, recorder, captions)
     summary.done, summary.failed = worked.done, summary.failed + worked.failed
     print(_report(summary, args.output_dir))
     return 1 if summary.failed else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Runs ``faithdiff-explain`` with the arguments ``argv`` (default: the command line's), its usage and messages
+    headed ``prog``. Returns 0 when every image was explained, 1 when some failed, 2 on a usage error and 130 when
+    interrupted."""
+    args = build_parser(prog).parse_args(argv)
     try:
-        return explain(args)
+        return explain(args, prog)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the maps of finished images are kept", file=sys.stderr)
+        print(f"{prog}: interrupted; the maps of finished images are kept", file=sys.stderr)
         return 130
 
 

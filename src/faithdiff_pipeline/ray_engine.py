@@ -24,20 +24,20 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from . import cli
 from .atomic_files import remove_leftovers, temporary_name
-from .image_io import OUTPUT_FORMATS, READABLE_SUFFIXES, result_text
+from .image_io import READABLE_SUFFIXES, result_text
 from .loading import installed
+from .restoration_settings import RestorationSettings
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow.fs
-    import torch
 
 RAY_INSTALL = "pip install 'faithdiff-pipeline[ray]'"
 # Test hook: see `_crash_once`.
@@ -72,6 +72,14 @@ class RaySummary(cli.Summary):
         return "\n".join([first, *failures])
 
 
+@dataclass(frozen=True)
+class _Pool:
+    """The actor pool of a stage: its workers and the GPUs each reserves."""
+
+    workers: int
+    gpus_per_worker: float
+
+
 # ------------------------------------------------------------------------------------------------------ front-ends
 
 
@@ -83,13 +91,13 @@ def check_engine_options(args: argparse.Namespace) -> None:
         raise cli.UsageError(f"{', '.join(given)} {verb} --engine ray (the engine is {args.engine})")
 
 
-def restore(args: argparse.Namespace) -> int:
-    """``faithdiff-upscale --engine ray``: runs the job, prints the summary and returns the exit status. Mistakes
-    raise :class:`~faithdiff_pipeline.cli.UsageError`, before any model loads."""
+def restore(args: argparse.Namespace, prog: str = cli.PROG) -> int:
+    """``faithdiff-upscale --engine ray``: runs the job, prints the summary and returns the exit status; messages are
+    headed ``prog``. Mistakes raise :class:`~faithdiff_pipeline.cli.UsageError`, before any model loads."""
     try:
-        summary = run_job(args)
+        summary = run_job(args, prog)
     except JobFailed as error:
-        return cli._error(str(error))
+        return cli.error_line(str(error), prog)
     print(summary.report())
     return 1 if summary.failed else 0
 
@@ -135,19 +143,20 @@ def upscale_on_ray(
     return run_job(args)
 
 
-def run_job(args: argparse.Namespace) -> RaySummary:
-    """Checks, plans and runs a parsed ``faithdiff-upscale --engine ray`` command."""
+def run_job(args: argparse.Namespace, prog: str = cli.PROG) -> RaySummary:
+    """Checks, plans and runs a parsed ``faithdiff-upscale --engine ray`` command; its notes on stderr are headed
+    ``prog``."""
     if not installed("ray"):
         raise cli.UsageError(f"--engine ray needs Ray Data, which is not installed: {RAY_INSTALL}")
     args = argparse.Namespace(**vars(args))
     output = _output_location(args.output_dir)
     if not _is_uri(output):
         args.output_dir = Path(output)
-    _check_arguments(args, output)
+    settings = _check_arguments(args, output)
     if not _is_uri(output):
         # Workers do not share the driver's working directory.
         output = str(Path(output).resolve())
-    records, skipped = _plan(args, output)
+    records, skipped = _plan(args, settings.output.suffix, output)
     summary = RaySummary(skipped=skipped)
     if not records:
         return summary
@@ -155,12 +164,14 @@ def run_job(args: argparse.Namespace) -> RaySummary:
 
     started = _connect(args.ray_address)
     try:
-        args.workers = args.workers or 1
-        args.gpus_per_worker = _gpus_per_worker(args.gpus_per_worker)
-        _check_device(args)
+        pool = _Pool(args.workers or 1, _gpus_per_worker(args.gpus_per_worker))
+        _check_device(settings.device, pool.gpus_per_worker)
+        # A worker without GPUs of its own may still see the machine's: `auto` must not take them.
+        if settings.device == "auto" and pool.gpus_per_worker == 0:
+            settings = replace(settings, device="cpu")
         attempts = ray.remote(num_cpus=0)(_Attempts).remote()
-        records = _caption_stage(records, args, attempts, summary)
-        _restore_stage(records, args, output, attempts, summary)
+        records = _caption_stage(records, settings, pool, attempts, summary, prog)
+        _restore_stage(records, settings, pool, output, args.overwrite, attempts, summary)
         summary.worker_deaths = ray.get(attempts.deaths.remote())
         ray.kill(attempts)
     finally:
@@ -172,12 +183,12 @@ def run_job(args: argparse.Namespace) -> RaySummary:
 # --------------------------------------------------------------------------------------------------------- checks
 
 
-def _check_arguments(args: argparse.Namespace, output: str) -> None:
-    """The local engine's checks, and those of the Ray options."""
+def _check_arguments(args: argparse.Namespace, output: str) -> RestorationSettings:
+    """The local engine's checks, and those of the Ray options; the restoration settings."""
     checked = argparse.Namespace(**vars(args))
     # An object store needs no local folder: the local check of the output folder is the one that does not apply.
     checked.output_dir = Path(tempfile.gettempdir()) if _is_uri(output) else Path(output)
-    cli.check_arguments(checked)
+    settings = cli.parse_settings(checked)
     if args.captions_only:
         raise cli.UsageError("--captions-only runs on the local engine; drop --engine ray")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -190,23 +201,16 @@ def _check_arguments(args: argparse.Namespace, output: str) -> None:
     if re.fullmatch(r"cuda:\d+", args.device):
         # Ray gives each worker its own GPUs, which the worker sees as cuda:0, cuda:1, ...
         raise cli.UsageError(f"--device {args.device} names one GPU; with --engine ray use --device cuda or auto")
+    return settings
 
 
-def _check_device(args: argparse.Namespace) -> None:
+def _check_device(device: str, gpus: float) -> None:
     """A GPU device without GPUs reserved for it would share GPUs behind Ray's back; GPUs reserved for the CPU would
     sit idle."""
-    device, gpus = args.device, args.gpus_per_worker
     if device == "cuda" and gpus == 0:
         raise cli.UsageError("--device cuda with --engine ray needs --gpus-per-worker above 0")
     if device in ("cpu", "mps") and gpus > 0:
         raise cli.UsageError(f"--gpus-per-worker {gpus:g} reserves GPUs that --device {device} leaves idle")
-
-
-def _worker_device(args: argparse.Namespace) -> torch.device:
-    from . import loading
-
-    # A worker without GPUs of its own may still see the machine's: `auto` must not take them.
-    return loading.resolve_device("cpu" if args.device == "auto" and args.gpus_per_worker == 0 else args.device)
 
 
 # ----------------------------------------------------------------------------------------------------- locations
@@ -331,17 +335,18 @@ def _make_folder(location: str) -> None:
 # -------------------------------------------------------------------------------------------------------- planning
 
 
-def _plan(args: argparse.Namespace, output: str) -> tuple[list[dict], list[str]]:
+def _plan(args: argparse.Namespace, suffix: str, output: str) -> tuple[list[dict], list[str]]:
     """``(records to do, names skipped)``: one record per image, in input order, with the local engine's result
-    names. Clashes, results that would replace inputs and foreign files in a result's place are refused first."""
+    names (ending in ``suffix``). Clashes, results that would replace inputs and foreign files in a result's place
+    are refused first."""
     sources = list(dict.fromkeys(location for pattern in args.inputs for location in _collect(pattern)))
     local = [Path(source) for source in sources if not _is_uri(source)]
     cli._check_sixteen_bit(local)
     if not _is_uri(output):
         remove_leftovers(output)
     if _is_uri(output) or len(local) < len(sources):
-        return _plan_anywhere(sources, args, output)
-    todo, skipped = cli.sort_jobs(cli.plan_jobs(local, args), args.overwrite)
+        return _plan_anywhere(sources, args, suffix, output)
+    todo, skipped = cli.sort_jobs(cli.plan_jobs(local, Path(output), suffix, args.compare), args.overwrite)
     records = [
         _record(index, str(job.source), str(job.result), str(job.compare or "")) for index, job in enumerate(todo)
     ]
@@ -388,9 +393,10 @@ def _is_image(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in READABLE_SUFFIXES and not name.startswith(".")
 
 
-def _plan_anywhere(sources: list[str], args: argparse.Namespace, output: str) -> tuple[list[dict], list[str]]:
+def _plan_anywhere(
+    sources: list[str], args: argparse.Namespace, suffix: str, output: str
+) -> tuple[list[dict], list[str]]:
     """:func:`cli.plan_jobs` and :func:`cli.sort_jobs` for jobs that read or write URIs, with the same refusals."""
-    suffix = OUTPUT_FORMATS[args.format]
     records = []
     for index, source in enumerate(sources):
         stem = PurePosixPath(_name(source)).stem
@@ -447,8 +453,8 @@ def _gpus_per_worker(requested: float | None) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _run_stage(records: list[dict], worker: type, settings: dict, args: argparse.Namespace, batch: int) -> list[dict]:
-    """``worker`` over ``records`` on an actor pool of ``args.workers``, ``batch`` records per task; the rows they
+def _run_stage(records: list[dict], worker: type, worker_options: dict, pool: _Pool, batch: int) -> list[dict]:
+    """``worker``, made with ``worker_options``, over ``records`` on ``pool``, ``batch`` records per task; the rows they
     return. Ray Data restarts a worker that dies and retries its task (its default for actor pools); a task that
     fails for good drops its block, not the job: its records return no row."""
     import ray.data
@@ -462,9 +468,9 @@ def _run_stage(records: list[dict], worker: type, settings: dict, args: argparse
             worker,
             batch_size=batch,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(args.workers, math.ceil(len(records) / batch))),
-            num_gpus=args.gpus_per_worker or None,
-            fn_constructor_kwargs={"args": args, **settings},
+            compute=ray.data.ActorPoolStrategy(size=min(pool.workers, math.ceil(len(records) / batch))),
+            num_gpus=pool.gpus_per_worker or None,
+            fn_constructor_kwargs=worker_options,
         )
         return mapped.take_all()
     except ray.exceptions.RayError as error:
@@ -515,21 +521,30 @@ def _give_up(attempts: Any, key: str) -> bool:
 # ------------------------------------------------------------------------------------------------------- captions
 
 
-def _caption_stage(records: list[dict], args: argparse.Namespace, attempts: Any, summary: RaySummary) -> list[dict]:
+def _caption_stage(
+    records: list[dict],
+    settings: RestorationSettings,
+    pool: _Pool,
+    attempts: Any,
+    summary: RaySummary,
+    prog: str,
+) -> list[dict]:
     """The local engine's captions-first step on the pool: the images without a sidecar are captioned, their sidecars
-    written, and the captioner leaves the workers before restoration starts. Returns the records left to restore."""
-    if args.prompt is not None or args.caption != "auto" or args.captioner == "none":
+    written, and the captioner leaves the workers before restoration starts. Returns the records left to restore;
+    the captioner's notes go to stderr, headed ``prog``."""
+    if settings.prompt is not None or settings.caption != "auto" or settings.captioner == "none":
         return records
     needing = [record for record in records if not _is_file(_sidecar(record["source"]))]
-    note = _driver_side_note(args)
+    note = _driver_side_note(settings, pool)
     if not needing or note is not None:
         if needing and note:
-            print(f"faithdiff-upscale: {note}", file=sys.stderr)
+            print(f"{prog}: {note}", file=sys.stderr)
         return records
-    batch = math.ceil(len(needing) / args.workers)
-    rows = _rows_by_index(_run_stage(needing, _CaptionWorker, {"attempts": attempts}, args, batch))
+    batch = math.ceil(len(needing) / pool.workers)
+    options = {"settings": settings, "attempts": attempts}
+    rows = _rows_by_index(_run_stage(needing, _CaptionWorker, options, pool, batch))
     for note in dict.fromkeys(str(row["note"]) for row in rows.values() if row["note"]):
-        print(f"faithdiff-upscale: {note}", file=sys.stderr)
+        print(f"{prog}: {note}", file=sys.stderr)
     failed = set()
     for record in needing:
         row = rows.get(record["index"])
@@ -541,17 +556,17 @@ def _caption_stage(records: list[dict], args: argparse.Namespace, attempts: Any,
     return [record for record in records if record["index"] not in failed]
 
 
-def _driver_side_note(args: argparse.Namespace) -> str | None:
+def _driver_side_note(settings: RestorationSettings, pool: _Pool) -> str | None:
     """The captioner plan's note when the workers will have no CUDA GPU and so no captioner: known here, without
     starting a stage. ``None`` when the workers may caption (CUDA plans depend on each worker's free memory)."""
     import torch
 
     from . import loading
 
-    if args.gpus_per_worker > 0:
+    if pool.gpus_per_worker > 0:
         return None
-    device = torch.device("cpu" if args.device == "auto" else args.device)
-    plan = loading.plan_captioner(args.captioner, device, args.captioner_quantization)
+    device = torch.device(settings.device)
+    plan = loading.plan_captioner(settings.captioner, device, settings.captioner_quantization)
     return None if plan.model is not None else (plan.note or "")
 
 
@@ -559,12 +574,12 @@ class _CaptionWorker:
     """Stage one: captions a batch of images with :func:`cli.caption_first` (the captioner is loaded once per batch,
     and a worker gets about one batch), writing their sidecars beside the inputs."""
 
-    def __init__(self, args: argparse.Namespace, attempts: Any) -> None:
+    def __init__(self, settings: RestorationSettings, attempts: Any) -> None:
         from . import loading
 
-        self.args, self.attempts = args, attempts
-        self.device = _worker_device(args)
-        self.plan = loading.plan_captioner(args.captioner, self.device, args.captioner_quantization)
+        self.settings, self.attempts = settings, attempts
+        self.device = loading.resolve_device(settings.device)
+        self.plan = loading.plan_captioner(settings.captioner, self.device, settings.captioner_quantization)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         records = _records(batch)
@@ -579,7 +594,7 @@ class _CaptionWorker:
                 except OSError as error:
                     failed[record["name"]] = f"captioning failed: could not copy: {str(error).splitlines()[0]}"
             summary = cli.Summary()
-            kept = cli.caption_first(list(staged.values()), self.args, self.device, self.plan, summary)
+            kept = cli.caption_first(list(staged.values()), self.settings, self.device, self.plan, summary)
             failed.update(summary.failed)
             rows = [self._row(record, staged.get(record["index"]), kept, failed) for record in records]
         return _columns(rows)
@@ -608,13 +623,26 @@ def _caption_row(record: dict) -> dict:
 
 
 def _restore_stage(
-    records: list[dict], args: argparse.Namespace, output: str, attempts: Any, summary: RaySummary
+    records: list[dict],
+    settings: RestorationSettings,
+    pool: _Pool,
+    output: str,
+    overwrite: bool,
+    attempts: Any,
+    summary: RaySummary,
 ) -> None:
+    """Stage two on the pool: restores ``records`` into ``output`` and lists each in ``summary``."""
     if not records:
         return
-    settings = {"output": output, "attempts": attempts, "crash_marker": os.environ.get(CRASH_ONCE_ENV)}
+    options = {
+        "settings": settings,
+        "output": output,
+        "overwrite": overwrite,
+        "attempts": attempts,
+        "crash_marker": os.environ.get(CRASH_ONCE_ENV),
+    }
     start = time.perf_counter()
-    rows = _run_stage(records, _RestoreWorker, settings, args, batch=1)
+    rows = _run_stage(records, _RestoreWorker, options, pool, batch=1)
     summary.seconds = time.perf_counter() - start
     by_index = _rows_by_index(rows)
     for record in records:
@@ -629,11 +657,20 @@ class _RestoreWorker:
     """Stage two: loads the pipeline once, then restores one image per call with :func:`cli.run`, the local
     engine's loop, and returns its status row."""
 
-    def __init__(self, args: argparse.Namespace, output: str, attempts: Any, crash_marker: str | None = None) -> None:
-        self.args, self.attempts, self.crash_marker = args, attempts, crash_marker
+    def __init__(
+        self,
+        settings: RestorationSettings,
+        output: str,
+        overwrite: bool,
+        attempts: Any,
+        crash_marker: str | None = None,
+    ) -> None:
+        from . import loading
+
+        self.settings, self.overwrite, self.attempts, self.crash_marker = settings, overwrite, attempts, crash_marker
         self.load_error = ""
         try:
-            self.pipe = cli.load_restoration_pipeline(args, _worker_device(args))
+            self.pipe = cli.load_restoration_pipeline(settings, loading.resolve_device(settings.device))
         except (ValueError, OSError) as error:
             # Reported per image, as the local engine reports it, instead of failing the pool's start over and over.
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -653,11 +690,11 @@ class _RestoreWorker:
             return {**row, "status": "failed", "reason": _lost("restoring")}
         _crash_once(self.crash_marker)
         try:
-            if not self.args.overwrite and _is_our_result(record["result"]):
+            if not self.overwrite and _is_our_result(record["result"]):
                 return row  # written by a worker that died before it could report it
             with tempfile.TemporaryDirectory() as folder, _local_job(record, Path(folder)) as (job, publish):
                 captions = {job.source: record["caption"]} if record["caption"] else {}
-                outcome = cli.run([job], self.args, self.pipe, captions, progress=False)
+                outcome = cli.run([job], self.settings, self.pipe, captions, progress=False)
                 if outcome.failed:
                     return {**row, "status": "failed", "reason": outcome.failed[0][1]}
                 publish()

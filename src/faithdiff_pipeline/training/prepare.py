@@ -388,9 +388,10 @@ def _write_manifest(path: Path, records: list[ManifestRecord]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command line of ``faithdiff-prepare-data``, named ``prog`` in its usage and messages."""
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog,
         description="Make a FaithDiff training set: random aligned HQ/LQ crops of HQ photos, degraded with the "
         "Real-ESRGAN-style model, with captions and a manifest. Re-running completes an interrupted run.",
     )
@@ -439,10 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``faithdiff-prepare-data``. Returns 0 when done (unreadable images are reported, not fatal), 2 on a usage
-    error."""
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Runs ``faithdiff-prepare-data`` with the arguments ``argv`` (default: the command line's), its usage and
+    messages headed ``prog``. Returns 0 when done (unreadable images are reported, not fatal), 2 on a usage error."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not args.inputs and not args.faces:
         parser.error("give at least one FOLDER of HQ photos or --faces FOLDER")
@@ -468,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             faces=args.faces,
         )
     except (ValueError, OSError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     print(summary.describe(args.hq_size))
     print(f"Manifest: {Path(args.output) / MANIFEST_NAME}")
