@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import fast_call, tiny_components
+from tiny_models import fast_call, tiny_components
 from faithdiff_pipeline import FaithDiffAlignmentModel, FaithDiffLQEncoder, FaithDiffSDXLPipeline
 from faithdiff_pipeline.alignment import ALIGNMENT_TYPES
 from faithdiff_pipeline.lq_features import FEATURE_SOURCES, encoder_mid_block_features, vae_feature_source

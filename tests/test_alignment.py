@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_components
+from tiny_models import tiny_components
 from faithdiff_pipeline import FaithDiffAlignmentModel, aligned_conv_in
 
 

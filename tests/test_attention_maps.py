@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import fast_call, tiny_captioner, tiny_components, tiny_tokenizer
+from tiny_models import fast_call, tiny_captioner, tiny_components, tiny_tokenizer
 
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 from faithdiff_pipeline.attention_maps import (

@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import fast_call
+from tiny_models import fast_call
 
 
 def _call(pipe, image, **overrides):

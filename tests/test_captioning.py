@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import fast_call, tiny_captioner, tiny_components
+from tiny_models import fast_call, tiny_captioner, tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 from faithdiff_pipeline.captioning import (
     CAPTION_REQUEST,

@@ -7,7 +7,9 @@ import json
 import PIL.Image
 import pytest
 
-from conftest import shared_path, tiny_captioner, tiny_components
+from shared_data import shared_path
+
+from tiny_models import tiny_captioner, tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 from faithdiff_pipeline.cli import main
 

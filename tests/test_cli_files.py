@@ -13,7 +13,7 @@ import PIL.ImageOps
 import pytest
 from PIL import ImageCms
 
-from conftest import shared_path
+from shared_data import shared_path
 from faithdiff_pipeline.cli import main
 from faithdiff_pipeline.image_io import read_image, result_text
 

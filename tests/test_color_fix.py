@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import shared_path
+from shared_data import shared_path
 from faithdiff_pipeline import adain_color_fix, apply_color_fix, wavelet_color_fix
 from faithdiff_pipeline.color_fix import wavelet_split
 

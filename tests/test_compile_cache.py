@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = r"""
 import json, sys, torch
 from torch._dynamo.utils import counters
@@ -35,6 +37,7 @@ def _compile_in_a_new_process(folder, cases) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_second_process_compiles_from_the_cache_and_other_shapes_or_dtypes_do_not_hit(tmp_path) -> None:
     import torch
 

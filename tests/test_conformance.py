@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import locate_shared, shared_path
+from shared_data import locate_shared, shared_path
 from faithdiff_pipeline import FaithDiffSDXLPipeline, convert_official_release
 from faithdiff_pipeline.preprocessing import prepare_lq_images
 

@@ -23,7 +23,9 @@ from diffusers import AutoencoderKL
 from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
-from conftest import shared_path, tiny_components
+from shared_data import shared_path
+
+from tiny_models import tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline, convert_official_release, converted_release
 from faithdiff_pipeline import conversion, hub
 from faithdiff_pipeline.conversion import load_official_checkpoint

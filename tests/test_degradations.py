@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_path
+from shared_data import shared_path
 
 from faithdiff_pipeline.degradations import (
     KERNEL_TYPES,

@@ -18,7 +18,9 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import shared_path, tiny_captioner, tiny_components
+from shared_data import shared_path
+
+from tiny_models import tiny_captioner, tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline, loading
 from faithdiff_pipeline.captioning import Captioner
 
@@ -481,6 +483,7 @@ def served_demo(demo, captioning_models) -> Iterator[str]:
         app.close()
 
 
+@pytest.mark.browser
 def test_the_app_in_chromium(chromium, served_demo, captioning_models, monkeypatch, tmp_path) -> None:
     """Upload, Caption, Restore and Download as a user would; the screenshot is left in tmp_path."""
     from playwright.sync_api import expect, sync_playwright

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fast_call, tiny_components
+from tiny_models import fast_call, tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline, hub
 
 CUSTOM_CODE = {

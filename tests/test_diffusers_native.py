@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import AsymmetricAutoencoderKL, AutoencoderTiny, ConsistencyDecoderVAE
 
-from conftest import tiny_components
+from tiny_models import tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 
 FAST = dict(prompt="a photo", num_inference_steps=2, tile_size=64, output_type="pt")

@@ -17,7 +17,9 @@ import torch
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from conftest import shared_path, tiny_components
+from shared_data import shared_path
+
+from tiny_models import tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 from faithdiff_pipeline.degradations import get_preset
 from faithdiff_pipeline.evaluation import MetricUnavailableError, load_metric, make_synthetic_set, psnr, read_csv, ssim

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_components
+from tiny_models import tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 from faithdiff_pipeline.pipeline_faithdiff_sdxl import FP8_KEEP_PATTERNS, fp8_linear
 

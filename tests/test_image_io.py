@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 from PIL import ImageCms, ImageOps
 
-from conftest import shared_path
+from shared_data import shared_path
 from faithdiff_pipeline import image_io
 from faithdiff_pipeline.atomic_files import TEMPORARY_SUFFIX, remove_leftovers
 from faithdiff_pipeline.image_io import OutputOptions, read_image, result_text, save_result

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import tiny_captioner, tiny_components
+from tiny_models import tiny_captioner, tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline, loading
 from faithdiff_pipeline.captioning import Captioner, read_caption
 from faithdiff_pipeline.cli import main

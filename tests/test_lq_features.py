@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import tiny_components
+from tiny_models import tiny_components
 from faithdiff_pipeline import FaithDiffLQEncoder, encoder_mid_block_features
 from faithdiff_pipeline.lq_features import vae_encoder_features
 

@@ -16,7 +16,7 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 import pytest
-from conftest import tiny_components
+from tiny_models import tiny_components
 
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 from faithdiff_pipeline.evaluation import (

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from conftest import fast_call, tiny_components
+from tiny_models import fast_call, tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import fast_call, tiny_components
+from tiny_models import fast_call, tiny_components
 from diffusers import PipelineQuantizationConfig
 from torch import nn
 

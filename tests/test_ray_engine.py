@@ -17,7 +17,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import tiny_captioner
+from tiny_models import tiny_captioner
 from faithdiff_pipeline import loading
 from faithdiff_pipeline.cli import main
 from faithdiff_pipeline.image_io import result_text
@@ -88,6 +88,7 @@ def _results(folder: Path) -> dict[str, Path]:
     return {path.name: path for path in folder.iterdir()}
 
 
+@pytest.mark.slow
 def test_results_equal_the_local_engines_and_a_rerun_skips_them(
     ray_cluster, tiny_model_dir, captioner_dir, tmp_path, capsys
 ) -> None:
@@ -125,6 +126,7 @@ def test_results_equal_the_local_engines_and_a_rerun_skips_them(
     assert {name: path.stat().st_mtime_ns for name, path in _results(tmp_path / "ray" / "out").items()} == written
 
 
+@pytest.mark.slow
 def test_a_dying_worker_and_a_corrupt_image_do_not_stop_the_job(
     ray_cluster, tiny_model_dir, tmp_path, monkeypatch
 ) -> None:

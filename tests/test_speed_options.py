@@ -6,7 +6,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import fast_call
+from tiny_models import fast_call
 
 
 @pytest.fixture
@@ -27,6 +27,7 @@ def test_regional_compile_matches_eager(tiny_pipe, tiled_lq) -> None:
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_whole_unet_compile_does_not_recompile_between_calls(tiny_pipe, tiled_lq, monkeypatch) -> None:
     """torch.compile of the whole UNet (the alignment hook included in the graph): the hook stays registered, so a
     second call with new images and conditions reuses the compiled graph; float32 agreement to 1e-4."""
@@ -57,6 +58,7 @@ def test_channels_last_matches(tiny_pipe, tiled_lq) -> None:
     torch.testing.assert_close(_run(tiny_pipe, tiled_lq), plain, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_layerwise_casting_stays_close(tiny_pipe, tiled_lq) -> None:
     """bfloat16 weight storage with float32 compute (diffusers' enable_layerwise_casting): weights lose 16 mantissa
     bits, so the image moves by a few 1/255 levels; stated tolerance 0.05."""

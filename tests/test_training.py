@@ -14,7 +14,9 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from conftest import shared_path, tiny_components
+from shared_data import shared_path
+
+from tiny_models import tiny_components
 from faithdiff_pipeline import FaithDiffLQEncoder, FaithDiffSDXLPipeline
 from faithdiff_pipeline.captioning import write_caption
 from faithdiff_pipeline.degradations import DegradationConfig
@@ -380,6 +382,7 @@ def test_loss_against_an_independent_computation() -> None:
 
 
 # -------------------------------------------------------------------------------------------------- stages
+@pytest.mark.slow
 def test_stage1_trains_only_the_alignment_module(stage1_run: Path, sdxl_base: Path) -> None:
     pipeline = stage1_run / "checkpoint-2" / "pipeline"
     state = json.loads((stage1_run / "checkpoint-2" / "training_state.json").read_text())
@@ -402,6 +405,7 @@ def test_stage1_trains_only_the_alignment_module(stage1_run: Path, sdxl_base: Pa
     assert restored.shape == (1, 3, HQ, HQ) and torch.isfinite(restored).all()
 
 
+@pytest.mark.slow
 def test_stage2_trains_unet_alignment_and_lq_encoder(stage1_run: Path, photos: Path, tmp_path: Path) -> None:
     """Stage 2 on the fly: HQ photos cropped and degraded in the data loader."""
     stage1 = stage1_run / "checkpoint-2" / "pipeline"
@@ -437,6 +441,7 @@ def test_stage_parameter_groups() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- resumption
+@pytest.mark.slow
 def test_resuming_matches_an_uninterrupted_run(stage1_run: Path, manifest: Path, tmp_path: Path) -> None:
     """4 pairs, batch 1, accumulation 2: 2 steps per epoch. Resuming after step 1 skips the 2 batches already seen,
     crosses into epoch 1, and ends where the uninterrupted run ends (weights, EMA, LR schedule)."""
@@ -600,6 +605,7 @@ def test_spatial_attention_option_reaches_a_new_alignment_module(sdxl_base: Path
         assert torch.count_nonzero(pipe.alignment.proj_out.weight) == 0  # starts as a no-op
 
 
+@pytest.mark.slow
 def test_the_loop_learns_on_one_image(photos: Path, sdxl_base: Path, tmp_path: Path, monkeypatch) -> None:
     """Stage 1 from SDXL, then stage 2 on one image for 100 steps: the loss of the last 25 steps is clearly below the
     first 25 (each step draws a new timestep and noise, so single losses are noisy; means are not)."""
@@ -658,7 +664,7 @@ def test_caption_dropout_rate(manifest: Path) -> None:
 
 
 def test_prepare_data_captions_through_the_loading_modules_choice(tmp_path, capsys) -> None:
-    from conftest import tiny_captioner
+    from tiny_models import tiny_captioner
 
     from faithdiff_pipeline.training.data import MANIFEST_NAME
 

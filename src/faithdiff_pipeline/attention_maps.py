@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from .checks import is_integer
+
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
     from transformers import PreTrainedTokenizerBase
@@ -303,7 +305,7 @@ class AttentionMapRecorder:
     def _check_counts(values: Sequence[int], name: str, minimum: int) -> list[int]:
         if not isinstance(values, Sequence) or not values:
             raise ValueError(f"`{name}` must be a non-empty list of integers, got {values!r}.")
-        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < minimum]
+        bad = [v for v in values if not is_integer(v) or v < minimum]
         if bad:
             raise ValueError(f"`{name}` must hold integers of at least {minimum}, got {bad}.")
         return sorted(set(values))
@@ -429,8 +431,9 @@ class AttentionMapRecorder:
 
     def unet_call(self, step: int, tiles: range) -> None:
         """Says what the next UNet call computes: denoising step ``step`` (from 0) over tiles ``tiles`` of the
-        recording's tiling, all samples and both CFG halves, laid out as the pipeline's ``predict_noise`` lays
-        them out. The pipeline calls it before each UNet call; a call of a step not recorded records nothing."""
+        recording's tiling, all samples and both CFG halves, laid out as a
+        [`~faithdiff_pipeline.pipeline_faithdiff_sdxl.TileBatch`] lays them out. The pipeline calls it before each
+        UNet call; a call of a step not recorded records nothing."""
         if self._recording is None:
             raise ValueError("`unet_call` is only meaningful inside `recording`, which the pipeline opens.")
         steps = self._recording.steps

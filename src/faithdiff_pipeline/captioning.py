@@ -12,7 +12,6 @@ import PIL.Image
 import torch
 
 from .atomic_files import write_text_atomic
-from .seeds import initial_seed
 
 INSTRUCTION = "Describe this image and its style in a very detailed manner."
 # The system sentence of LLaVA's vicuna_v1 conversation, which the release's request starts with.
@@ -25,10 +24,6 @@ CAPTION_REQUEST = f"{SYSTEM_MESSAGE} USER: <image>\n{INSTRUCTION} ASSISTANT:"
 RELEASE_GENERATION = {"do_sample": True, "temperature": 0.2, "top_p": 0.7, "max_new_tokens": 512}
 RELEASE_CAPTIONER = "llava-hf/llava-1.5-13b-hf"
 QUANTIZATIONS = ("8bit", "4bit")
-
-# A caption is seeded by its generator's initial seed, so that one integer seed gives one caption in every front-end
-# (``--seed``, the demo's seed, ``torch.Generator().manual_seed(seed)``).
-caption_seed = initial_seed
 
 
 def clean_caption(text: str) -> str:

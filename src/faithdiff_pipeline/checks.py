@@ -15,6 +15,7 @@ mistake. The module imports nothing heavy, so that commands can check their argu
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Collection
 from typing import Any
 
@@ -29,6 +30,11 @@ def is_integer(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """Whether ``value`` is a Python ``int`` or ``float`` (NumPy's float64 included) other than a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a finite real number of any type (NumPy's scalars included) other than a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _integer_phrase(minimum: int | None, maximum: int | None, odd: bool) -> str:

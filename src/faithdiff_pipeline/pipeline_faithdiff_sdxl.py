@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
-import numbers
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -33,11 +32,13 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .alignment import FaithDiffAlignmentModel, aligned_conv_in
 from .attention_maps import AttentionMapRecorder
-from .captioning import Captioner, caption_seed
+from .captioning import Captioner
+from .checks import check_integer, is_integer, is_real
 from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
 from .lq_features import FaithDiffLQEncoder, vae_encoder_features
 from .preprocessing import DEFAULT_MAX_OUTPUT_PIXELS, LQImage, as_image_list, check_upscale, prepare_lq_images
+from .seeds import initial_seed
 from .tiling import LatentTiling, check_tile_arguments, default_latent_stride, tiled_encode
 
 START_POINTS = ("lr", "noise")
@@ -83,6 +84,31 @@ class FaithDiffPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
+@dataclass(frozen=True)
+class TileBatch:
+    """The latent tiles of one UNet call and what the call is conditioned on, none of which changes between steps.
+
+    The UNet batch has ``cfg_copies * len(indices) * samples`` rows: each CFG copy (the unconditional one first)
+    holds the tiles one after the other, as :meth:`~faithdiff_pipeline.tiling.LatentTiling.crop` stacks them, and
+    each tile the samples in order. Every tensor here is laid out that way, on the device and in the UNet's dtype.
+
+    Attributes:
+        indices (`range`): The tiles, as indices into the tiling's ``origins``.
+        condition_embeds (`torch.Tensor`): The alignment condition, each tile embedded on its own crop of the LQ
+            features, ``[rows, latent_channels, tile_height, tile_width]``.
+        time_ids (`torch.Tensor`): SDXL's micro-conditioning, ``[rows, 6]``.
+        prompt_embeds (`torch.Tensor`): The text encoders' states, ``[rows, tokens, width]``; batches with as many
+            tiles share one tensor.
+        text_embeds (`torch.Tensor`): The pooled text embeddings, ``[rows, width]``; shared like ``prompt_embeds``.
+    """
+
+    indices: range
+    condition_embeds: torch.Tensor
+    time_ids: torch.Tensor
+    prompt_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+
+
 class FaithDiffSDXLPipeline(
     DiffusionPipeline, StableDiffusionMixin, StableDiffusionXLLoraLoaderMixin, TextualInversionLoaderMixin
 ):
@@ -114,11 +140,11 @@ class FaithDiffSDXLPipeline(
     # The captioner runs first and leaves the device before anything else needs it.
     model_cpu_offload_seq = "captioner->text_encoder->text_encoder_2->lq_encoder->unet->vae"
     # The alignment runs inside every UNet call; it is small, so it stays on the device instead of shuttling.
-    _exclude_from_cpu_offload = ["alignment"]
+    _exclude_from_cpu_offload: ClassVar[list[str]] = ["alignment"]
     # Only what the pipeline runs without: the LQ features fall back to the VAE encoder, captions to the prompt.
     # Both text encoders are required, since SDXL's UNet attends to their concatenated states.
-    _optional_components = ["lq_encoder", "captioner", "captioner_processor"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds"]
+    _optional_components: ClassVar[list[str]] = ["lq_encoder", "captioner", "captioner_processor"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "prompt_embeds", "add_text_embeds"]
 
     def __init__(
         self,
@@ -136,16 +162,16 @@ class FaithDiffSDXLPipeline(
         force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         super().__init__()
-        required = dict(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2,
-            unet=unet,
-            alignment=alignment,
-            scheduler=scheduler,
-        )
+        required = {
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer": tokenizer,
+            "tokenizer_2": tokenizer_2,
+            "unet": unet,
+            "alignment": alignment,
+            "scheduler": scheduler,
+        }
         missing = [name for name, component in required.items() if component is None]
         if missing:
             raise ValueError(
@@ -165,7 +191,7 @@ class FaithDiffSDXLPipeline(
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
-    ) -> "FaithDiffSDXLPipeline":
+    ) -> FaithDiffSDXLPipeline:
         r"""
         Loads a converted FaithDiff pipeline from a local folder or a Hugging Face Hub repository id.
 
@@ -230,10 +256,11 @@ class FaithDiffSDXLPipeline(
         moves to ``device`` and stays there.
 
         The text encoders run once per call, the UNet hundreds of times: this frees their memory (about 1.6 GiB for
-        SDXL in half precision) for larger tile batches, for one host-to-device transfer per call (about 0.15 s on an
-        H200). Unlike [`~DiffusionPipeline.enable_model_cpu_offload`], the UNet never leaves the device. A captioner
-        stays on the device too: streamed layer by layer it would move all its weights for every generated token, so
-        caption beforehand (``faithdiff-upscale --captions-only``) or load it quantised where memory is short.
+        SDXL in half precision) for larger tile batches, for one host-to-device transfer of their weights per call
+        (benchmarks/RESULTS.md gives its measured cost). Unlike [`~DiffusionPipeline.enable_model_cpu_offload`], the
+        UNet never leaves the device. A captioner stays on the device too: streamed layer by layer it would move all
+        its weights for every generated token, so caption beforehand (``faithdiff-upscale --captions-only``) or load
+        it quantised where memory is short.
 
         Args:
             device (`torch.device` or `str`, defaults to `"cuda"`): Where the pipeline runs.
@@ -313,6 +340,10 @@ class FaithDiffSDXLPipeline(
         return self._guidance_scale
 
     @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
     def do_classifier_free_guidance(self) -> bool:
         return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
 
@@ -349,15 +380,9 @@ class FaithDiffSDXLPipeline(
         if image is None:
             raise ValueError("`image` is required: the low-quality image (or list of images) to restore.")
         check_upscale(upscale)
-        if (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, numbers.Real)
-            or not math.isfinite(guidance_scale)
-        ):
+        if not is_real(guidance_scale):
             raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
-        if max_output_pixels is not None and (
-            isinstance(max_output_pixels, bool) or not isinstance(max_output_pixels, int) or max_output_pixels < 1
-        ):
+        if max_output_pixels is not None and (not is_integer(max_output_pixels) or max_output_pixels < 1):
             raise ValueError(f"`max_output_pixels` must be a positive integer or None, got {max_output_pixels!r}.")
         if start_point not in START_POINTS:
             raise ValueError(f"`start_point` must be one of {START_POINTS}, got {start_point!r}.")
@@ -365,13 +390,9 @@ class FaithDiffSDXLPipeline(
             raise ValueError(f"`color_fix` must be one of {COLOR_FIXES} or None, got {color_fix!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        for name, value in (
-            ("num_inference_steps", num_inference_steps),
-            ("num_images_per_prompt", num_images_per_prompt),
-            ("tile_batch_size", tile_batch_size),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_integer(num_inference_steps, "num_inference_steps", 1)
+        check_integer(num_images_per_prompt, "num_images_per_prompt", 1)
+        check_integer(tile_batch_size, "tile_batch_size", 1)
         check_tile_arguments(tile_size, tile_stride)
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
@@ -428,7 +449,7 @@ class FaithDiffSDXLPipeline(
             to_pil(self.image_processor.pt_to_numpy(prepare_lq_images(item, 1).reference))[0]
             for item in as_image_list(image)
         ]
-        seed = caption_seed(generator[0] if isinstance(generator, list) else generator)
+        seed = initial_seed(generator[0] if isinstance(generator, list) else generator)
         return Captioner(self.captioner, self.captioner_processor).caption(images, seed=seed)
 
     def lq_features(self, image: torch.Tensor) -> torch.Tensor:
@@ -515,23 +536,91 @@ class FaithDiffSDXLPipeline(
         accepted = inspect.signature(self.scheduler.step).parameters
         return {"generator": generator} if "generator" in accepted else {}
 
-    def _batch_time_ids(
-        self, tiling: LatentTiling, batches: list[range], padded_size: tuple[int, int], tile_size: int, samples: int
-    ) -> list[torch.Tensor]:
-        """SDXL micro-conditioning of each tile batch, laid out like its UNet input and already on the device, as the
-        release sets it: original size = the padded image, crop = the tile's offset in latent units, target = the
-        (unclamped) tile size in pixels."""
+    def _latent_tiling(self, latents: torch.Tensor, tile_size: int, tile_stride: int | None) -> LatentTiling:
+        """The latent tiles of ``tile_size`` pixels, ``tile_stride`` apart (the release's half tile when None)."""
+        tile = tile_size // self.vae_scale_factor
+        stride = default_latent_stride(tile) if tile_stride is None else tile_stride // self.vae_scale_factor
+        return LatentTiling.for_latent(latents.shape[-2], latents.shape[-1], tile, stride, latents.device)
+
+    def prepare_tile_batches(
+        self,
+        tiling: LatentTiling,
+        tile_batch_size: int,
+        lq_features: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        add_text_embeds: torch.Tensor,
+        padded_size: tuple[int, int],
+        tile_size: int,
+    ) -> list[TileBatch]:
+        """The UNet calls of one denoising step: the tiles split into even batches of at most ``tile_batch_size``,
+        each with its conditioning laid out as the UNet takes it (see [`TileBatch`]), built once for the whole run.
+
+        With guidance, the condition embeddings are kept once per CFG copy rather than copied at every UNet call;
+        they are the only tensors here whose memory grows with the image (about 10 MiB per 1024-pixel SDXL tile and
+        copy in half precision); the pipeline call frees the LQ features once they are embedded.
+
+        Args:
+            tiling ([`~faithdiff_pipeline.tiling.LatentTiling`]): The latent tiles.
+            tile_batch_size (`int`): Most tiles in one UNet call.
+            lq_features (`torch.Tensor`): LQ features of every sample, ``[samples, lq_channels, H / 8, W / 8]``.
+            prompt_embeds (`torch.Tensor`): Text encoders' states of every sample, the CFG copies concatenated.
+            add_text_embeds (`torch.Tensor`): Pooled text embeddings, laid out like ``prompt_embeds``.
+            padded_size (`tuple[int, int]`): ``(height, width)`` in pixels of the padded input, SDXL's original size.
+            tile_size (`int`): Tile size in pixels (unclamped), SDXL's target size.
+        """
+        groups = tiling.batches(tile_batch_size)
+        prompts = self._tile_major_prompts(prompt_embeds, add_text_embeds, {len(indices) for indices in groups})
+        cfg_copies = 2 if self.do_classifier_free_guidance else 1
+        samples = lq_features.shape[0]
+        return [
+            TileBatch(
+                indices=indices,
+                condition_embeds=self._embed_tiles(lq_features, tiling, indices).repeat(cfg_copies, 1, 1, 1),
+                time_ids=self._time_ids(tiling, indices, padded_size, tile_size, samples),
+                prompt_embeds=prompts[len(indices)][0],
+                text_embeds=prompts[len(indices)][1],
+            )
+            for indices in groups
+        ]
+
+    def _with_prompts(
+        self, batches: list[TileBatch], prompt_embeds: torch.Tensor, add_text_embeds: torch.Tensor
+    ) -> list[TileBatch]:
+        """``batches`` conditioned on other prompt embeddings (a step callback's), laid out as
+        :meth:`prepare_tile_batches` lays them out."""
+        prompts = self._tile_major_prompts(prompt_embeds, add_text_embeds, {len(batch.indices) for batch in batches})
+        return [
+            replace(batch, prompt_embeds=prompts[len(batch.indices)][0], text_embeds=prompts[len(batch.indices)][1])
+            for batch in batches
+        ]
+
+    def _tile_major_prompts(
+        self, prompt_embeds: torch.Tensor, add_text_embeds: torch.Tensor, tile_counts: set[int]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The prompt and pooled embeddings laid out for a UNet call of each of ``tile_counts`` tiles. They depend
+        only on how many tiles a call has, and the even batches have at most two counts, so these tensors take the
+        memory of two UNet batches however many tiles there are."""
+        cfg_copies = 2 if self.do_classifier_free_guidance else 1
+        dtype = self.unet.dtype
+        return {
+            tiles: (
+                _tile_major(prompt_embeds, tiles, cfg_copies).to(dtype),
+                _tile_major(add_text_embeds, tiles, cfg_copies).to(dtype),
+            )
+            for tiles in sorted(tile_counts)
+        }
+
+    def _time_ids(
+        self, tiling: LatentTiling, indices: range, padded_size: tuple[int, int], tile_size: int, samples: int
+    ) -> torch.Tensor:
+        """SDXL micro-conditioning of tiles ``indices``, laid out like their UNet input, as the release sets it:
+        original size = the padded image, crop = the tile's offset in latent units, target = the (unclamped) tile
+        size in pixels."""
         cfg_copies = 2 if self.do_classifier_free_guidance else 1
         rows = torch.tensor(
-            [(*padded_size, top, left, tile_size, tile_size) for top, left in tiling.origins], dtype=torch.float32
+            [(*padded_size, *tiling.origins[i], tile_size, tile_size) for i in indices], dtype=torch.float32
         )
-        return [
-            rows[list(indices)]
-            .repeat_interleave(samples, dim=0)
-            .repeat(cfg_copies, 1)
-            .to(tiling.device, self.unet.dtype)
-            for indices in batches
-        ]
+        return rows.repeat_interleave(samples, dim=0).repeat(cfg_copies, 1).to(tiling.device, self.unet.dtype)
 
     def _embed_tiles(self, lq_features: torch.Tensor, tiling: LatentTiling, indices: range) -> torch.Tensor:
         """Alignment condition of tiles ``indices``, each embedded on its own crop of the LQ features, as the release
@@ -543,50 +632,50 @@ class FaithDiffSDXLPipeline(
         latents: torch.Tensor,
         t: torch.Tensor,
         tiling: LatentTiling,
-        batches: list[range],
-        condition_embeds: list[torch.Tensor],
-        time_ids: list[torch.Tensor],
-        prompt_embeds: torch.Tensor,
-        add_text_embeds: torch.Tensor,
-        guidance_rescale: float,
+        batches: list[TileBatch],
         before_unet: Callable[[range], None] | None = None,
     ) -> torch.Tensor:
-        """The guided noise prediction for the whole latent: the tiles of each batch go through one UNet call, both
-        CFG halves together, and the tiles' predictions are blended with Gaussian weights.
+        """The guided noise prediction for the whole latent: one UNet call per tile batch, both CFG copies together,
+        the tiles' predictions blended with Gaussian weights.
 
-        ``condition_embeds`` and ``time_ids`` hold each batch's alignment condition (tile-major, as
-        :meth:`LatentTiling.crop`) and micro-conditioning. Nothing here copies from the host, so the GPU never idles
-        waiting for the Python loop. ``before_unet``, when given, is called with the tile indices of each UNet call
-        before it runs: an attention-map recorder places what the call's layers attend to by them."""
+        Nothing here copies from the host, so the GPU never idles waiting for the Python loop.
+
+        Args:
+            latents (`torch.Tensor`): The whole latent, ``[samples, C, height, width]``.
+            t (`torch.Tensor`): The timestep.
+            tiling ([`~faithdiff_pipeline.tiling.LatentTiling`]): The latent tiles.
+            batches (`list[TileBatch]`): The UNet calls, from :meth:`prepare_tile_batches`.
+            before_unet (`Callable[[range], None]`, *optional*): Called with each call's tile indices before it
+                runs: an attention-map recorder places what the call's layers attend to by them.
+        """
         total = torch.zeros_like(latents)
-        cfg_copies = 2 if self.do_classifier_free_guidance else 1
-        unet_dtype = self.unet.dtype
-        for indices, condition, batch_time_ids in zip(batches, condition_embeds, time_ids):
-            tiles = tiling.crop(latents, indices)
-            model_input = self.scheduler.scale_model_input(torch.cat([tiles] * cfg_copies), t).to(unet_dtype)
-            per_tile = len(indices)
-            added_cond = {
-                "text_embeds": _tile_major(add_text_embeds, per_tile, cfg_copies).to(unet_dtype),
-                "time_ids": batch_time_ids,
-            }
+        for batch in batches:
             if before_unet is not None:
-                before_unet(indices)
-            with aligned_conv_in(self.unet, self.alignment, torch.cat([condition] * cfg_copies)):
-                noise = self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=_tile_major(prompt_embeds, per_tile, cfg_copies).to(unet_dtype),
-                    cross_attention_kwargs=self._cross_attention_kwargs,
-                    added_cond_kwargs=added_cond,
-                    return_dict=False,
-                )[0].float()
-            if self.do_classifier_free_guidance:
-                noise_uncond, noise_text = noise.chunk(2)
-                noise = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
-                if guidance_rescale > 0:
-                    noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=guidance_rescale)
-            tiling.accumulate(total, noise, indices)
+                before_unet(batch.indices)
+            tiling.accumulate(total, self._guided_noise(tiling.crop(latents, batch.indices), t, batch), batch.indices)
         return total / tiling.weight_sum
+
+    def _guided_noise(self, tiles: torch.Tensor, t: torch.Tensor, batch: TileBatch) -> torch.Tensor:
+        """The UNet's noise prediction for the latent ``tiles`` of ``batch``, guided (and rescaled) across the CFG
+        copies, float32."""
+        cfg_copies = 2 if self.do_classifier_free_guidance else 1
+        model_input = self.scheduler.scale_model_input(torch.cat([tiles] * cfg_copies), t).to(self.unet.dtype)
+        with aligned_conv_in(self.unet, self.alignment, batch.condition_embeds):
+            noise = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=batch.prompt_embeds,
+                cross_attention_kwargs=self._cross_attention_kwargs,
+                added_cond_kwargs={"text_embeds": batch.text_embeds, "time_ids": batch.time_ids},
+                return_dict=False,
+            )[0].float()
+        if not self.do_classifier_free_guidance:
+            return noise
+        noise_uncond, noise_text = noise.chunk(2)
+        noise = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+        if self.guidance_rescale > 0:
+            noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=self.guidance_rescale)
+        return noise
 
     def _attention_recording(
         self,
@@ -666,7 +755,7 @@ class FaithDiffSDXLPipeline(
         | PipelineCallback
         | MultiPipelineCallbacks
         | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         attention_maps: AttentionMapRecorder | None = None,
     ) -> FaithDiffPipelineOutput | tuple:
         r"""
@@ -703,8 +792,7 @@ class FaithDiffSDXLPipeline(
                 (``8 * ceil(tile_size / 16)``). A multiple of 8, at most ``tile_size``.
             tile_batch_size (`int`, defaults to 4): Most tiles denoised together in one UNet call (the tiles are
                 split into even batches). Larger is faster and uses more memory; the result is the same up to
-                floating-point rounding. At 2048 px (9 tiles) 4 gives batches of 3: 1.6x faster than one tile per
-                call for about the same peak memory (benchmarks/RESULTS.md).
+                floating-point rounding. benchmarks/RESULTS.md measures the speed and memory of each size.
             color_fix (`str`, *optional*, defaults to `"adain"`): ``"adain"``, ``"wavelet"`` or ``None``: colour
                 correction against the LANCZOS-upscaled input.
             max_output_pixels (`int`, *optional*, defaults to 8192 * 8192): Largest result (width x height) accepted;
@@ -729,7 +817,7 @@ class FaithDiffSDXLPipeline(
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called once per step as ``callback(pipe, step, timestep, callback_kwargs)`` with the whole-image
                 tensors named in ``callback_on_step_end_tensor_inputs``; the tensors it returns replace them.
-            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): Tensors given to the
+            callback_on_step_end_tensor_inputs (`Sequence[str]`, defaults to `("latents",)`): Tensors given to the
                 callback, among ``_callback_tensor_inputs``.
             attention_maps ([`~faithdiff_pipeline.attention_maps.AttentionMapRecorder`], *optional*): Records
                 DAAM attention maps of chosen words of the prompt (or of the caption the captioner writes) while
@@ -767,6 +855,7 @@ class FaithDiffSDXLPipeline(
             callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         lq = prepare_lq_images(
@@ -826,15 +915,13 @@ class FaithDiffSDXLPipeline(
         lq_features = self.lq_features(padded).repeat_interleave(num_images_per_prompt, dim=0)
         latents = self.prepare_latents(padded, batch_size, start_point, generator, latents)
 
-        # 4. Tiles: layout, micro-conditioning and condition embeddings, all fixed for the whole run
-        latent_tile = tile_size // self.vae_scale_factor
-        latent_stride = (
-            default_latent_stride(latent_tile) if tile_stride is None else tile_stride // self.vae_scale_factor
+        # 4. Tiles, and the UNet calls over them with their conditioning, fixed for the whole run
+        tiling = self._latent_tiling(latents, tile_size, tile_stride)
+        batches = self.prepare_tile_batches(
+            tiling, tile_batch_size, lq_features, prompt_embeds, add_text_embeds, tuple(padded.shape[-2:]), tile_size
         )
-        tiling = LatentTiling.for_latent(latents.shape[-2], latents.shape[-1], latent_tile, latent_stride, device)
-        batches = tiling.batches(tile_batch_size)
-        time_ids = self._batch_time_ids(tiling, batches, tuple(padded.shape[-2:]), tile_size, batch_size)
-        condition_embeds = [self._embed_tiles(lq_features, tiling, indices) for indices in batches]
+        # The batches hold the tiles' condition embeddings; the features they came from would only take memory.
+        del lq_features
         extra_step_kwargs = self._step_kwargs(generator)
 
         # 5. Denoise: blend the tiles' guided predictions, then one scheduler step on the whole latent
@@ -851,11 +938,6 @@ class FaithDiffSDXLPipeline(
                     t,
                     tiling,
                     batches,
-                    condition_embeds,
-                    time_ids,
-                    prompt_embeds,
-                    add_text_embeds,
-                    guidance_rescale,
                     before_unet=None if attention_maps is None else partial(attention_maps.unet_call, i),
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
@@ -868,8 +950,14 @@ class FaithDiffSDXLPipeline(
                     callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    add_text_embeds = callback_outputs.pop("add_text_embeds", add_text_embeds)
+                    # Embeddings a callback returns condition the following steps, through the batches.
+                    replaced = (
+                        callback_outputs.pop("prompt_embeds", prompt_embeds),
+                        callback_outputs.pop("add_text_embeds", add_text_embeds),
+                    )
+                    if replaced[0] is not prompt_embeds or replaced[1] is not add_text_embeds:
+                        prompt_embeds, add_text_embeds = replaced
+                        batches = self._with_prompts(batches, prompt_embeds, add_text_embeds)
                 progress_bar.update()
 
         # 6. Decode, crop the padding away, colour-fix against the upscaled input

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-import math
-import numbers
 from typing import Sequence, Union
 
 import numpy as np
 import PIL.Image
 import torch
 
+from .checks import is_real
 from .image_io import DEFAULT_MAX_OUTPUT_PIXELS, check_unit_range, from_pil, read_image
 
 LQImage = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
@@ -110,12 +109,7 @@ def as_image_list(image: LQImage | Sequence[LQImage]) -> list[LQImage]:
 
 def check_upscale(upscale: object) -> float:
     """``upscale`` as a float: any real number type (numpy's too), finite and > 0."""
-    if (
-        isinstance(upscale, bool)
-        or not isinstance(upscale, numbers.Real)
-        or not math.isfinite(upscale)
-        or upscale <= 0
-    ):
+    if not is_real(upscale) or upscale <= 0:
         raise ValueError(f"`upscale` must be a number > 0, got {upscale!r} (a finite real number).")
     return float(upscale)
 
