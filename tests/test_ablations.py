@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tiny_models import fast_call, tiny_components
+from tiny_models import fast_call, structured_photo, tiny_components
 from faithdiff_pipeline import FaithDiffAlignmentModel, FaithDiffLQEncoder, FaithDiffSDXLPipeline
 from faithdiff_pipeline.alignment import ALIGNMENT_TYPES
 from faithdiff_pipeline.lq_features import FEATURE_SOURCES, encoder_mid_block_features, vae_feature_source
@@ -30,18 +28,11 @@ LAST_LAYER_WIDTH = 8  # 2 x the VAE's 4 latent channels
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-def _photo(width: int, height: int, seed: int) -> PIL.Image.Image:
-    y, x = np.mgrid[0:height, 0:width]
-    texture = np.random.default_rng(seed).integers(0, 64, (height, width))
-    rgb = np.stack([(x * (seed + 3)) % 256, (y * (seed + 5)) % 256, ((x + y) * 7 + texture) % 256], axis=-1)
-    return PIL.Image.fromarray(rgb.astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ablation-photos")
     for i in range(2):
-        _photo(96, 80, seed=i).save(folder / f"photo{i}.png")
+        structured_photo(96, 80, seed=i).save(folder / f"photo{i}.png")
     return folder
 
 
@@ -112,7 +103,7 @@ def _config(folder: Path) -> dict:
 
 def _restore(pipe: FaithDiffSDXLPipeline) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
-    image = _photo(16, 16, seed=5)
+    image = structured_photo(16, 16, seed=5)
     return pipe(
         image,
         prompt="a photo",

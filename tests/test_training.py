@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from shared_data import shared_path
 
-from tiny_models import tiny_components
+from tiny_models import structured_photo, tiny_components
 from faithdiff_pipeline import FaithDiffLQEncoder, FaithDiffSDXLPipeline
 from faithdiff_pipeline.captioning import write_caption
 from faithdiff_pipeline.degradations import DegradationConfig
@@ -40,20 +40,12 @@ HQ = 64  # tiny HQ crops: 16 px LQ, 8 x 8 latents
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-def _photo(width: int, height: int, seed: int) -> PIL.Image.Image:
-    """A structured RGB picture (gradients and a random texture) that survives degradation recognisably."""
-    y, x = np.mgrid[0:height, 0:width]
-    texture = np.random.default_rng(seed).integers(0, 64, (height, width))
-    rgb = np.stack([(x * (seed + 3)) % 256, (y * (seed + 5)) % 256, ((x + y) * 7 + texture) % 256], axis=-1)
-    return PIL.Image.fromarray(rgb.astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("photos") / "photos"
     folder.mkdir()
     for i in range(4):
-        _photo(96 + 8 * i, 80, seed=i).save(folder / f"photo{i}.png")
+        structured_photo(96 + 8 * i, 80, seed=i).save(folder / f"photo{i}.png")
     return folder
 
 
@@ -124,7 +116,7 @@ def test_prepare_data_crops_manifest_skips_and_resumes(tmp_path: Path, capsys: p
     samples = shared_path("samples")
     extra = tmp_path / "extra"
     extra.mkdir()
-    _photo(40, 40, seed=9).save(extra / "small.png")
+    structured_photo(40, 40, seed=9).save(extra / "small.png")
     (extra / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image at all")
     output = tmp_path / "set"
     args = [str(samples), str(extra), "-o", str(output), "--hq-size", "128", "--crops-per-image", "2", "--no-progress"]
@@ -212,7 +204,7 @@ def _turned_jpeg(path: Path, width: int, height: int) -> np.ndarray:
     upright RGB pixels, as Pillow's ``exif_transpose`` shows them."""
     exif = PIL.Image.Exif()
     exif[0x0112] = 6
-    _photo(width, height, seed=7).save(path, quality=95, exif=exif)
+    structured_photo(width, height, seed=7).save(path, quality=95, exif=exif)
     with PIL.Image.open(path) as opened:
         return np.asarray(PIL.ImageOps.exif_transpose(opened).convert("RGB"))
 
@@ -259,7 +251,7 @@ def test_training_reads_exif_turned_and_16_bit_photos(tmp_path: Path) -> None:
 def test_on_the_fly_dataset_shapes_and_reproducibility(photos: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
-    _photo(48, 48, seed=5).save(small / "tiny.png")
+    structured_photo(48, 48, seed=5).save(small / "tiny.png")
     dataset = DegradingDataset([photos, small], hq_size=HQ, seed=3, caption_dropout=0.0)
     assert len(dataset) == 4 and [p.name for p in dataset.skipped_small] == ["tiny.png"]
 
@@ -296,7 +288,7 @@ def test_prepared_dataset_reads_the_manifest(manifest: Path) -> None:
 def test_flipped_pair_measures_the_crop_left_edge_in_the_flipped_image() -> None:
     from faithdiff_pipeline.training.data import training_example
 
-    hq = _photo(HQ, HQ, seed=2)
+    hq = structured_photo(HQ, HQ, seed=2)
     lq = hq.resize((HQ // 4, HQ // 4))
     # original (height, width) 80 x 100, crop at top 8, left 12 of the unflipped image
     time_ids = [80.0, 100.0, 8.0, 12.0, float(HQ), float(HQ)]
@@ -400,7 +392,7 @@ def test_stage1_trains_only_the_alignment_module(stage1_run: Path, sdxl_base: Pa
     pipe = FaithDiffSDXLPipeline.from_pretrained(pipeline)
     pipe.set_progress_bar_config(disable=True)
     restored = pipe(
-        _photo(16, 16, seed=1), prompt="a photo", upscale=4, num_inference_steps=2, tile_size=HQ, output_type="pt"
+        structured_photo(16, 16, seed=1), prompt="a photo", upscale=4, num_inference_steps=2, tile_size=HQ, output_type="pt"
     ).images
     assert restored.shape == (1, 3, HQ, HQ) and torch.isfinite(restored).all()
 
@@ -672,7 +664,7 @@ def test_prepare_data_captions_through_the_loading_modules_choice(tmp_path, caps
     model.save_pretrained(tmp_path / "captioner")
     processor.save_pretrained(tmp_path / "captioner")
     (tmp_path / "photos").mkdir()
-    _photo(160, 144, seed=1).save(tmp_path / "photos" / "a.png")
+    structured_photo(160, 144, seed=1).save(tmp_path / "photos" / "a.png")
     common = [str(tmp_path / "photos"), "--hq-size", "128", "--no-progress", "--captioner-device", "cpu"]
     # The default (the release's LLaVA where a CUDA GPU holds it) has no GPU here: one line, naming the options.
     assert prepare_main([*common, "-o", str(tmp_path / "default")]) == 2
@@ -700,7 +692,7 @@ def test_face_branch_resizes_a_face_and_one_of_its_two_lq_versions(tmp_path: Pat
 
     faces = tmp_path / "faces"
     faces.mkdir()
-    face = _photo(HQ * 2, HQ * 2, seed=4)
+    face = structured_photo(HQ * 2, HQ * 2, seed=4)
     face.save(faces / "face.png")
     output = tmp_path / "set"
     args = ["--faces", str(faces), "-o", str(output), "--hq-size", str(HQ), "--crops-per-image", "12"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -161,3 +163,11 @@ def tiny_captioner(seed: int = 0) -> tuple:
         vision_feature_layer=-2,
     )
     return LlavaForConditionalGeneration(config).eval(), processor
+
+
+def structured_photo(width: int, height: int, seed: int) -> PIL.Image.Image:
+    """A structured RGB picture (gradients and a random texture) that survives degradation recognisably."""
+    y, x = np.mgrid[0:height, 0:width]
+    texture = np.random.default_rng(seed).integers(0, 64, (height, width))
+    rgb = np.stack([(x * (seed + 3)) % 256, (y * (seed + 5)) % 256, ((x + y) * 7 + texture) % 256], axis=-1)
+    return PIL.Image.fromarray(rgb.astype(np.uint8))
