@@ -300,7 +300,7 @@ def _restore_all(run: Run) -> list[str]:
             continue
         folder = method.folder(run)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / SETTINGS_NAME).write_text(json.dumps(method.settings, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(folder / SETTINGS_NAME, json.dumps(method.settings, indent=2) + "\n")
         for pair in tqdm(todo, desc=f"restoring with {method.name}", unit="image"):
             try:
                 # 8-bit sRGB RGB PNG (no source metadata), atomically: what the metrics read back, and never a
