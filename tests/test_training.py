@@ -585,6 +585,43 @@ def test_configuration_mistakes_are_one_line_errors(manifest: Path, sdxl_base: P
     assert TrainingConfig.from_dict(both, stage=1).learning_rate == 1e-5
 
 
+def test_yaml_syntax_errors_are_one_line_naming_the_file_line_and_column(
+    photos: Path, sdxl_base: Path, tmp_path: Path, capsys
+) -> None:
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("stage1:\n  learning_rate: 1e-5\n  max_train_steps: [10, 20\n", encoding="utf-8")
+    bad_degradation = tmp_path / "degradation.yaml"
+    bad_degradation.write_text("scale: 4\nblur_sigma: [0.2, 3\nnoise_range: [1, 30]\n", encoding="utf-8")
+    common = ["--pretrained-model", str(sdxl_base), "--vae", "null", "--output-dir", str(tmp_path / "out")]
+    runs = {
+        bad_config: lambda: train_main(["--stage", "1", "--config", str(bad_config), *common]),
+        bad_degradation: lambda: train_main(
+            ["--stage", "1", "--train-folders", str(photos), "--degradation", str(bad_degradation), *common]
+        ),
+    }
+    for path, run in runs.items():
+        assert run() == 2, path
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("faithdiff-train: error:") and "\n" not in error, error
+        assert f"{str(path)!r} is not valid YAML: line" in error and "column" in error, error
+    assert "line 4, column 1" in str(pytest.raises(TrainingSetupError, TrainingConfig.from_yaml, bad_config).value)
+    assert prepare_main([str(photos), "-o", str(tmp_path / "set"), "--degradation", str(bad_degradation)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("faithdiff-prepare-data: error: Degradation settings file") and "\n" not in error
+    assert "line 3, column 12" in error
+    assert not (tmp_path / "set").exists() and not (tmp_path / "out").exists()
+
+
+def test_negative_numbers_are_values_that_the_range_checks_refuse(photos: Path, tmp_path: Path, capsys) -> None:
+    common = ["--stage", "1", "--train-folders", str(photos), "--output-dir", str(tmp_path / "out")]
+    for value in ("-1e-4", "-0.5", "-inf"):
+        assert train_main([*common, "--learning-rate", value]) == 2, value
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("faithdiff-train: error: `learning_rate` must be a finite number > 0, got"), error
+    assert train_main([*common, "--noise-offset", "-2e-2"]) == 2
+    assert "`noise_offset` must be a finite number >= 0, got -0.02." in capsys.readouterr().err
+
+
 def test_spatial_attention_option_reaches_a_new_alignment_module(sdxl_base: Path) -> None:
     from faithdiff_pipeline.training.stages import load_starting_pipeline
 

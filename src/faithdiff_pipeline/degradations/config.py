@@ -264,11 +264,14 @@ class DegradationConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> DegradationConfig:
-        """Settings from a YAML file (needs ``pyyaml``); see :meth:`from_dict` for the accepted layout."""
-        import yaml
+        """Settings from a YAML file (needs ``pyyaml``); see :meth:`from_dict` for the accepted layout.
 
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle)
+        Raises:
+            ValueError: one line naming the file, and the line and column of a syntax error.
+        """
+        from ..yaml_files import read_yaml
+
+        values = read_yaml(path, "Degradation settings file")
         if not isinstance(values, Mapping):
             # The file's content is wrong, not an argument's type.
             raise ValueError(  # noqa: TRY004
@@ -393,3 +396,23 @@ def get_preset(name: str) -> DegradationConfig:
     if name not in PRESETS:
         raise ValueError(f"Unknown degradation preset {name!r}; valid presets are {sorted(PRESETS)}.")
     return copy.deepcopy(PRESETS[name])
+
+
+def load_degradation(spec: str | os.PathLike | None) -> DegradationConfig:
+    """A degradation model from a preset name or a YAML file; ``None`` gives FaithDiff's training settings. Needs no
+    torch, so that a command can check its settings before loading anything.
+
+    Raises:
+        ValueError: one line naming the file that is missing or wrong (a syntax error's line and column), or the
+            name that is neither a preset nor a file.
+    """
+    if spec is None:
+        return DegradationConfig()
+    spec = os.fspath(spec)
+    if os.path.isfile(spec) or spec.endswith((".yaml", ".yml")):
+        if not os.path.isfile(spec):
+            raise ValueError(f"Degradation settings file {spec!r} does not exist.")
+        return DegradationConfig.from_yaml(spec)
+    if spec not in PRESETS:
+        raise ValueError(f"Degradation {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a YAML file.")
+    return get_preset(spec)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ FREEZABLE = ("unet", "lq_encoder")
 NULL_WORDS = ("null", "none", "~", "")
 # What HfArgumentParser's types read, for the message when a text is not one.
 _EXPECTED = {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}
+# What argparse should take for a negative number given as a value: its own pattern misses `-1e-4` and `-inf` and
+# reads them as unknown flags ("expected one argument"); no setting has a flag that looks like a number.
+_NEGATIVE_NUMBER = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
 
 
 class TrainingSetupError(ValueError):
@@ -362,14 +366,13 @@ class TrainingConfig:
             stage: as for :meth:`from_dict`.
             overrides: as for :meth:`from_dict`.
         """
-        import yaml
+        from ..yaml_files import read_yaml
 
         if not os.path.isfile(path):
             raise TrainingSetupError(
                 f"`--config` {os.fspath(path)!r} does not exist; expected a YAML file of training settings."
             )
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+        values = read_yaml(path, "`--config`", error=TrainingSetupError) or {}
         if not isinstance(values, Mapping):
             raise TrainingSetupError(
                 f"`--config` {os.fspath(path)!r} must hold a YAML mapping, got {type(values).__name__}."
@@ -469,6 +472,8 @@ class TrainingConfig:
                 raise TrainingSetupError(
                     f"`train_folders` entry {folder!r} is not a folder; expected folders of HQ images."
                 )
+        if self.train_folders:
+            _check_degradation(self.degradation)
         check_integer(self.hq_size, "hq_size", 8, error=TrainingSetupError)
         if self.hq_size % 8:
             raise TrainingSetupError(f"`hq_size` must be a multiple of 8 (the VAE's factor), got {self.hq_size}.")
@@ -574,6 +579,8 @@ def settings_parser(**kwargs: Any) -> HfArgumentParser:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(TrainingConfig, exit_on_error=False, **kwargs)
+    # argparse offers no public way to say which texts are negative numbers; its parsers read this attribute.
+    parser._negative_number_matcher = _NEGATIVE_NUMBER
     hints = typing.get_type_hints(TrainingConfig)
     # argparse lists a parser's arguments only in `_actions`; those of the settings have the setting as `dest`.
     for action in parser._actions:
@@ -650,6 +657,17 @@ def _shown(default: Any) -> str:
     if isinstance(default, bool):
         return str(default).lower()
     return str(default)
+
+
+def _check_degradation(spec: str | None) -> None:
+    """Reads the on-the-fly degradation model here, so that a mistake in its file stops the run before any model
+    loads (the data set reads it again when it is built)."""
+    from ..degradations.config import load_degradation
+
+    try:
+        load_degradation(spec)
+    except ValueError as error:
+        raise TrainingSetupError(str(error)) from error
 
 
 def _check_non_negative(value: Any, name: str) -> None:

@@ -23,7 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checks import check_choice
-from ..degradations import PRESETS, DegradationConfig, degrade, get_preset, to_pil
+from ..degradations import DegradationConfig, degrade, to_pil
+# Here for the commands that import it from this module.
+from ..degradations.config import load_degradation  # noqa: F401
 from ..image_io import READABLE_SUFFIXES, image_size, read_image
 from ..seeds import hashed_generator, hashed_seed
 
@@ -94,20 +96,6 @@ def load_rgb(path: str | os.PathLike) -> PIL.Image.Image:
         ValueError: the file is not a readable image (the message says why).
     """
     return read_image(path).to_pil()
-
-
-def load_degradation(spec: str | os.PathLike | None) -> DegradationConfig:
-    """A degradation model from a preset name or a YAML file; ``None`` gives FaithDiff's training settings."""
-    if spec is None:
-        return DegradationConfig()
-    spec = os.fspath(spec)
-    if os.path.isfile(spec) or spec.endswith((".yaml", ".yml")):
-        if not os.path.isfile(spec):
-            raise ValueError(f"Degradation settings file {spec!r} does not exist.")
-        return DegradationConfig.from_yaml(spec)
-    if spec not in PRESETS:
-        raise ValueError(f"Degradation {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a YAML file.")
-    return get_preset(spec)
 
 
 # -------------------------------------------------------------------------------------------------- crops
