@@ -88,6 +88,24 @@ def test_sidecar_round_trip(tmp_path) -> None:
         read_caption(image)
 
 
+def test_the_readme_own_words_sidecar_gives_the_words_verbatim(tmp_path) -> None:
+    """The README's sidecar example for one's own words must come through unchanged, not lose three words as a raw
+    LLaVA answer under "caption" does."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    examples = re.findall(r'`(\{"prompt": "[^"]+"\})`', readme)
+    assert examples, "README.md shows no own-words sidecar ({\"prompt\": ...})"
+    for example in examples:
+        words = json.loads(example)["prompt"]
+        sidecar_path(tmp_path / "photo.png").write_text(example, encoding="utf-8")
+        assert read_caption(tmp_path / "photo.png") == words
+    # What the README warns of: the same words under "caption" are post-processed as the release does.
+    write_caption(tmp_path / "photo.png", "A red boat moored in a harbour.")
+    assert read_caption(tmp_path / "photo.png") == "Moored in a harbour.."
+
+
 @pytest.fixture
 def captioning_pipe() -> FaithDiffSDXLPipeline:
     model, processor = tiny_captioner()
