@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import errno
 import functools
 import shutil
+import socket
 import sys
 import tempfile
 import uuid
@@ -484,7 +486,34 @@ def check_arguments(args: argparse.Namespace) -> tuple[torch.device, torch.dtype
         raise ValueError(str(error).replace("`device`", "--device")) from error
     dtype = loading.resolve_dtype(args.dtype, device)
     plan = loading.plan_captioner(args.captioner or "auto", device, args.captioner_quantization)
+    check_port(args.host, args.port)
     return device, dtype, plan
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuses, in one line naming --host/--port, an address the demo could not serve on: a port in use (a second
+    copy of the demo, say), out of range, or a host that is not this machine's. gradio would find out only after
+    the models have loaded, and name its own options."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be from 0 to 65535, got {port}.")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ValueError(f"--host {host!r} is not an address of this machine ({error.strerror}).") from error
+    with socket.socket(family, kind, protocol) as probe:
+        # As the server binds: an address left in TIME_WAIT by a demo that has exited is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"port {port} on {host} is in use (another copy of the demo?); pass --port with a free port, "
+                    f"e.g. --port {port + 1 if port < 65535 else 7860}."
+                ) from error
+            raise ValueError(
+                f"cannot serve on {host} port {port} ({error.strerror}); pass another --host or --port."
+            ) from error
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -321,6 +321,26 @@ def test_option_mistakes_and_missing_extras_are_one_line_before_any_model_loads(
     assert expected in _one_error_line(capsys)
 
 
+def test_a_port_in_use_is_one_line_naming_port_before_any_model_loads(
+    demo, tiny_model_dir, monkeypatch, capsys
+) -> None:
+    for name in ("load_pipeline", "load_planned_captioner"):
+        monkeypatch.setattr(loading, name, lambda *args, **kwargs: pytest.fail("a model loaded"))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: pytest.fail("served"))
+    # A second copy of the demo: the first one listens on the port, on the loopback only.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as first:
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        args = ["--model", str(tiny_model_dir), "--captioner", "none", "--device", "cpu", "--port", str(port)]
+        assert demo.main(args) == 2
+        error = _one_error_line(capsys)
+    assert f"port {port} on 127.0.0.1 is in use" in error and "pass --port" in error, error
+    assert "server_port" not in error and "GRADIO_SERVER_PORT" not in error
+    assert demo.main(["--model", str(tiny_model_dir), "--port", "70000"]) == 2
+    assert "--port must be from 0 to 65535, got 70000." in _one_error_line(capsys)
+
+
 @pytest.mark.parametrize(
     ("device", "precision", "free_gib", "offloaded", "fits"),
     [
