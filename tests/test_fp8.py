@@ -83,6 +83,81 @@ def test_low_vram_mode_is_fp8_storage_with_offloaded_text_encoders_and_tiling() 
     torch.testing.assert_close(_restore(low), _restore(fp8), rtol=0, atol=1e-6)
 
 
+def _set_up(pipe: FaithDiffSDXLPipeline) -> dict:
+    """What the memory modes change: the UNet's storage dtypes, which components are group-offloaded, VAE tiling."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    modules = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    return {
+        "unet_dtypes": sorted({str(p.dtype) for p in pipe.unet.parameters()}),
+        "offloaded": sorted(name for name, module in modules.items() if _is_group_offload_enabled(module)),
+        "vae_tiling": pipe.vae.use_tiling,
+    }
+
+
+def test_memory_modes_are_idempotent_and_combine() -> None:
+    once = _pipe()
+    once.enable_fp8_weights()
+    twice = _pipe()
+    twice.enable_fp8_weights()
+    twice.enable_fp8_weights()
+    assert _set_up(twice) == _set_up(once)
+    torch.testing.assert_close(_restore(twice), _restore(once), rtol=0, atol=0)
+
+    low = _pipe()
+    low.enable_low_vram("cpu")
+    firsts = {
+        "enable_fp8_weights": lambda pipe: pipe.enable_fp8_weights(),
+        "enable_low_vram": lambda pipe: pipe.enable_low_vram("cpu"),
+        "enable_text_encoder_offload": lambda pipe: pipe.enable_text_encoder_offload("cpu"),
+    }
+    for first, set_up in firsts.items():
+        pipe = _pipe()
+        set_up(pipe)
+        pipe.enable_low_vram("cpu")
+        pipe.enable_low_vram("cpu")
+        pipe.enable_fp8_weights()
+        pipe.enable_text_encoder_offload("cpu")
+        assert _set_up(pipe) == _set_up(low), first
+        torch.testing.assert_close(_restore(pipe), _restore(low), rtol=0, atol=0)
+
+
+def test_memory_modes_that_cannot_combine_are_refused_before_anything_changes() -> None:
+    pipe = _pipe()
+    pipe.enable_fp8_weights()
+    with pytest.raises(ValueError, match="`enable_fp8_compute` cannot go with float8 weight storage"):
+        pipe.enable_fp8_compute()
+
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantised = _pipe()
+    quantize_(quantised.unet, Int8WeightOnlyConfig(), filter_fn=fp8_linear)
+    before = _set_up(quantised)
+    calls = {
+        "enable_fp8_weights": quantised.enable_fp8_weights,
+        "enable_low_vram": lambda: quantised.enable_low_vram("cpu"),
+    }
+    for method, call in calls.items():
+        with pytest.raises(ValueError, match=rf"`{method}` stores the UNet's weights in float8, but they are"):
+            call()
+        assert _set_up(quantised) == before, method
+    with pytest.raises(ValueError, match="`enable_fp8_compute` quantises the UNet's linear layers, but its weights"):
+        quantised.enable_fp8_compute()
+
+
+def test_low_vram_on_a_device_this_machine_lacks_is_refused_and_changes_nothing(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pipe = _pipe()
+    before, output = _set_up(pipe), _restore(pipe)
+    for call in (pipe.enable_low_vram, lambda: pipe.enable_low_vram("cuda:1"), pipe.enable_text_encoder_offload):
+        with pytest.raises(ValueError, match=r"runs the pipeline on 'cuda(:1)?', which needs a CUDA GPU, and torch"):
+            call()
+        assert _set_up(pipe) == before
+    assert before["unet_dtypes"] == ["torch.float32"] and not before["offloaded"] and not before["vae_tiling"]
+    torch.testing.assert_close(_restore(pipe), output, rtol=0, atol=0)
+
+
 def test_the_loading_module_sets_up_each_float8_mode(tmp_path) -> None:
     from faithdiff_pipeline import loading
 

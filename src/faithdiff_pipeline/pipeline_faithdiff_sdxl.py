@@ -262,26 +262,18 @@ class FaithDiffSDXLPipeline(
         its weights for every generated token, so caption beforehand (``faithdiff-upscale --captions-only``) or load
         it quantised where memory is short.
 
+        Calling it again for the same device changes nothing.
+
         Args:
             device (`torch.device` or `str`, defaults to `"cuda"`): Where the pipeline runs.
+
+        Raises:
+            ValueError: before anything changes, where ``device`` is not on this machine, the pipeline has no text
+                encoder, or they are offloaded already (to another device, or by diffusers' CPU offloads).
         """
         device = torch.device(device)
-        encoders = [name for name in ("text_encoder", "text_encoder_2") if getattr(self, name) is not None]
-        if not encoders:
-            raise ValueError("`enable_text_encoder_offload` needs a text encoder; this pipeline has none.")
-        resident = [
-            name
-            for name, component in self.components.items()
-            if isinstance(component, torch.nn.Module) and name not in encoders
-        ]
-        self.enable_group_offload(
-            device,
-            offload_type="leaf_level",
-            # Layer-by-layer prefetching on a side stream; diffusers allows streams only at this granularity or
-            # with one block per group, and the latter measured several times slower for CLIP.
-            use_stream=device.type == "cuda",
-            exclude_modules=resident,
-        )
+        if not self._text_encoder_offload_enabled(device, "enable_text_encoder_offload"):
+            self._offload_text_encoders(device)
 
     def enable_fp8_weights(self) -> None:
         r"""
@@ -290,13 +282,14 @@ class FaithDiffSDXLPipeline(
         the memory of float16 (about 2.6 GB instead of 5.1 GB for SDXL); the output deviates from the exact path by
         float8's rounding of the weights (``benchmarks/RESULTS.md`` gives the measured deviation). Norms, embeddings
         and ``conv_in``/``conv_out`` stay in full precision (``FP8_KEEP_PATTERNS``), as do the alignment module and
-        the LQ encoder.
+        the LQ encoder. Calling it again changes nothing.
+
+        Raises:
+            ValueError: before anything changes, where the UNet's weights are float8 or quantised already (e.g. by
+                :meth:`enable_fp8_compute`).
         """
-        if self.unet.dtype == torch.float8_e4m3fn:
-            raise ValueError("`enable_fp8_weights` needs a UNet in float16, bfloat16 or float32; it is float8.")
-        self.unet.enable_layerwise_casting(
-            storage_dtype=torch.float8_e4m3fn, compute_dtype=self.unet.dtype, skip_modules_pattern=FP8_KEEP_PATTERNS
-        )
+        if not self._fp8_weights_enabled("enable_fp8_weights"):
+            self._store_unet_in_fp8()
 
     def enable_fp8_compute(self) -> None:
         r"""
@@ -304,8 +297,15 @@ class FaithDiffSDXLPipeline(
         weights, row-wise scales), for GPUs with float8 matrix units (compute capability 8.9 and up: Ada, Hopper,
         Blackwell). Compile the UNet afterwards (``pipe.unet.compile(...)``); it is what makes float8 fast. The
         deviation from the exact bfloat16 output is measured in ``benchmarks/RESULTS.md``. Needs the ``[fp8]``
-        extra (torchao).
+        extra (torchao). Calling it again changes nothing.
+
+        Raises:
+            ValueError: before anything changes, where the UNet's weights are stored in float8
+                (:meth:`enable_fp8_weights`, :meth:`enable_low_vram`) or quantised otherwise, or the GPU lacks
+                float8 matrix units.
         """
+        if self._fp8_compute_enabled():
+            return
         device = self.unet.device
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError(
@@ -322,12 +322,126 @@ class FaithDiffSDXLPipeline(
         once per image (:meth:`enable_text_encoder_offload`), and the VAE and LQ encoder in tiles. Call the pipeline
         with a small ``tile_batch_size`` (1) as well: the tiles then pass through the UNet one at a time.
 
+        Calling it again, or after :meth:`enable_fp8_weights` or :meth:`enable_text_encoder_offload` for the same
+        device, adds what is missing.
+
         Args:
             device (`torch.device` or `str`, defaults to `"cuda"`): Where the pipeline runs.
+
+        Raises:
+            ValueError: before anything changes, where ``device`` is not on this machine, or a set-up of the
+                pipeline cannot go with these (float8 compute, quantised weights, diffusers' CPU offloads, text
+                encoders offloaded to another device).
         """
-        self.enable_fp8_weights()
-        self.enable_text_encoder_offload(device)
+        device = torch.device(device)
+        # Every check first: a refusal must not leave the UNet in float8 with the encoders not offloaded.
+        stored_in_fp8 = self._fp8_weights_enabled("enable_low_vram")
+        offloaded = self._text_encoder_offload_enabled(device, "enable_low_vram")
+        if not stored_in_fp8:
+            self._store_unet_in_fp8()
+        if not offloaded:
+            self._offload_text_encoders(device)
         self.vae.enable_tiling()
+
+    def _fp8_weights_enabled(self, method: str) -> bool:
+        """Whether the UNet stores its weights in float8 already (diffusers' layerwise casting, which reports the
+        compute dtype as the UNet's ``dtype``); raises ``ValueError`` where float8 storage cannot be added."""
+        from diffusers.hooks.layerwise_casting import _is_layerwise_casting_active
+
+        stored = {parameter.dtype for parameter in self.unet.parameters()}
+        if _is_layerwise_casting_active(self.unet):
+            if torch.float8_e4m3fn in stored:
+                return True
+            raise ValueError(
+                f"`{method}` stores the UNet's weights in float8, but the UNet already has layerwise casting to "
+                f"{sorted(map(str, stored))}; load the pipeline again to change it."
+            )
+        quantised = _quantised_parameters(self.unet)
+        if quantised:
+            raise ValueError(
+                f"`{method}` stores the UNet's weights in float8, but they are quantised already ({quantised[0]} is "
+                f"a {type(self.unet.get_parameter(quantised[0])).__name__}: `enable_fp8_compute` or a quantisation "
+                "config); float8 storage cannot go on top: load the pipeline again without it."
+            )
+        if torch.float8_e4m3fn in stored or torch.float8_e5m2 in stored:
+            raise ValueError(
+                f"`{method}` needs a UNet in float16, bfloat16 or float32 to compute in; its weights are float8."
+            )
+        return False
+
+    def _store_unet_in_fp8(self) -> None:
+        self.unet.enable_layerwise_casting(
+            storage_dtype=torch.float8_e4m3fn, compute_dtype=self.unet.dtype, skip_modules_pattern=FP8_KEEP_PATTERNS
+        )
+
+    def _fp8_compute_enabled(self) -> bool:
+        """Whether :meth:`enable_fp8_compute` has quantised the UNet already; raises ``ValueError`` where float8
+        compute cannot be added (weights stored in float8, or quantised otherwise)."""
+        from diffusers.hooks.layerwise_casting import _is_layerwise_casting_active
+
+        if _is_layerwise_casting_active(self.unet):
+            raise ValueError(
+                "`enable_fp8_compute` cannot go with float8 weight storage (`enable_fp8_weights`, `enable_low_vram`), "
+                "which this UNet has: load the pipeline again and choose one."
+            )
+        quantised = _quantised_parameters(self.unet)
+        if not quantised:
+            return False
+        chosen = {f"{name}.weight" for name, module in self.unet.named_modules() if fp8_linear(module, name)}
+        # torchao's float8 weights, named rather than imported: other quantisations need no torchao installed.
+        if set(quantised) == chosen and all(
+            type(self.unet.get_parameter(name)).__name__ == "Float8Tensor" for name in quantised
+        ):
+            return True
+        raise ValueError(
+            f"`enable_fp8_compute` quantises the UNet's linear layers, but its weights are quantised already "
+            f"({quantised[0]} is a {type(self.unet.get_parameter(quantised[0])).__name__}); load the pipeline "
+            "again without the other quantisation."
+        )
+
+    def _text_encoder_offload_enabled(self, device: torch.device, method: str) -> bool:
+        """Whether the text encoders stream to ``device`` already; raises ``ValueError`` where ``device`` is not on
+        this machine, the pipeline has no text encoder, or another offload holds them."""
+        from diffusers.hooks.group_offloading import _get_group_onload_device, _is_group_offload_enabled
+
+        _check_device_available(device, method)
+        encoders = [self.text_encoder, self.text_encoder_2]
+        encoders = [encoder for encoder in encoders if encoder is not None]
+        if not encoders:
+            raise ValueError(f"`{method}` needs a text encoder; this pipeline has none.")
+        modules = [component for component in self.components.values() if isinstance(component, torch.nn.Module)]
+        if any(hasattr(module, "_hf_hook") for component in modules for module in component.modules()):
+            raise ValueError(
+                f"`{method}` cannot go with `enable_model_cpu_offload` or `enable_sequential_cpu_offload`, which "
+                "this pipeline has: load it again and choose one."
+            )
+        onload = {_get_group_onload_device(encoder) for encoder in encoders if _is_group_offload_enabled(encoder)}
+        if not onload:
+            return False
+        # "cuda" and "cuda:0" are one device to the user.
+        same = all(d.type == device.type and (d.index or 0) == (device.index or 0) for d in onload)
+        if same and all(map(_is_group_offload_enabled, encoders)):
+            return True
+        raise ValueError(
+            f"`{method}` streams the text encoders to {device}, but they are offloaded to "
+            f"{', '.join(sorted(map(str, onload)))} already: load the pipeline again to change the device."
+        )
+
+    def _offload_text_encoders(self, device: torch.device) -> None:
+        encoders = [name for name in ("text_encoder", "text_encoder_2") if getattr(self, name) is not None]
+        resident = [
+            name
+            for name, component in self.components.items()
+            if isinstance(component, torch.nn.Module) and name not in encoders
+        ]
+        self.enable_group_offload(
+            device,
+            offload_type="leaf_level",
+            # Layer-by-layer prefetching on a side stream; diffusers allows streams only at this granularity or
+            # with one block per group, and the latter measured several times slower for CLIP.
+            use_stream=device.type == "cuda",
+            exclude_modules=resident,
+        )
 
     @property
     def min_output_size(self) -> int:
@@ -975,6 +1089,30 @@ class FaithDiffSDXLPipeline(
         if not return_dict:
             return (images,)
         return FaithDiffPipelineOutput(images=images)
+
+
+def _quantised_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters held as tensor subclasses (torchao, quanto, ...) instead of plain tensors."""
+    return [name for name, parameter in model.named_parameters() if type(parameter.data) is not torch.Tensor]
+
+
+def _check_device_available(device: torch.device, method: str) -> None:
+    """Refuses a device this machine does not have, before a memory mode changes anything: torch would fail only
+    when the first layer moves, with a driver error, and leave the pipeline half set up."""
+    if device.type == "cpu":
+        return
+    if device.type == "mps":
+        count = 1 if torch.backends.mps.is_available() else 0
+    else:
+        backend = getattr(torch, device.type, None)
+        available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+        count = backend.device_count() if available else 0
+    if count == 0 or (device.index is not None and device.index >= count):
+        kind = {"cuda": "a CUDA GPU", "mps": "Apple's MPS"}.get(device.type, f"a {device.type} device")
+        raise ValueError(
+            f"`{method}` runs the pipeline on {str(device)!r}, which needs {kind}, and torch sees "
+            f"{count} {device.type} device(s) here; pass the device the pipeline runs on (e.g. {method}(\"cpu\"))."
+        )
 
 
 def fp8_linear(module: torch.nn.Module, name: str) -> bool:
