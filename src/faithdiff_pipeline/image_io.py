@@ -6,7 +6,9 @@ Every image the project reads or writes goes through this module. On reading, a 
 the model works in sRGB), as 8-bit or 16-bit RGB samples (greyscale replicated), with its alpha channel apart and the
 colour hidden under fully transparent pixels replaced by the colour of their surroundings. On writing, a restored
 image gets back what the source had: its bit depth, greyscale, alpha (upscaled with LANCZOS), EXIF (orientation 1),
-DPI scaled by the upscale factor, and an sRGB profile (or the source's, converted back), beside our parameters.
+DPI scaled by the upscale factor, and an sRGB profile (or the source's, converted back), beside our parameters; and,
+unless turned off, its XMP with what was done to it (:mod:`faithdiff_pipeline.provenance`), and C2PA Content
+Credentials when signing credentials are given (:mod:`faithdiff_pipeline.content_credentials`).
 
 Pillow handles everything but colour images of more than 8 bits per sample, which it reads as 8-bit: those are
 read and written with imagecodecs and tifffile (the ``[16bit]`` extra).
@@ -23,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -31,19 +33,33 @@ import PIL.PngImagePlugin
 from PIL import ImageCms
 
 from .atomic_files import atomic_path
-from .checks import check_choice, check_integer
+from .checks import check_bool, check_choice, check_integer
+from .provenance import (
+    DEFAULT_DIGITAL_SOURCE_TYPE,
+    JPEG_XMP_LIMIT,
+    SOFTWARE,
+    check_digital_source_type,
+    file_sha256,
+    result_xmp,
+)
+
+if TYPE_CHECKING:
+    from .content_credentials import SigningCredentials
 
 READABLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Output format -> file suffix.
 OUTPUT_FORMATS = {"png": ".png", "tiff": ".tif", "jpeg": ".jpg", "webp": ".webp"}
 PROFILE_CHOICES = ("srgb", "source")
 SIXTEEN_BIT_INSTALL = "pip install 'faithdiff-pipeline[16bit]'"
-# Marks our results (EXIF/TIFF Software tag), so that a rerun tells them from a user's files of the same name.
-SOFTWARE = "faithdiff-pipeline"
+# Output format -> MIME type, for XMP's dc:format and C2PA.
+MEDIA_TYPES = {"png": "image/png", "tiff": "image/tiff", "jpeg": "image/jpeg", "webp": "image/webp"}
+# SOFTWARE (from .provenance) marks our results (EXIF/TIFF Software tag), so that a rerun tells them from a user's
+# files of the same name.
 # A result larger than this is refused before anything is allocated: 8192 x 8192 fits a 24 GB card with tiling.
 DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
 
-_ORIENTATION, _DESCRIPTION, _SOFTWARE = 0x0112, 0x010E, 0x0131
+_ORIENTATION, _DESCRIPTION, _SOFTWARE, _XMP_TAG = 0x0112, 0x010E, 0x0131, 700
+_PNG_XMP_KEY = "XML:com.adobe.xmp"
 _METRES_PER_INCH = 0.0254
 _UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
 # Rec. 709 luma weights: the primaries of sRGB.
@@ -62,7 +78,10 @@ class ImageFile:
         icc_profile: The source's embedded profile when it was not sRGB (``None``: sRGB or untagged).
         exif: The source's EXIF block with orientation reset to 1, or ``None``.
         dpi: The source's resolution, or ``None``.
+        xmp: The source's XMP packet, or ``None``: kept in the result, with what was done to it added.
         path: Where it was read from, if from a file.
+        sha256: The SHA-256 (hex) of the file's bytes, if read from a file: names the original in the result's
+            provenance where its XMP has no ids.
     """
 
     pixels: np.ndarray
@@ -71,7 +90,9 @@ class ImageFile:
     icc_profile: bytes | None = None
     exif: bytes | None = None
     dpi: tuple[float, float] | None = None
+    xmp: bytes | None = None
     path: Path | None = field(default=None, compare=False)
+    sha256: str | None = field(default=None, compare=False)
 
     @property
     def bit_depth(self) -> int:
@@ -109,6 +130,12 @@ class OutputOptions:
         keep_colour: Write a greyscale source's result in colour instead of as its luminance.
         profile: ``"srgb"`` (the result in sRGB with an sRGB profile) or ``"source"`` (converted back to the
             source's profile, embedded).
+        provenance: Write the result's XMP provenance (the source's XMP kept, the IPTC digital source type, this
+            tool, the edit and the original); ``False`` leaves all of it out, the source's XMP too.
+        digital_source_type: The IPTC Digital Source Type the result declares, a term of
+            :data:`~faithdiff_pipeline.provenance.DIGITAL_SOURCE_TYPES` or its URI (kept as the term):
+            ``"compositeWithTrainedAlgorithmicMedia"`` (edited with generative AI, the default) or
+            ``"algorithmicallyEnhanced"``, for instance. See ``docs/provenance.md``.
     """
 
     format: str = "png"
@@ -116,6 +143,8 @@ class OutputOptions:
     bit_depth: int | None = None
     keep_colour: bool = False
     profile: str = "srgb"
+    provenance: bool = True
+    digital_source_type: str = DEFAULT_DIGITAL_SOURCE_TYPE
 
     def __post_init__(self) -> None:
         check_choice(self.format, "format", OUTPUT_FORMATS)
@@ -125,10 +154,17 @@ class OutputOptions:
         if self.bit_depth == 16 and self.format not in ("png", "tiff"):
             raise ValueError(f"`bit_depth` 16 needs format 'png' or 'tiff'; {self.format!r} stores 8 bits.")
         check_choice(self.profile, "profile", PROFILE_CHOICES)
+        check_bool(self.provenance, "provenance")
+        # Frozen: the normalised term replaces a URI through object.__setattr__.
+        object.__setattr__(self, "digital_source_type", check_digital_source_type(self.digital_source_type))
 
     @property
     def suffix(self) -> str:
         return OUTPUT_FORMATS[self.format]
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.format]
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
@@ -146,7 +182,9 @@ def read_image(path: str | os.PathLike) -> ImageFile:
             # Before load(): Pillow's decoder tile still says how many bits the file stores.
             samples = _high_bit_colour(opened, path)
             opened.load()
-            return _from_pil(opened, path, samples)
+            image = _from_pil(opened, path, samples)
+        image.sha256 = file_sha256(path)
+        return image
     except _UNREADABLE as error:
         if isinstance(error, ValueError) and str(error).startswith(f"{os.fspath(path)!r}"):
             raise
@@ -247,7 +285,10 @@ def _from_pil(image: PIL.Image.Image, path: Path | None, high_bit: np.ndarray | 
         colour = _fill_transparent(colour, alpha)
     if orientation != 1:
         exif[_ORIENTATION] = 1
+    # A TIFF's XMP tag is among its EXIF tags: it travels as ImageFile.xmp instead, never as a stale second copy.
+    exif.pop(_XMP_TAG, None)
     dpi = image.info.get("dpi")
+    xmp = image.info.get("xmp") or None
     return ImageFile(
         pixels=np.ascontiguousarray(colour),
         alpha=None if alpha is None else np.ascontiguousarray(alpha),
@@ -255,6 +296,7 @@ def _from_pil(image: PIL.Image.Image, path: Path | None, high_bit: np.ndarray | 
         icc_profile=profile,
         exif=exif.tobytes() if len(exif) else None,
         dpi=(float(dpi[0]), float(dpi[1])) if dpi else None,
+        xmp=xmp.encode("utf-8") if isinstance(xmp, str) else xmp,
         path=path,
     )
 
@@ -429,6 +471,7 @@ def save_result(
     source: ImageFile | None = None,
     options: OutputOptions | None = None,
     text: Mapping[str, str] | None = None,
+    signing: SigningCredentials | None = None,
 ) -> Path:
     """Writes a restored image with what its source had (see the module's docstring), atomically.
 
@@ -439,9 +482,23 @@ def save_result(
         source: The source as read; ``None`` writes an 8-bit sRGB image without alpha or source metadata.
         options: Format, quality, bit depth, greyscale and profile choices.
         text: Our parameters, stored in PNG text chunks, or as JSON in the EXIF/TIFF image description (with
-            ``Software: faithdiff-pipeline``) in the other formats.
+            ``Software: faithdiff-pipeline``) in the other formats; summarised in the provenance.
+        signing: Credentials to sign the result's C2PA Content Credentials with
+            (:class:`~faithdiff_pipeline.content_credentials.SigningCredentials`), the source's file as its parent
+            ingredient; ``None`` signs nothing. The result is signed before it takes its name, so that a run
+            stopped in between never leaves an unsigned result that a rerun would take for finished.
+
+    Raises:
+        ValueError: the result cannot be written as asked (the message says why), or ``signing`` is given with
+            ``options.provenance`` off or without a source file.
     """
     options = options or OutputOptions()
+    if signing is not None and not options.provenance:
+        raise ValueError("`signing` adds provenance, which `options.provenance=False` turns off: choose one.")
+    if signing is not None and (source is None or source.path is None):
+        raise ValueError(
+            "`signing` needs `source` read from a file (read_image): the original is the manifest's parent."
+        )
     source = source or ImageFile(pixels=np.zeros((1, 1, 3), np.uint8))
     colour = _float_rgb(image)
     depth = options.bit_depth or (source.bit_depth if options.format in ("png", "tiff") else 8)
@@ -465,16 +522,40 @@ def save_result(
         channels.append(_quantise(_resize_alpha(source, samples.shape[1::-1]), depth)[..., None])
     pixels = np.concatenate(channels, axis=-1)
     scale = pixels.shape[1] / source.size[0]
+    xmp = None
+    if options.provenance:
+        xmp = result_xmp(
+            source.xmp,
+            media_type=options.media_type,
+            size=(pixels.shape[1], pixels.shape[0]),
+            digital_source_type=options.digital_source_type,
+            parameters=text,
+            original_sha256=source.sha256,
+            max_bytes=JPEG_XMP_LIMIT if options.format == "jpeg" else None,
+        )
     metadata = _Metadata(
         icc_profile=profile,
         exif=source.exif,
         dpi=(source.dpi[0] * scale, source.dpi[1] * scale) if source.dpi else None,
         text=dict(text or {}),
         cmyk=samples.shape[-1] == 4,
+        xmp=xmp,
     )
     target = Path(target)
     with atomic_path(target) as temporary:
         _encode(pixels, temporary, options, metadata)
+        if signing is not None:
+            from .content_credentials import sign_in_place
+
+            sign_in_place(
+                temporary,
+                options.media_type,
+                signing,
+                source,
+                title=target.name,
+                digital_source_type=options.digital_source_type,
+                parameters=text,
+            )
     return target
 
 
@@ -492,7 +573,8 @@ def result_text(path: str | os.PathLike) -> dict[str, str] | None:
     try:
         with PIL.Image.open(path) as opened:
             if opened.format == "PNG":
-                text = dict(opened.text)
+                # The XMP packet is an iTXt chunk too, but not part of the text save_result was given.
+                text = {key: value for key, value in opened.text.items() if key != _PNG_XMP_KEY}
                 # Results of 0.1.0 carry no Software chunk, only our version inside the parameters.
                 ours = text.get("Software", "").startswith(SOFTWARE) or '"faithdiff_pipeline"' in text.get(
                     "parameters", ""
@@ -517,6 +599,7 @@ class _Metadata:
     dpi: tuple[float, float] | None
     text: dict[str, str]
     cmyk: bool = False
+    xmp: bytes | None = None
 
     def png_text(self) -> dict[str, str]:
         return {"Software": SOFTWARE, **self.text} if self.text else {}
@@ -568,11 +651,19 @@ def _encode(pixels: np.ndarray, path: Path, options: OutputOptions, metadata: _M
         info = PIL.PngImagePlugin.PngInfo()
         for key, value in metadata.png_text().items():
             info.add_text(key, value)
+        if metadata.xmp:
+            # Uncompressed, as the XMP specification requires of PNG's iTXt XMP chunk.
+            info.add_itxt(_PNG_XMP_KEY, metadata.xmp.decode("utf-8"))
         if metadata.icc_profile is None:
             info.add(b"sRGB", b"\0")  # perceptual rendering intent
         params.update(pnginfo=info, exif=metadata.exif or b"")
     else:
         params["exif"] = metadata.exif_with_text()
+        if metadata.xmp and options.format == "tiff":
+            # A TIFF's EXIF parameter is its first IFD, where the XMP tag belongs.
+            params["exif"][_XMP_TAG] = metadata.xmp
+        elif metadata.xmp:
+            params["xmp"] = metadata.xmp
     if options.format in ("jpeg", "webp"):
         params["quality"] = options.quality
     if options.format == "tiff":
@@ -601,6 +692,7 @@ def _encode_16bit_colour(pixels: np.ndarray, path: Path, options: OutputOptions,
             description=json.dumps(metadata.text, ensure_ascii=True) if metadata.text else None,
             software=SOFTWARE if metadata.text else None,
             metadata=None,
+            extratags=[(_XMP_TAG, 1, len(metadata.xmp), metadata.xmp, True)] if metadata.xmp else [],  # BYTE
         )
         return
     import imagecodecs
@@ -616,6 +708,8 @@ def _encode_16bit_colour(pixels: np.ndarray, path: Path, options: OutputOptions,
         chunks.append((b"eXIf", metadata.exif.removeprefix(b"Exif\0\0")))
     for key, value in metadata.png_text().items():
         chunks.append((b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8")))
+    if metadata.xmp:
+        chunks.append((b"iTXt", _PNG_XMP_KEY.encode("latin-1") + b"\0\0\0\0\0" + metadata.xmp))
     path.write_bytes(_insert_png_chunks(imagecodecs.png_encode(np.ascontiguousarray(pixels)), chunks))
 
 
