@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -221,36 +222,66 @@ def _check_variant(lq_channels: int, norm_num_groups: int, spatial_attention: bo
 
 
 class _AlignmentHook:
-    """The forward hook on ``unet.conv_in``. It is registered once per UNet and stays: a whole-UNet
+    """The forward hook on a UNet's ``conv_in``. It is registered once per ``conv_in`` module and stays: a whole-UNet
     ``torch.compile`` then sees the same hook on every call and guards only on the condition's shape, instead of
-    recompiling for each new hook. Outside :func:`aligned_conv_in` it has no condition and changes nothing."""
+    recompiling for each new hook.
+
+    The condition belongs to the pipeline call that runs the UNet, not to the UNet: pipelines that share the UNet
+    (``from_pipe`` copies serving requests in threads, or a stock SDXL pipeline) each see only their own, and a thread
+    that set none gets the plain ``conv_in`` output. It is kept per thread (a UNet call runs in its caller's thread)
+    rather than in a ``contextvars.ContextVar``, which ``torch.compile`` cannot trace.
+    """
 
     def __init__(self) -> None:
-        self.alignment: FaithDiffAlignmentModel | None = None
-        self.condition: torch.Tensor | None = None
+        self._calls = threading.local()
+
+    def current(self) -> tuple[FaithDiffAlignmentModel, torch.Tensor] | None:
+        """The alignment module and condition set by this thread's call, or None."""
+        return getattr(self._calls, "aligned", None)
+
+    def set(self, aligned: tuple[FaithDiffAlignmentModel, torch.Tensor] | None) -> None:
+        self._calls.aligned = aligned
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if self.condition is None:
+        aligned = getattr(self._calls, "aligned", None)
+        if aligned is None:
             return None
-        return self.alignment(output, condition_embeds=self.condition)
+        alignment, condition = aligned
+        return alignment(output, condition_embeds=condition)
+
+
+def _conv_in_hook(unet: nn.Module) -> _AlignmentHook:
+    """The alignment hook of the module that is ``unet.conv_in`` now, registered on first use.
+
+    A LoRA on ``conv_in`` (peft) replaces the module with a wrapper around it; the hook must sit on the wrapper, whose
+    output includes the LoRA's contribution, so that the alignment sees what the UNet's next layer sees. The wrapped
+    module keeps its own hook, which has no condition and changes nothing, and serves again once the LoRA is unloaded.
+    """
+    conv_in = unet.conv_in
+    # Read from the module's own attributes: a wrapper may forward unknown attributes to the module it wraps.
+    hook = vars(conv_in).get("_faithdiff_alignment_hook")
+    if hook is None:
+        hook = _AlignmentHook()
+        conv_in.register_forward_hook(hook)
+        conv_in._faithdiff_alignment_hook = hook
+    return hook
 
 
 @contextmanager
 def aligned_conv_in(
     unet: nn.Module, alignment: FaithDiffAlignmentModel, condition_embeds: torch.Tensor
 ) -> Iterator[None]:
-    """Within this context, every call of ``unet`` adds the alignment residual to its ``conv_in`` output.
+    """Within this context, every call of ``unet`` made by this thread adds the alignment residual to its ``conv_in``
+    output.
 
     A forward hook keeps the UNet diffusers' own class (LoRA, attention processors, FreeU and layerwise casting keep
     working); outside the context the UNet computes exactly what it computes without FaithDiff, even after an error.
+    Calls of the same UNet by other threads, inside or outside their own context, never see this condition.
     """
-    hook = getattr(unet.conv_in, "_faithdiff_alignment_hook", None)
-    if hook is None:
-        hook = _AlignmentHook()
-        unet.conv_in.register_forward_hook(hook)
-        unet.conv_in._faithdiff_alignment_hook = hook
-    hook.alignment, hook.condition = alignment, condition_embeds
+    hook = _conv_in_hook(unet)
+    outer = hook.current()
+    hook.set((alignment, condition_embeds))
     try:
         yield
     finally:
-        hook.alignment, hook.condition = None, None
+        hook.set(outer)
