@@ -206,7 +206,9 @@ def test_mistakes_are_one_line_before_the_model_loads(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     _photo().save(tmp_path / "a.png")
     (tmp_path / "blocker").write_text("a file")
-    # No model exists at all: reaching the loader would be a different error.
+    # A folder that passes the settings' check but holds no model: reaching the loader would be a different error.
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "model_index.json").write_text("{}")
     assert main(["a.png", "--model", str(tmp_path / "no-model"), *args]) == 2
     _expect_usage_error(capsys, message)
 

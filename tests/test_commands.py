@@ -21,7 +21,9 @@ else:  # pytest depends on tomli there
 import faithdiff_pipeline
 from faithdiff_pipeline import cli
 from faithdiff_pipeline.commands import COMMANDS, main
-from faithdiff_pipeline.restoration_settings import RestorationSettings
+from faithdiff_pipeline.application.options import as_flags
+from faithdiff_pipeline.application.settings import OUTPUT_OPTIONS, RestorationSettings
+from faithdiff_pipeline.command_line import RESTORATION_OPTIONS, values_of
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 HEAVY_MODULES = ("torch", "diffusers", "transformers")
@@ -159,7 +161,8 @@ def test_the_module_runs_as_the_command() -> None:
 
 def _settings(tmp_path, monkeypatch, *flags: str) -> RestorationSettings:
     monkeypatch.chdir(tmp_path)
-    return cli.parse_settings(cli.build_parser().parse_args(["in.png", *flags]))
+    args = cli.build_parser().parse_args(["in.png", *flags])
+    return RestorationSettings.from_options(**values_of(args, [*RESTORATION_OPTIONS, *OUTPUT_OPTIONS]))
 
 
 def test_recorded_parameters_are_those_earlier_versions_wrote(tmp_path, monkeypatch) -> None:
@@ -216,7 +219,12 @@ def test_settings_are_parsed_as_the_pipeline_takes_them(tmp_path, monkeypatch) -
 
 
 def test_settings_refuse_mistakes_by_their_flags(tmp_path, monkeypatch) -> None:
-    with pytest.raises(cli.UsageError, match="--quality"):
+    with pytest.raises(ValueError, match="`quality`") as refused:
         _settings(tmp_path, monkeypatch, "--quality", "0")
-    with pytest.raises(cli.UsageError, match="--upscale must be > 0"):
+    assert as_flags(str(refused.value)).startswith("--quality must be")
+    with pytest.raises(ValueError) as refused:
         _settings(tmp_path, monkeypatch, "--upscale", "-1")
+    assert as_flags(str(refused.value)) == "--upscale must be a finite number > 0, got -1.0"
+    with pytest.raises(ValueError) as refused:
+        _settings(tmp_path, monkeypatch, "--tile-size", "512", "--tile-stride", "520")
+    assert "--tile-stride must be a multiple of 8 between 8 and --tile-size (512)" in as_flags(str(refused.value))

@@ -50,20 +50,32 @@ def sidecar_path(image_path: str | os.PathLike) -> Path:
 
 
 def read_caption(image_path: str | os.PathLike) -> str | None:
-    """The prompt stored beside ``image_path``, or ``None`` when it has no sidecar.
-
-    A sidecar holds ``{"caption": RAW_LLAVA_ANSWER}`` (the release's format; the post-processing is applied on reading,
-    as the release does) and optionally ``{"prompt": TEXT}``, which is used verbatim: edit it to correct a caption.
-    """
+    """The prompt stored beside ``image_path``, or ``None`` when it has no sidecar (see :func:`prompt_from_sidecar`).
+    A sidecar that cannot be read or parsed raises ``ValueError`` naming it."""
     path = sidecar_path(image_path)
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"Caption sidecar {str(path)!r} is not readable JSON: {error}") from error
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"Caption sidecar {str(path)!r} is not readable: {error}") from error
+    return prompt_from_sidecar(text, str(path))
+
+
+def prompt_from_sidecar(text: str, where: str) -> str:
+    """The prompt a sidecar's JSON ``text`` holds; ``where`` names the sidecar in errors.
+
+    A sidecar holds ``{"caption": RAW_LLAVA_ANSWER}`` (the release's format; the post-processing is applied on reading,
+    as the release does: its first three words are dropped) and optionally ``{"prompt": TEXT}``, which is used
+    verbatim: write your own words, or correct a caption, under ``"prompt"``.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Caption sidecar {where!r} is not valid JSON: {error}") from error
     if not isinstance(data, dict) or not isinstance(data.get("prompt", data.get("caption")), str):
-        raise ValueError(f'Caption sidecar {str(path)!r} must hold {{"caption": "..."}}, got {str(data)[:80]!r}.')
+        raise ValueError(f'Caption sidecar {where!r} must hold {{"caption": "..."}} or {{"prompt": "..."}}, got '
+                         f"{str(data)[:80]!r}.")
     return data["prompt"] if isinstance(data.get("prompt"), str) else clean_caption(data["caption"])
 
 

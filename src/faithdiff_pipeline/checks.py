@@ -177,3 +177,19 @@ def check_bool(value: Any, name: str, *, error: type[Exception] = TypeError) -> 
     if not isinstance(value, bool):
         raise error(f"`{name}` must be a bool, got {value!r}.")
     return value
+
+
+# The smallest latent tile the pipeline blends (in pixels): 8 latents.
+MIN_TILE_SIZE = 64
+
+
+def check_tile_arguments(tile_size: object, tile_stride: object) -> None:
+    """Refuses latent tile sizes and strides (in pixels) that the pipeline cannot use, naming the argument."""
+    if not is_integer(tile_size) or tile_size < MIN_TILE_SIZE or tile_size % 8:
+        raise ValueError(f"`tile_size` must be a multiple of 8 of at least {MIN_TILE_SIZE} pixels, got {tile_size!r}.")
+    if tile_stride is not None and (
+        not is_integer(tile_stride) or not 8 <= tile_stride <= tile_size or tile_stride % 8
+    ):
+        raise ValueError(
+            f"`tile_stride` must be a multiple of 8 between 8 and `tile_size` ({tile_size}) pixels, got {tile_stride!r}."
+        )

@@ -1,0 +1,170 @@
+"""Restoring the jobs of a run: one already-read photo through the pipeline, its files written, every job in turn.
+The one restore loop of every engine and command; what a command writes per image is its :class:`JobOutputs`."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .. import image_io
+from . import locations
+from .photos import DecodedPhotos
+from .planning import Job
+from .settings import RestorationSettings
+
+if TYPE_CHECKING:
+    import numpy as np
+    import PIL.Image
+
+
+class JobFailed(RuntimeError):
+    """The job as a whole could not run: the pipeline did not load, a cluster could not be reached."""
+
+
+@dataclass
+class Summary:
+    """What a run did: the names of the images done, skipped (already done) and failed (with the reason)."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    # Deaths of worker processes that the Ray engine survived.
+    worker_deaths: int = 0
+
+    def report(self) -> str:
+        """The summary in a few lines, as the commands print it."""
+        per_image = f", {self.seconds / len(self.done):.1f} s per image" if self.done else ""
+        first = f"{len(self.done)} done, {len(self.skipped)} skipped (already restored), {len(self.failed)} failed{per_image}"
+        if self.worker_deaths:
+            first += (
+                f"\n  {self.worker_deaths} worker process death(s): each worker was restarted and the work it had "
+                "not finished was retried"
+            )
+        return "\n".join([first, *(f"  failed: {name}: {reason}" for name, reason in self.failed)])
+
+
+class JobOutputs(Protocol):
+    """What a command makes of each restored photo."""
+
+    def names(self, stem: str) -> list[str]:
+        """The file names of the outputs of the input named ``stem``; the result first."""
+
+    def check(self, job: Job, prompt: str) -> None:
+        """Refuses (``ValueError``) a job that cannot succeed with ``prompt``, before any model loads."""
+
+    def attach(self, pipe: Any) -> dict[str, Any]:
+        """Readies the outputs for ``pipe`` once it is loaded; returns extra pipeline call arguments."""
+
+    def write(self, job: Job, photo: image_io.ImageFile, restored: np.ndarray, prompt: str,
+              settings: RestorationSettings) -> None:
+        """Writes the outputs of ``job`` (local paths), the result last."""
+
+
+def result_metadata(settings: RestorationSettings, name: str, prompt: str) -> dict[str, str]:
+    """The text a result of the input ``name`` stores: its parameters and caption."""
+    return {"parameters": json.dumps(settings.parameters(name, prompt)), "caption": prompt}
+
+
+def side_by_side(lq: PIL.Image.Image, restored: PIL.Image.Image) -> PIL.Image.Image:
+    """The LANCZOS upscale of ``lq`` beside ``restored``."""
+    import PIL.Image
+
+    upscaled = lq.convert("RGB").resize(restored.size, PIL.Image.LANCZOS)
+    canvas = PIL.Image.new("RGB", (restored.width * 2, restored.height))
+    canvas.paste(upscaled, (0, 0))
+    canvas.paste(restored, (restored.width, 0))
+    return canvas
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """The outputs of ``faithdiff-upscale``: the result in ``suffix``'s format, and with ``compare`` a side-by-side
+    ``NAME_compare.png``."""
+
+    suffix: str = ".png"
+    compare: bool = False
+
+    def names(self, stem: str) -> list[str]:
+        return [f"{stem}{self.suffix}"] + ([f"{stem}_compare.png"] if self.compare else [])
+
+    def check(self, job: Job, prompt: str) -> None:
+        return None
+
+    def attach(self, pipe: Any) -> dict[str, Any]:
+        return {}
+
+    def write(self, job: Job, photo: image_io.ImageFile, restored: np.ndarray, prompt: str,
+              settings: RestorationSettings) -> None:
+        import PIL.Image
+
+        metadata = result_metadata(settings, job.name, prompt)
+        if self.compare:
+            restored_8bit = PIL.Image.fromarray((restored * 255.0).round().clip(0, 255).astype("uint8"))
+            image_io.save_result(side_by_side(photo.to_pil(), restored_8bit), job.outputs[1], text=metadata)
+        image_io.save_result(restored, job.result, source=photo, options=settings.output, text=metadata)
+
+
+def restore_photo(photo: image_io.ImageFile, prompt: str, settings: RestorationSettings, pipe: Any,
+                  **call_options: Any) -> np.ndarray:
+    """``photo`` restored as ``settings`` say, float ``[H, W, 3]`` in [0, 1] (a 16-bit input keeps its 16 bits);
+    ``call_options`` go to the pipeline call as well."""
+    arguments = {**settings.call_arguments(prompt), "output_type": "np", **call_options}
+    return pipe(image=photo, **arguments).images[0]
+
+
+def restore_jobs(
+    jobs: list[Job],
+    settings: RestorationSettings,
+    pipe: Any,
+    prompts: dict[str, str],
+    outputs: JobOutputs,
+    photos: DecodedPhotos | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Restores every job and writes its outputs; an image that fails is listed in the summary and the run goes on.
+    Jobs with local outputs only (an engine stages remote files)."""
+    from tqdm.auto import tqdm
+
+    photos = photos or DecodedPhotos()
+    call_options = outputs.attach(pipe)
+    summary = Summary()
+    start = time.perf_counter()
+    for job in tqdm(jobs, desc="images", unit="image", disable=not progress):
+        try:
+            photo = photos.take(job.source)
+            prompt = prompts.get(job.source, "")
+            outputs.write(job, photo, restore_photo(photo, prompt, settings, pipe, **call_options), prompt, settings)
+        except (ValueError, TypeError, OSError, RuntimeError) as error:
+            summary.failed.append((job.name, str(error).splitlines()[0] if str(error) else type(error).__name__))
+            continue
+        summary.done.append(job.name)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def load_restoration_pipeline(settings: RestorationSettings, device: Any) -> Any:
+    """The pipeline as ``settings`` set it up, on ``device``: one call for every engine, so that they never differ.
+    A pipeline that cannot load raises :class:`JobFailed` with the reason in one line."""
+    from .. import loading
+
+    try:
+        return loading.load_pipeline(
+            settings.model,
+            device,
+            loading.resolve_dtype(settings.dtype, device),
+            offload=settings.offload,
+            compile=settings.compile,
+            fp8=settings.fp8,
+            low_vram=settings.low_vram,
+            vae_tiling=settings.vae_tiling,
+        )
+    except (ValueError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise JobFailed(f"could not load the pipeline: {reason}") from error
+
+
+def is_local(job: Job) -> bool:
+    return not any(locations.is_uri(location) for location in (job.source, *job.outputs))
