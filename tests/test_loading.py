@@ -144,6 +144,44 @@ def test_half_types_load_the_fp16_files_of_the_release(folders, monkeypatch) -> 
     assert loading.load_pipeline(folders / "full", torch.device("cpu"), torch.bfloat16).unet.dtype == torch.bfloat16
 
 
+def test_a_folder_of_fp16_files_only_loads_in_float32_upcast_and_says_so(tmp_path, caplog) -> None:
+    """A folder converted with `--variant fp16` has no full-precision files: float32 on the CPU loads the fp16 files
+    and upcasts them, which gives the float32 pipeline with float16-rounded weights."""
+    import logging
+
+    half = FaithDiffSDXLPipeline(**tiny_components())
+    half.to(dtype=torch.float16).save_pretrained(tmp_path / "fp16", variant="fp16")
+    weights = [p.name for p in (tmp_path / "fp16").rglob("*.safetensors")]
+    assert weights and all(".fp16." in name for name in weights)
+    rounded = FaithDiffSDXLPipeline(**tiny_components())
+    with torch.no_grad():
+        for component in rounded.components.values():
+            if isinstance(component, torch.nn.Module):
+                for parameter in component.parameters():
+                    parameter.copy_(parameter.half().float())
+    exact = FaithDiffSDXLPipeline(**tiny_components())
+
+    with caplog.at_level(logging.WARNING, logger="faithdiff_pipeline"):
+        loaded = loading.load_pipeline(tmp_path / "fp16", torch.device("cpu"), torch.float32)
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("faithdiff_pipeline")]
+    assert len(notes) == 1 and "only 'fp16' weights" in notes[0] and "cast to torch.float32" in notes[0], notes
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float32}
+
+    image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    run = dict(prompt="a photo", num_inference_steps=2, tile_size=64, output_type="np")
+    outputs = []
+    for pipe in (loaded, rounded, exact):
+        pipe.set_progress_bar_config(disable=True)
+        outputs.append(pipe(image, generator=torch.Generator().manual_seed(0), **run).images)
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(outputs[0], outputs[2], rtol=0, atol=2e-2)  # float16 rounding of the weights
+    assert not np.array_equal(outputs[0], outputs[2])
+    # Asked for by name, the variant loads without a note; the half types take it as before.
+    caplog.clear()
+    loading.load_pipeline(tmp_path / "fp16", torch.device("cpu"), torch.bfloat16)
+    assert not [r for r in caplog.records if r.name.startswith("faithdiff_pipeline")]
+
+
 def _photos(folder, count=2):
     folder.mkdir()
     paths = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,24 @@ def weight_patterns(variant: str | None) -> list[str]:
         return [f"*/*.{variant}.safetensors", f"*/*.{variant}-*.safetensors", f"*/*.safetensors.index.{variant}.json"]
     names = ("diffusion_pytorch_model", "model")
     return [f"*/{name}.safetensors" for name in names] + [f"*/{name}-*-of-*.safetensors" for name in names]
+
+
+# A weights file as diffusers and transformers name them: NAME[.VARIANT][-0000x-of-0000y].safetensors (or .bin).
+_WEIGHTS_FILE = re.compile(r"^[^.]+?(?:\.(?P<variant>[^.]+?))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
+
+
+def folder_weight_variants(folder: str | os.PathLike) -> dict[str, set[str | None]]:
+    """The weights variants each component of a local pipeline folder holds, by component folder (``None``: the
+    full-precision files); components without weights files (tokenizers, scheduler) are left out."""
+    found: dict[str, set[str | None]] = {}
+    for component in sorted(Path(folder).iterdir()):
+        if not component.is_dir():
+            continue
+        for file in component.iterdir():
+            match = _WEIGHTS_FILE.match(file.name)
+            if match:
+                found.setdefault(component.name, set()).add(match["variant"])
+    return found
 
 
 def looks_like_local_path(name: str) -> bool:

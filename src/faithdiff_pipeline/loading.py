@@ -315,7 +315,8 @@ def load_pipeline(
             :meth:`~FaithDiffSDXLPipeline.enable_fp8_weights`) or ``"compute"`` (float8 matrix products on GPUs of
             compute capability 8.9 and up, :meth:`~FaithDiffSDXLPipeline.enable_fp8_compute`; compile with it).
         variant: The weights variant to load; ``"auto"``: the ``fp16`` files for half precision where the source
-            has them (always for the release), else the full-precision ones.
+            has them (always for the release), else the full-precision ones; a folder that has only ``fp16`` files
+            loads those for float32 too, upcast, with a warning.
         low_vram: The 5 GB set-up (:meth:`~FaithDiffSDXLPipeline.enable_low_vram`): float8 storage, text encoders
             streamed in, VAE and LQ-encoder tiling.
         components: Component overrides for ``from_pretrained`` (e.g. a captioner).

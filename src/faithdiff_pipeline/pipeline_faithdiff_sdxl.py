@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -40,6 +41,8 @@ from .lq_features import FaithDiffLQEncoder, vae_encoder_features
 from .preprocessing import DEFAULT_MAX_OUTPUT_PIXELS, LQImage, as_image_list, check_upscale, prepare_lq_images
 from .seeds import initial_seed
 from .tiling import LatentTiling, check_tile_arguments, default_latent_stride, tiled_encode
+
+logger = logging.getLogger(__name__)
 
 START_POINTS = ("lr", "noise")
 # UNet layers kept in their dtype when the rest is stored in float8: the norms, the time and micro-conditioning
@@ -198,10 +201,12 @@ class FaithDiffSDXLPipeline(
         Hub repositories are downloaded as a snapshot first (only the files of the requested ``variant``), since
         diffusers does not load components of a library it does not know straight from the Hub. All other keyword
         arguments (``dtype``, ``variant``, component overrides, ...) are those of
-        [`~DiffusionPipeline.from_pretrained`].
+        [`~DiffusionPipeline.from_pretrained`]. Without ``variant``, a folder that holds the weights of one variant
+        only (converted with ``--variant fp16``) loads those, cast to ``dtype``, with a warning that says so.
         """
         folder = resolve_pipeline_folder(pretrained_model_name_or_path, kwargs)
         _check_pipeline_folder(folder, provided=kwargs.keys())
+        _take_the_folders_variant(folder, kwargs)
         return super().from_pretrained(folder, **kwargs)
 
     @classmethod
@@ -1126,6 +1131,30 @@ def _tile_major(per_sample: torch.Tensor, tiles: int, cfg_copies: int) -> torch.
     holds the tiles one after the other, each tile the N samples in order."""
     halves = per_sample.chunk(cfg_copies)
     return torch.cat([half.repeat(tiles, *([1] * (half.ndim - 1))) for half in halves])
+
+
+def _take_the_folders_variant(folder: str, kwargs: dict[str, Any]) -> None:
+    """Sets ``kwargs["variant"]`` to the one weights variant a folder holds where no variant is asked for and some
+    components lack full-precision files: diffusers would look for those alone and fail naming a missing
+    ``diffusion_pytorch_model.bin``. A folder with several variants is left to diffusers' error."""
+    from .hub import folder_weight_variants
+
+    if kwargs.get("variant") is not None:
+        return
+    variants = folder_weight_variants(folder)
+    lacking = [component for component, found in variants.items() if None not in found and component not in kwargs]
+    offered = set().union(*(variants[component] for component in lacking))
+    if len(offered) != 1:
+        return
+    (variant,) = offered
+    kwargs["variant"] = variant
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    cast = f", cast to {dtype}" if isinstance(dtype, torch.dtype) else " in their stored dtype"
+    logger.warning(
+        f"{folder!r} holds only {variant!r} weights for {', '.join(lacking)} (no full-precision files): loading "
+        f"those{cast}; pass variant={variant!r} to say so, or convert with full-precision weights to avoid their "
+        "rounding."
+    )
 
 
 def _check_pipeline_folder(folder: str, provided: Any) -> None:
