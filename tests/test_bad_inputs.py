@@ -153,12 +153,39 @@ def test_uint16_arrays_are_16_bit(tiny_pipe) -> None:
     assert torch.equal(as_uint16, as_float)
 
 
-def test_results_below_the_models_minimum_or_above_the_pixel_limit_are_refused(tiny_pipe) -> None:
+def test_results_below_the_models_minimum_are_padded_and_above_the_pixel_limit_refused(tiny_pipe) -> None:
     minimum = tiny_pipe.min_output_size
     assert minimum == 16  # 8 (VAE) x 2 (the tiny UNet's two levels)
-    with pytest.raises(ValueError, match=rf"gives 2x2; the model needs at least {minimum} pixels on each side"):
-        _call(tiny_pipe, PIL.Image.new("RGB", (1, 1)))
+    # Once refused; now padded up to the minimum and cropped back (see the test below).
+    assert _call(tiny_pipe, PIL.Image.new("RGB", (1, 1))).images.shape[-2:] == (2, 2)
     with pytest.raises(ValueError, match=r"gives 512000x340000 = .* more than `max_output_pixels` \(67108864\)"):
         _call(tiny_pipe, PIL.Image.new("RGB", (512, 340)), upscale=1000)
     # The limit is the caller's to raise; None removes it (checked here on a small image only).
     assert _call(tiny_pipe, PIL.Image.new("RGB", (24, 20)), max_output_pixels=None).images.shape[-2:] == (40, 48)
+
+
+def test_an_image_below_the_models_minimum_is_restored_padded_with_its_edges_and_cropped(tiny_pipe) -> None:
+    """A 7x13 icon at upscale 1 gives a 7x13 result: what the pipeline gives for the icon padded by hand with its
+    edge pixels to the minimum side (16 for the tiny UNet), then cropped."""
+    icon = np.random.default_rng(3).integers(0, 256, (13, 7, 3), dtype=np.uint8)
+    minimum = tiny_pipe.min_output_size
+    by_hand = np.pad(icon, ((0, minimum - 13), (0, minimum - 7), (0, 0)), mode="edge")
+    run = dict(upscale=1, color_fix=None, output_type="np")
+    small = _call(tiny_pipe, icon, generator=torch.Generator().manual_seed(0), **run).images
+    padded = _call(tiny_pipe, by_hand, generator=torch.Generator().manual_seed(0), **run).images
+    assert small.shape == (1, 13, 7, 3)
+    np.testing.assert_allclose(small, padded[:, :13, :7], rtol=0, atol=1e-6)
+    # With the colour fix (against the icon itself), through PIL, and in a batch: the icon's size.
+    assert _call(tiny_pipe, PIL.Image.fromarray(icon), upscale=1, output_type="pil").images[0].size == (7, 13)
+    assert _call(tiny_pipe, [icon, icon], upscale=1).images.shape == (2, 3, 13, 7)
+
+
+def test_the_command_restores_an_icon_at_its_size(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    from faithdiff_pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    PIL.Image.fromarray(np.random.default_rng(4).integers(0, 256, (13, 7, 3), dtype=np.uint8)).save("icon.png")
+    common = ["--model", str(tiny_model_dir), "--steps", "2", "--device", "cpu", "--dtype", "float32", "--prompt", "x"]
+    assert main(["icon.png", "-o", "out", "--upscale", "1", *common]) == 0
+    with PIL.Image.open("out/icon.png") as result:
+        assert result.size == (7, 13)

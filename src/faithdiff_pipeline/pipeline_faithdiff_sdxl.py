@@ -450,8 +450,9 @@ class FaithDiffSDXLPipeline(
 
     @property
     def min_output_size(self) -> int:
-        """The smallest side, in pixels, of a result the model can restore: one latent pixel at the UNet's lowest
-        resolution."""
+        """The smallest side, in pixels, of an image the model runs on: one latent pixel at the UNet's lowest
+        resolution. A smaller result is computed on its input padded with its edge pixels up to this size, then
+        cropped back."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
@@ -915,8 +916,9 @@ class FaithDiffSDXLPipeline(
             color_fix (`str`, *optional*, defaults to `"adain"`): ``"adain"``, ``"wavelet"`` or ``None``: colour
                 correction against the LANCZOS-upscaled input.
             max_output_pixels (`int`, *optional*, defaults to 8192 * 8192): Largest result (width x height) accepted;
-                a larger one is refused before anything is allocated. ``None`` removes the limit. Results must also
-                be at least ``vae_scale_factor * 2 ** (UNet levels - 1)`` pixels on each side (32 for SDXL).
+                a larger one is refused before anything is allocated. ``None`` removes the limit. A result with a
+                side under ``min_output_size`` (32 pixels for SDXL) is restored padded with its edge pixels up to
+                it, then cropped back to its size.
             num_images_per_prompt (`int`, defaults to 1): Restorations per input image.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): Seeds the noise and the VAE sample;
                 a list gives one generator per output (images x num_images_per_prompt).

@@ -22,7 +22,8 @@ class PreparedImages:
 
     Attributes:
         reference: upscaled images in [0, 1], ``[B, 3, height, width]`` (float32): the colour-fix reference.
-        padded: the same, edge-padded at the bottom/right to a multiple of ``multiple`` and scaled to [-1, 1].
+        padded: the same, edge-padded at the bottom/right to a multiple of ``multiple`` (and to the model's
+            smallest side) and scaled to [-1, 1].
     """
 
     reference: torch.Tensor
@@ -121,10 +122,12 @@ def prepare_lq_images(
     min_size: int = 1,
     max_pixels: int | None = DEFAULT_MAX_OUTPUT_PIXELS,
 ) -> PreparedImages:
-    """Upscales each LQ image by ``upscale`` with LANCZOS and pads it to a multiple of ``multiple`` by edge replication.
+    """Upscales each LQ image by ``upscale`` with LANCZOS and pads it by edge replication to a multiple of
+    ``multiple``, and to at least ``min_size`` pixels a side: the smallest image the model runs on. The pipeline crops
+    the padding away again, so a result smaller than the model's minimum (a 7x13 icon) keeps its size.
 
-    All images of a batch must have the same size after upscaling. A result with a side under ``min_size`` pixels,
-    or of more than ``max_pixels`` pixels (``None``: no limit), is refused before anything is allocated.
+    All images of a batch must have the same size after upscaling. A result of more than ``max_pixels`` pixels
+    (``None``: no limit) is refused before anything is allocated.
     """
     upscale = check_upscale(upscale)
     items = [_as_hwc(item, i) for i, item in enumerate(as_image_list(image))]
@@ -136,11 +139,6 @@ def prepare_lq_images(
         size = (round(height * upscale), round(width * upscale))
         if min(height, width) == 0 or min(size) == 0:
             raise ValueError(f"`image[{i}]` is empty or too small: {height}x{width} pixels, upscaled to {size}.")
-        if min(size) < min_size:
-            raise ValueError(
-                f"`image[{i}]` ({width}x{height} pixels) upscaled by {upscale:g} gives {size[1]}x{size[0]}; the model "
-                f"needs at least {min_size} pixels on each side: raise `upscale` or pass a larger image."
-            )
         if max_pixels is not None and size[0] * size[1] > max_pixels:
             raise ValueError(
                 f"`image[{i}]` ({width}x{height} pixels) upscaled by {upscale:g} gives {size[1]}x{size[0]} = "
@@ -155,6 +153,7 @@ def prepare_lq_images(
     upscaled = [_upscale(item, size) for item, size in zip(items, sizes)]
     reference = torch.from_numpy(np.stack(upscaled)).permute(0, 3, 1, 2).contiguous()
     height, width = reference.shape[-2:]
-    pad = (0, -width % multiple, 0, -height % multiple)
+    smallest = min_size + -min_size % multiple
+    pad = (0, max(width + -width % multiple, smallest) - width, 0, max(height + -height % multiple, smallest) - height)
     padded = torch.nn.functional.pad(reference, pad, mode="replicate") if any(pad) else reference
     return PreparedImages(reference=reference, padded=padded * 2.0 - 1.0)
