@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -21,7 +22,8 @@ from tiny_models import tiny_captioner
 from faithdiff_pipeline import loading
 from faithdiff_pipeline.cli import main
 from faithdiff_pipeline.image_io import result_text
-from faithdiff_pipeline.ray_engine import CRASH_ONCE_ENV, upscale_on_ray
+from faithdiff_pipeline.application import restore_files
+from faithdiff_pipeline.application.ray_engine import CRASH_ONCE_ENV
 
 FAST = ["--steps", "2", "--tile-size", "64", "--device", "cpu", "--dtype", "float32"]
 
@@ -75,6 +77,9 @@ def _png_chunks(path: Path) -> list[tuple[bytes, bytes]]:
             name, _, compressed = body.partition(b"\0")
             profile = zlib.decompress(compressed[1:])
             body = name + profile[:24] + bytes(12) + profile[36:]
+        if kind == b"iTXt" and body.startswith(b"XML:com.adobe.xmp\0"):
+            # Each result's provenance has its own document ids and time of writing.
+            body = re.sub(rb"xmp\.[di]id:[0-9a-f-]{36}|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", b"", body)
         chunks.append((kind, body))
         offset += 12 + length
     return chunks
@@ -136,8 +141,8 @@ def test_a_dying_worker_and_a_corrupt_image_do_not_stop_the_job(
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
-    summary = upscale_on_ray(
-        [tmp_path / "in"], tmp_path / "out", workers=1, model=str(tiny_model_dir), prompt="x", **_fast_options()
+    summary = restore_files(
+        [tmp_path / "in"], tmp_path / "out", engine="ray", workers=1, model=str(tiny_model_dir), prompt="x", **_fast_options()
     )
     assert marker.exists()  # a worker did die
     assert sorted(summary.done) == [path.name for path in good] and not summary.skipped
@@ -174,7 +179,7 @@ def test_without_ray_the_engine_is_a_one_line_error_before_any_model_loads(tmp_p
         (["--engine", "ray", "--gpus-per-worker", "-1"], "--gpus-per-worker must be a finite number >= 0, got -1.0"),
         (["--engine", "ray", "--device", "cuda:1"], "--device cuda:1 names one GPU"),
         (["--engine", "ray", "--captions-only"], "--captions-only runs on the local engine; drop --engine ray"),
-        (["--engine", "ray", "--steps", "0"], "--steps and --tile-batch-size must be at least 1"),
+        (["--engine", "ray", "--steps", "0"], "--steps must be a positive integer, got 0"),
     ],
 )
 def test_mistakes_are_one_line_errors_before_ray_starts(tmp_path, monkeypatch, capsys, extra, message) -> None:

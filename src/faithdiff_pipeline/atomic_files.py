@@ -78,13 +78,21 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``target``: write to it inside the block; it becomes ``target`` (one rename, with the
-    mode the umask gives) when the block ends without error, and is removed otherwise."""
+    mode the umask gives) when the block ends without error, and is removed otherwise. ``target``'s folder is
+    created if missing, and an error about the temporary name names ``target`` instead."""
     target = Path(target)
     temporary = temporary_name(target)
     try:
+        # A new file's folder is made as the commands make their output folders.
+        target.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
         apply_umask(temporary)
         os.replace(temporary, target)
+    except OSError as error:
+        if error.filename not in (str(temporary), temporary):
+            raise
+        # The temporary name is ours: the user is told of the file they asked for.
+        raise type(error)(error.errno, error.strerror, os.fspath(target)) from error
     finally:
         temporary.unlink(missing_ok=True)
 

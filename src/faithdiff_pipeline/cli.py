@@ -37,18 +37,16 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def restore(args: argparse.Namespace, prog: str = PROG) -> int:
     """The whole command once the arguments are parsed: every check first, then the models, then the images; its
     messages are headed ``prog``."""
-    from .application import JobFailed, ResultFiles
+    from .application import JobFailed, ResultFiles, check_engine_options
     from .application.local_engine import plan_local_job, run_local_job, write_captions
 
     notify = note_printer(prog)
     try:
         settings = RestorationSettings.from_options(**values_of(args, [*RESTORATION_OPTIONS, *OUTPUT_OPTIONS]))
-        given = [name for name in RAY_OPTIONS if getattr(args, name) is not None]
-        if args.engine != "ray" and given:
-            raise ValueError(f"{', '.join(f'`{name}`' for name in given)} need `engine` 'ray'.")
+        check_engine_options(args.engine, [name for name in RAY_OPTIONS if getattr(args, name) is not None])
         if args.captions_only:
             if args.engine == "ray":
-                raise ValueError("`captions_only` runs on the local engine; drop `engine` 'ray'.")
+                raise ValueError("`captions_only` runs on the local engine; drop `engine` ray.")
             summary = write_captions(args.inputs, settings, notify)
         elif args.engine == "ray":
             from .application.ray_engine import run_ray_job

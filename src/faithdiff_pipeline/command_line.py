@@ -27,6 +27,8 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names
             parser.add_argument(option.flag, action="store_true", help=option.help)
             continue
         extra: dict[str, Any] = {"nargs": "?", "const": option.const} if option.const is not None else {}
+        if option.nargs is not None:
+            extra["nargs"] = option.nargs
         default = f" (default: {option.default})" if option.default not in (None, "", False) else ""
         parser.add_argument(
             option.flag,

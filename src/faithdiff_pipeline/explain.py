@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .application.options import OPTIONS, as_flags
 from .application.planning import Job
-from .application.settings import RestorationSettings
+from .application.settings import PROVENANCE_OPTIONS, RestorationSettings
 from .command_line import RESTORATION_OPTIONS, add_options, error_line, note_printer, values_of
 
 if TYPE_CHECKING:
@@ -69,7 +69,9 @@ class AttentionMapFiles:
             save_result(overlay_heat_map(restored, heat), job.outputs[1 + 2 * index], text=text)
             raw = PIL.Image.fromarray(np.round(heat * 65535.0).astype(np.uint16))
             save_image(raw, job.outputs[2 + 2 * index], text=text)
-        save_result(restored, job.result, source=photo, text=result_metadata(settings, job.name, prompt))
+        metadata = result_metadata(settings, job.name, prompt)
+        save_result(restored, job.result, source=photo, options=settings.output, text=metadata,
+                    signing=settings.signing)
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -84,7 +86,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--words", required=True, help=OPTIONS["words"].help)
     parser.add_argument("-o", "--output-dir", default="faithdiff-explained", help="where maps go")
     add_options(parser, RESTORATION_OPTIONS)
-    add_options(parser, ["overwrite"])
+    add_options(parser, ["overwrite", *PROVENANCE_OPTIONS])
     add_options(parser.add_argument_group("attention maps"), ["record_steps", "layers", "downsampling"])
     return parser
 
@@ -147,7 +149,7 @@ def explain(args: argparse.Namespace, prog: str = PROG) -> int:
     from .application.local_engine import plan_local_job, run_local_job
 
     try:
-        settings = RestorationSettings.from_options(**values_of(args, RESTORATION_OPTIONS))
+        settings = RestorationSettings.from_options(**values_of(args, [*RESTORATION_OPTIONS, *PROVENANCE_OPTIONS]))
         recorder = make_recorder(args)
         job = plan_local_job(args.inputs, args.output_dir, settings, AttentionMapFiles(recorder), args.overwrite)
         summary = run_local_job(job, note_printer(prog))

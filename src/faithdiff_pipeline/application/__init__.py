@@ -17,10 +17,21 @@ from .options import OPTIONS, RAY_OPTIONS
 from .restoring import JobFailed, ResultFiles, Summary
 from .settings import RestorationSettings
 
-__all__ = ["JobFailed", "RestorationSettings", "Summary", "restore_files"]
+__all__ = ["JobFailed", "RestorationSettings", "ResultFiles", "Summary", "check_engine_options", "restore_files"]
 
 # The options of a job rather than of each image's restoration.
 JOB_OPTIONS = ("overwrite", "compare", "engine", *RAY_OPTIONS)
+
+
+def check_engine_options(engine: str, ray_options_given: Sequence[str]) -> None:
+    """Refuses an unknown engine, and the Ray engine's options without it, so that they are never silently
+    ignored."""
+    if engine not in OPTIONS["engine"].choices:
+        raise ValueError(f"`engine` must be one of {', '.join(OPTIONS['engine'].choices)}, got {engine!r}.")
+    if engine != "ray" and ray_options_given:
+        verb = "needs" if len(ray_options_given) == 1 else "need"
+        names = ", ".join(f"`{name}`" for name in ray_options_given)
+        raise ValueError(f"{names} {verb} `engine` ray (the engine is {engine}).")
 
 
 def restore_files(
@@ -56,6 +67,7 @@ def restore_files(
         TypeError: an unknown setting.
         JobFailed: the pipeline could not load, or the Ray job could not run.
     """
+    check_engine_options(engine, [name for name in RAY_OPTIONS if name in options])
     notify = notify or (lambda note: None)
     ray_options = {name: options.pop(name) for name in RAY_OPTIONS if name in options}
     settings = RestorationSettings.from_options(**options)
@@ -64,10 +76,6 @@ def restore_files(
         from .ray_engine import run_ray_job
 
         return run_ray_job(inputs, output_dir, settings, outputs, overwrite=overwrite, notify=notify, **ray_options)
-    if engine != "local":
-        raise ValueError(f"`engine` must be 'local' or 'ray', got {engine!r}.")
-    if ray_options:
-        raise ValueError(f"{', '.join(f'`{name}`' for name in ray_options)} need `engine` 'ray'.")
     from .local_engine import plan_local_job, run_local_job
 
     return run_local_job(plan_local_job(inputs, output_dir, settings, outputs, overwrite), notify, progress)

@@ -16,6 +16,7 @@ from typing import Any
 from .. import release_settings as release
 from ..image_io import OUTPUT_FORMATS, PROFILE_CHOICES
 from ..loading import CAPTIONER_PRECISIONS, COMPILE_MODES, DTYPE_NAMES, FP8_MODES, OFFLOAD_MODES
+from ..provenance import DEFAULT_DIGITAL_SOURCE_TYPE, DIGITAL_SOURCE_TYPES
 
 CAPTION_MODES = ("auto", "none", "sidecar")
 ENGINES = ("local", "ray")
@@ -35,6 +36,7 @@ class Option:
         choices: The accepted values, or ``None`` for any of ``kind``.
         metavar: The value's name in ``--help``.
         const: The value of the flag given without a value (an optional value), or ``None``.
+        nargs: How many values the flag takes when more than one, or ``None``.
     """
 
     name: str
@@ -42,8 +44,9 @@ class Option:
     help: str
     kind: type = str
     choices: tuple[Any, ...] | None = None
-    metavar: str | None = None
+    metavar: str | tuple[str, ...] | None = None
     const: Any = None
+    nargs: int | None = None
 
     @property
     def flag(self) -> str:
@@ -116,6 +119,14 @@ OPTIONS: dict[str, Option] = _options(
     Option("profile", "srgb", "srgb: results in sRGB with an sRGB profile; source: converted back to the input's "
            "embedded profile", str, PROFILE_CHOICES),
     Option("compare", False, "also write NAME_compare.png: LANCZOS | restored", bool),
+    # Provenance (docs/provenance.md).
+    Option("no_provenance", False, "leave out the XMP provenance each result carries (the IPTC digital source type, "
+           "the edit in its history, the original it derives from; the original's own XMP is kept either way)", bool),
+    Option("digital_source_type", DEFAULT_DIGITAL_SOURCE_TYPE, "the IPTC Digital Source Type the results declare",
+           str, DIGITAL_SOURCE_TYPES),
+    Option("sign", None, "sign each result with C2PA Content Credentials (the [c2pa] extra): the PEM certificate "
+           "chain and private key; an encrypted key's password is read from FAITHDIFF_SIGNING_KEY_PASSWORD",
+           metavar=("CERT_CHAIN", "KEY"), nargs=2),
     # Attention maps (faithdiff-explain).
     Option("words", None, 'comma-separated words (or phrases) of the prompt to map, e.g. "beard,cap"; matched whole, '
            "in any case"),

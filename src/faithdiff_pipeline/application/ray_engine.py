@@ -59,17 +59,17 @@ def check_ray_options(
 ) -> None:
     """The Ray engine's own refusals, before any cluster is joined."""
     if not installed("ray"):
-        raise ValueError(f"`engine` 'ray' needs Ray Data, which is not installed: {RAY_INSTALL}")
+        raise ValueError(f"`engine` ray needs Ray Data, which is not installed: {RAY_INSTALL}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("`engine` 'ray' starts its own workers; run it without accelerate launch or torchrun.")
+        raise ValueError("`engine` ray starts its own workers; run it without accelerate launch or torchrun.")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"`workers` must be a whole number of at least 1, got {workers!r}.")
+        raise ValueError(f"`workers` must be at least 1, got {workers!r}.")
     gpus = gpus_per_worker
     if gpus is not None and not (isinstance(gpus, (int, float)) and math.isfinite(gpus) and gpus >= 0):
         raise ValueError(f"`gpus_per_worker` must be a finite number >= 0, got {gpus!r}.")
     if re.fullmatch(r"cuda:\d+", settings.device):
         # Ray gives each worker its own GPUs, which the worker sees as cuda:0, cuda:1, ...
-        raise ValueError(f"`device` {settings.device!r} names one GPU; with `engine` 'ray' use 'cuda' or 'auto'.")
+        raise ValueError(f"`device` {settings.device} names one GPU; with `engine` ray use `device` cuda or auto.")
 
 
 def run_ray_job(
@@ -94,7 +94,7 @@ def run_ray_job(
     sources = planning.collect_inputs(inputs, output)
     planning.check_sixteen_bit(sources)
     plan = planning.plan_jobs(sources, output, outputs.names, overwrite)
-    summary = Summary(skipped=[job.name for job in plan.skipped])
+    summary = Summary(skipped=[job.name for job in plan.skipped], pooled=True)
     prompts = captions.read_prompts([job.source for job in plan.todo], settings)
     summary.failed += prompts.failed
     records = [_record(index, job, prompts.known.get(job.source)) for index, job in enumerate(plan.todo)]
@@ -130,9 +130,9 @@ def _check_device(device: str, gpus: float) -> None:
     """A GPU device without GPUs reserved for it would share GPUs behind Ray's back; GPUs reserved for the CPU would
     sit idle."""
     if device == "cuda" and gpus == 0:
-        raise ValueError("`device` 'cuda' with `engine` 'ray' needs `gpus_per_worker` above 0.")
+        raise ValueError("`device` cuda with `engine` ray needs `gpus_per_worker` above 0.")
     if device in ("cpu", "mps") and gpus > 0:
-        raise ValueError(f"`gpus_per_worker` {gpus:g} reserves GPUs that `device` {device!r} leaves idle.")
+        raise ValueError(f"`gpus_per_worker` {gpus:g} reserves GPUs that `device` {device} leaves idle.")
 
 
 def _check_resources(pool: _Pool) -> None:

@@ -31,13 +31,16 @@ class Summary:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    # Deaths of worker processes that the Ray engine survived.
+    # Set by the Ray engine: the deaths of worker processes it survived, and its pool's throughput is reported.
     worker_deaths: int = 0
+    pooled: bool = False
 
     def report(self) -> str:
         """The summary in a few lines, as the commands print it."""
         per_image = f", {self.seconds / len(self.done):.1f} s per image" if self.done else ""
         first = f"{len(self.done)} done, {len(self.skipped)} skipped (already restored), {len(self.failed)} failed{per_image}"
+        if self.pooled and self.done and self.seconds > 0:
+            first += f", {len(self.done) / self.seconds:.2f} images per second"
         if self.worker_deaths:
             first += (
                 f"\n  {self.worker_deaths} worker process death(s): each worker was restarted and the work it had "
@@ -104,7 +107,9 @@ class ResultFiles:
         if self.compare:
             restored_8bit = PIL.Image.fromarray((restored * 255.0).round().clip(0, 255).astype("uint8"))
             image_io.save_result(side_by_side(photo.to_pil(), restored_8bit), job.outputs[1], text=metadata)
-        image_io.save_result(restored, job.result, source=photo, options=settings.output, text=metadata)
+        image_io.save_result(
+            restored, job.result, source=photo, options=settings.output, text=metadata, signing=settings.signing
+        )
 
 
 def restore_photo(photo: image_io.ImageFile, prompt: str, settings: RestorationSettings, pipe: Any,

@@ -4,19 +4,24 @@ that what is run and what is recorded cannot drift apart."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checks import check_integer, check_tile_arguments, is_real
 from ..image_io import OutputOptions
 from ..loading import check_model_source, check_options
 from .options import OPTIONS
 
+if TYPE_CHECKING:
+    from ..content_credentials import SigningCredentials
+
 # The per-image entries of the recorded parameters, written around the settings' own: results of earlier versions
 # carry them in this order, and a result is recognised as ours by the `faithdiff_pipeline` entry.
 _INPUT_KEY, _PROMPT_KEY, _VERSION_KEY = "input", "prompt", "faithdiff_pipeline"
-# The option names that make the output options.
-OUTPUT_OPTIONS = ("format", "quality", "bit_depth", "keep_colour", "profile")
+# The option names that make the output options: the files' own, then their provenance and signing.
+PROVENANCE_OPTIONS = ("no_provenance", "digital_source_type", "sign")
+OUTPUT_OPTIONS = ("format", "quality", "bit_depth", "keep_colour", "profile", *PROVENANCE_OPTIONS)
 
 
 def _setting(name: str, *, call: str | None = None, recorded: bool = False, recorded_unset: Any = None) -> Any:
@@ -70,6 +75,8 @@ class RestorationSettings:
     low_vram: bool = _setting("low_vram")
     vae_tiling: bool = _setting("vae_tiling")
     output: OutputOptions = field(default_factory=OutputOptions)
+    # Content Credentials to sign each result with, or None.
+    signing: SigningCredentials | None = None
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -84,6 +91,8 @@ class RestorationSettings:
         check_tile_arguments(self.tile_size, self.tile_stride)
         check_options(self.offload, self.captioner_quantization, self.preclean, self.fp8, self.low_vram)
         check_model_source(self.model)
+        if self.signing is not None and not self.output.provenance:
+            raise ValueError("`sign` adds provenance, which `no_provenance` leaves out: choose one.")
 
     def _check_sampling(self) -> None:
         for name in ("upscale", "guidance"):
@@ -128,12 +137,14 @@ class RestorationSettings:
         if values.get("low_vram"):
             # Part of the low-memory set-up: one tile at a time keeps the UNet's activations smallest.
             values["tile_batch_size"] = 1
-        output = {name: options[name] for name in OUTPUT_OPTIONS if name in options}
+        output = {name: options[name] for name in OUTPUT_OPTIONS[:5] if name in options}
         if output.get("bit_depth") in ("auto", None):
             output["bit_depth"] = None
         elif isinstance(output.get("bit_depth"), str):
             output["bit_depth"] = int(output["bit_depth"])
-        return cls(**values, output=OutputOptions(**output))
+        output["provenance"] = not options.get("no_provenance", False)
+        output["digital_source_type"] = options.get("digital_source_type", OPTIONS["digital_source_type"].default)
+        return cls(**values, output=OutputOptions(**output), signing=_signing(options.get("sign")))
 
     def call_arguments(self, prompt: str) -> dict[str, Any]:
         """The pipeline call arguments of one image with ``prompt``, its sampling seeded by ``seed``."""
@@ -154,3 +165,14 @@ class RestorationSettings:
                 recorded[item.name] = item.metadata["unset"] if value is None else value
         return {_INPUT_KEY: input_name, _PROMPT_KEY: prompt, **recorded, _VERSION_KEY: __version__}
 
+
+def _signing(files: Any) -> SigningCredentials | None:
+    """The credentials of ``sign`` (a certificate chain and key file), read and checked now, before any model loads;
+    an encrypted key's password comes from the environment."""
+    if files is None:
+        return None
+    if isinstance(files, (str, os.PathLike)) or len(files) != 2:
+        raise ValueError(f"`sign` takes two files, the certificate chain and the private key; got {files!r}.")
+    from ..content_credentials import PASSWORD_VARIABLE, SigningCredentials
+
+    return SigningCredentials.from_files(*files, password=os.environ.get(PASSWORD_VARIABLE))
