@@ -146,7 +146,7 @@ def test_pyiqa_metrics_without_pyiqa_name_the_extra_and_the_metric(monkeypatch, 
         load_metric("lpips")
     assert EXTRA in str(caught.value) and "'lpips'" in str(caught.value)
     names, note = default_metric_names()
-    assert names == ["psnr", "ssim", "psnr-y", "ssim-y"]
+    assert names == ["psnr", "ssim", "psnr-y", "ssim-y", "lr-psnr", "lr-ssim"]
     assert EXTRA in note and "musiq" in note
 
     hq, lq = tmp_path / "hq", tmp_path / "lq"

@@ -15,6 +15,7 @@ _import_structure = {
     "attention_maps": ["AttentionMapRecorder"],
     "color_fix": ["adain_color_fix", "apply_color_fix", "wavelet_color_fix"],
     "conversion": ["convert_official_release", "converted_release"],
+    "fidelity": ["FidelityReport", "measure_fidelity", "restore_with_seeds"],
     "lq_features": ["FaithDiffLQEncoder", "encoder_mid_block_features"],
     "pipeline_faithdiff_sdxl": ["FaithDiffPipelineOutput", "FaithDiffSDXLPipeline"],
 }
@@ -27,12 +28,15 @@ __all__ = [
     "FaithDiffLQEncoder",
     "FaithDiffPipelineOutput",
     "FaithDiffSDXLPipeline",
+    "FidelityReport",
     "adain_color_fix",
     "aligned_conv_in",
     "apply_color_fix",
     "convert_official_release",
     "converted_release",
     "encoder_mid_block_features",
+    "measure_fidelity",
+    "restore_with_seeds",
     "wavelet_color_fix",
 ]
 
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
     from .attention_maps import AttentionMapRecorder
     from .color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix
     from .conversion import convert_official_release, converted_release
+    from .fidelity import FidelityReport, measure_fidelity, restore_with_seeds
     from .lq_features import FaithDiffLQEncoder, encoder_mid_block_features
     from .pipeline_faithdiff_sdxl import FaithDiffPipelineOutput, FaithDiffSDXLPipeline
 

@@ -84,13 +84,37 @@ def _upscale(image: PIL.Image.Image | np.ndarray, size: tuple[int, int]) -> np.n
         return np.asarray(resized, dtype=np.float32) / 255.0
     if image.shape[:2] == (height, width):
         return image
-    # Float input: resample each channel in PIL's 32-bit float mode, so nothing is quantised to 8 bits.
+    return resize_float(image, size)
+
+
+def resize_float(
+    image: np.ndarray, size: tuple[int, int], resample: PIL.Image.Resampling = PIL.Image.LANCZOS
+) -> np.ndarray:
+    """Resizes float samples in [0, 1] with a PIL filter, without quantising them, and clips the result to [0, 1].
+
+    PIL widens the filter's support by the reduction factor when it shrinks an image, so a LANCZOS (or BICUBIC)
+    reduction is anti-aliased: a proper low-pass filter at the new size's Nyquist frequency. The input's LANCZOS
+    upscale is this function with ``resample=LANCZOS``.
+
+    Args:
+        image: ``[H, W]`` or ``[H, W, C]`` float samples in [0, 1].
+        size: The new ``(height, width)``.
+        resample: A ``PIL.Image`` resampling filter.
+
+    Returns:
+        float32 ``[height, width]`` or ``[height, width, C]`` in [0, 1].
+    """
+    height, width = size
+    array = np.asarray(image, dtype=np.float32)
+    planes = array[..., None] if array.ndim == 2 else array
+    # Each channel in PIL's 32-bit float mode: nothing is quantised to 8 bits.
     channels = [
-        np.asarray(PIL.Image.fromarray(np.ascontiguousarray(image[..., c])).resize((width, height), PIL.Image.LANCZOS))
-        for c in range(3)
+        np.asarray(PIL.Image.fromarray(np.ascontiguousarray(planes[..., c])).resize((width, height), resample))
+        for c in range(planes.shape[-1])
     ]
     # LANCZOS overshoots at edges; the 8-bit path clips the same way when PIL rounds.
-    return np.stack(channels, axis=-1).clip(0.0, 1.0)
+    resized = np.stack(channels, axis=-1).clip(0.0, 1.0)
+    return resized[..., 0] if array.ndim == 2 else resized
 
 
 def as_image_list(image: LQImage | Sequence[LQImage]) -> list[LQImage]:

@@ -9,15 +9,20 @@ Conventions (those of IQA-PyTorch, ``pyiqa``, with the Y channel of BasicSR's ``
 * SSIM: in float64 on the image rounded to 8-bit levels (``round(255 x)``, as MATLAB's ``ssim`` sees a uint8 image),
   11 x 11 Gaussian window of sigma 1.5, only the positions where the window lies inside the image ("valid"), no
   downsampling, the contrast-structure term clipped at 0, averaged over channels and positions;
-* ``crop_border`` pixels are removed from every edge before either metric.
+* ``crop_border`` pixels are removed from every edge before either metric;
+* LR-PSNR and LR-SSIM measure consistency with the LQ input: the restored image reduced to the LQ size with PIL's
+  anti-aliased LANCZOS filter (as :mod:`faithdiff_pipeline.fidelity` reduces it), then PSNR and SSIM as above against
+  the LQ image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 
+from ..preprocessing import resize_float
 from .metric_specs import BUILTIN_METRICS, EVAL_EXTRA, METRICS, PYIQA_METRICS, MetricSpec, MetricUnavailableError
 
 SSIM_WINDOW = 11
@@ -82,6 +87,43 @@ def ssim(
     contrast_structure = ((2 * cov + c2) / (var_x + var_y + c2)).clamp(min=0)
     luminance = (2 * mu_x * mu_y + c1) / (mu_x.pow(2) + mu_y.pow(2) + c1)
     return (luminance * contrast_structure).mean(dim=(1, 2, 3))
+
+
+def lr_psnr(restored: torch.Tensor, low_quality: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each restored image, reduced to the LQ size, against its LQ input (``[B]``, float64).
+
+    Args:
+        restored: ``[B, 3, H, W]`` in [0, 1].
+        low_quality: ``[B, 3, h, w]`` in [0, 1], no larger than ``restored``.
+    """
+    return psnr(reduce_to(restored, low_quality), low_quality)
+
+
+def lr_ssim(restored: torch.Tensor, low_quality: torch.Tensor) -> torch.Tensor:
+    """SSIM of each restored image, reduced to the LQ size, against its LQ input (``[B]``, float64); the LQ image
+    must be at least 11 x 11.
+
+    Args:
+        restored: ``[B, 3, H, W]`` in [0, 1].
+        low_quality: ``[B, 3, h, w]`` in [0, 1], no larger than ``restored``.
+    """
+    return ssim(reduce_to(restored, low_quality), low_quality)
+
+
+def reduce_to(restored: torch.Tensor, low_quality: torch.Tensor) -> torch.Tensor:
+    """``restored`` (``[B, 3, H, W]`` in [0, 1]) reduced to the size of ``low_quality`` (``[B, 3, h, w]``) with PIL's
+    LANCZOS filter, whose support widens with the reduction (anti-aliased), in float32, clipped to [0, 1]."""
+    _check_batch(restored, "restored")
+    _check_batch(low_quality, "low_quality")
+    size = tuple(low_quality.shape[-2:])
+    if len(restored) != len(low_quality) or restored.shape[-2] < size[0] or restored.shape[-1] < size[1]:
+        raise ValueError(
+            f"`restored` {tuple(restored.shape)} must be the batch of `low_quality` {tuple(low_quality.shape)} at "
+            "its size or larger."
+        )
+    images = restored.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+    reduced = np.stack([resize_float(image, size) for image in images])
+    return torch.from_numpy(reduced).permute(0, 3, 1, 2)
 
 
 def _gaussian_filter(image: torch.Tensor) -> torch.Tensor:
@@ -192,10 +234,46 @@ def load_metric(name: str, device: str | torch.device = "cpu") -> ScoreFn:
         raise ValueError(f"`metric` {name!r} is unknown; expected one of {', '.join(METRICS)}.")
     spec = METRICS[name]
     if spec.pyiqa_name is None:
+        if spec.reference == "lq":
+            return _lq_scorer(name, lr_psnr if name == "lr-psnr" else lr_ssim)
         score = psnr if name.startswith("psnr") else ssim
         y_channel = name.endswith("-y")
         return lambda restored, reference: score(restored, reference, y_channel=y_channel)
     return _load_pyiqa_metric(spec, device)
+
+
+def _lq_scorer(name: str, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ScoreFn:
+    def scorer(restored: torch.Tensor, low_quality: torch.Tensor | None) -> torch.Tensor:
+        if low_quality is None:
+            raise ValueError(f"metric {name!r} compares with the LQ image; it was given none (see score_result).")
+        return score(restored, low_quality)
+
+    return scorer
+
+
+def score_result(
+    scorers: Mapping[str, ScoreFn],
+    restored: torch.Tensor,
+    hq: torch.Tensor | None,
+    lq: torch.Tensor | None,
+) -> dict[str, float]:
+    """The score of one restored image by each metric of ``scorers``, each given the reference its
+    :class:`MetricSpec` names (the HQ image, the LQ input, or none).
+
+    Args:
+        scorers: Loaded metrics by name, from :func:`load_metric`.
+        restored: ``[1, 3, H, W]`` in [0, 1].
+        hq: The HQ image, ``[1, 3, H, W]``; ``None`` only when no metric compares with it.
+        lq: The LQ input, ``[1, 3, h, w]``; ``None`` only when no metric compares with it.
+    """
+    references = {"hq": hq, "lq": lq, None: None}
+    scores = {}
+    for name, scorer in scorers.items():
+        reference = METRICS[name].reference
+        if reference is not None and references[reference] is None:
+            raise ValueError(f"metric {name!r} compares with the {reference.upper()} image; `{reference}` is None.")
+        scores[name] = float(scorer(restored, references[reference])[0])
+    return scores
 
 
 def _load_pyiqa_metric(spec: MetricSpec, device: str | torch.device) -> ScoreFn:
