@@ -37,6 +37,9 @@ import torch
 
 from faithdiff_pipeline import FaithDiffSDXLPipeline, loading
 from faithdiff_pipeline.captioning import Captioner
+from faithdiff_pipeline.application.options import OPTIONS
+from faithdiff_pipeline.application.restoring import restore_photo, result_metadata
+from faithdiff_pipeline.application.settings import RestorationSettings
 from faithdiff_pipeline.image_io import ImageFile, from_pil, read_image, save_result
 
 try:
@@ -193,11 +196,6 @@ def _seed(seed: float | None) -> int:
     return int(seed)
 
 
-def _generator(seed: int) -> torch.Generator:
-    # CPU generator, as faithdiff-upscale uses: the same seed gives the same result on any device.
-    return torch.Generator("cpu").manual_seed(seed)
-
-
 def _require_image(image: PIL.Image.Image | str | None, action: str) -> None:
     if image is None:
         raise gr.Error(f"Upload a photo first, then {action}.", title="No photo")
@@ -235,20 +233,21 @@ def restore_image(
     models: DemoModels,
     image: PIL.Image.Image | str | None,
     caption: str | None,
-    upscale: float = 2,
-    steps: float = 20,
-    guidance: float = 5.0,
-    seed: float | None = 42,
-    start_point: str = "lr",
-    color_fix: str | None = "adain",
-    tile_size: float = 1024,
+    upscale: float = OPTIONS["upscale"].default,
+    steps: float = OPTIONS["steps"].default,
+    guidance: float = OPTIONS["guidance"].default,
+    seed: float | None = OPTIONS["seed"].default,
+    start_point: str = OPTIONS["start_point"].default,
+    color_fix: str | None = OPTIONS["color_fix"].default,
+    tile_size: float = OPTIONS["tile_size"].default,
     progress: Progress | None = None,
 ) -> tuple[PIL.Image.Image, PIL.Image.Image, Path, str]:
     """Restores ``image`` (a path, as the app passes uploads, or a PIL image): returns (before, after, PNG path,
     caption used).
 
-    The photo is read through :mod:`faithdiff_pipeline.image_io` (upright, in sRGB, 16-bit kept) and the PNG is
-    written by ``image_io.save_result`` with what the photo had: its bit depth, greyscale, alpha and metadata. A
+    The photo is read through :mod:`faithdiff_pipeline.image_io` (upright, in sRGB, 16-bit kept), restored by the
+    application layer with the same settings, seeds and result metadata as faithdiff-upscale, and the PNG is written
+    with what the photo had: its bit depth, greyscale, alpha and metadata, and the provenance of the result. A
     non-empty ``caption`` is the prompt, unchanged. An empty one is filled by the captioner first (returned, so that
     the box shows what was used), with the caption that ``caption_image`` gives for the same seed; without a
     captioner, the prompt is empty. The result is the one that a pipeline holding the same captioner gives with
@@ -256,31 +255,26 @@ def restore_image(
     it, so that the two line up in the slider. Errors of the pipeline become ``gr.Error`` with their message.
     """
     _require_image(image, "restore it")
-    steps = int(steps)
-    seed = _seed(seed)
     pipe = models.pipe
     try:
+        settings = RestorationSettings.from_options(
+            upscale=float(upscale),
+            steps=int(steps),
+            guidance=float(guidance),
+            seed=_seed(seed),
+            start_point=start_point,
+            color_fix=color_fix or "none",
+            tile_size=int(tile_size),
+        )
         source = _read(image)
-        lq = source.pipeline_input()
         prompt = caption if caption and caption.strip() else None
         if prompt is None and models.can_caption:
             _report(progress, 0.0, "Captioning")
-            prompt = models.caption(source.to_pil(), seed)
+            prompt = models.caption(source.to_pil(), settings.seed)
         # Floats, not 8-bit PIL: a 16-bit photo's result keeps its 16 bits in the PNG.
-        restored = pipe(
-            lq,
-            prompt=prompt or "",
-            upscale=float(upscale),
-            num_inference_steps=steps,
-            guidance_scale=float(guidance),
-            start_point=start_point,
-            tile_size=int(tile_size),
-            color_fix=color_fix,
-            generator=_generator(seed),
-            output_type="np",
-            callback_on_step_end=_step_reporter(progress, steps),
-        ).images[0]
-        path = _save_result(restored, source)
+        reporter = _step_reporter(progress, settings.steps)
+        restored = restore_photo(source, prompt or "", settings, pipe, callback_on_step_end=reporter)
+        path = _save_result(restored, source, settings, prompt or "")
     except (ValueError, TypeError, OSError) as error:
         raise gr.Error(str(error), title="Restoration failed") from error
     except torch.OutOfMemoryError as error:
@@ -316,38 +310,48 @@ def _read(image: PIL.Image.Image | str) -> ImageFile:
     return from_pil(image) if isinstance(image, PIL.Image.Image) else read_image(image)
 
 
-def _save_result(restored: np.ndarray, source: ImageFile) -> Path:
+def _save_result(restored: np.ndarray, source: ImageFile, settings: RestorationSettings, prompt: str) -> Path:
     """Writes the result (float ``[H, W, 3]`` in [0, 1]) as a PNG with the source's bit depth, greyscale, alpha and
-    metadata."""
+    metadata, and faithdiff-upscale's parameters and provenance."""
     # One folder per result: concurrent users never overwrite each other, and every download has the same name.
     folder = _results_folder() / uuid.uuid4().hex
     folder.mkdir()
-    return save_result(restored, folder / "faithdiff_restored.png", source=source)
+    name = source.path.name if source.path is not None else "upload.png"
+    metadata = result_metadata(settings, name, prompt)
+    return save_result(restored, folder / "faithdiff_restored.png", source=source, options=settings.output,
+                       text=metadata)
 
 
 def _option_controls() -> list[gr.components.Component]:
     """The pipeline's options, defaults from the release; the order is restore_image's."""
     with gr.Accordion("Options", open=True):
         with gr.Row():
-            upscale = gr.Slider(1, 4, value=2, step=0.5, label="Upscale", elem_id="upscale")
-            steps = gr.Slider(1, 50, value=20, step=1, label="Steps", elem_id="steps")
-            guidance = gr.Slider(1, 10, value=5, step=0.5, label="Guidance (1: off)", elem_id="guidance")
+            upscale = gr.Slider(1, 4, value=OPTIONS["upscale"].default, step=0.5, label="Upscale", elem_id="upscale")
+            steps = gr.Slider(1, 50, value=OPTIONS["steps"].default, step=1, label="Steps", elem_id="steps")
+            guidance = gr.Slider(
+                1, 10, value=OPTIONS["guidance"].default, step=0.5, label="Guidance (1: off)", elem_id="guidance"
+            )
         with gr.Row():
-            seed = gr.Number(42, precision=0, label="Seed", elem_id="seed")
+            seed = gr.Number(OPTIONS["seed"].default, precision=0, label="Seed", elem_id="seed")
             tile_size = gr.Slider(
                 64,
                 2048,
-                value=1024,
+                value=OPTIONS["tile_size"].default,
                 step=64,
                 label="Tile size (px)",
                 info="smaller tiles need less GPU memory",
                 elem_id="tile-size",
             )
         with gr.Row():
-            start_point = gr.Radio(list(START_POINTS.items()), value="lr", label="Start point", elem_id="start-point")
+            start_point = gr.Radio(
+                list(START_POINTS.items()),
+                value=OPTIONS["start_point"].default,
+                label="Start point",
+                elem_id="start-point",
+            )
             color_fix = gr.Radio(
                 [(label, value or "none") for label, value in COLOR_FIXES.items()],
-                value="adain",
+                value=OPTIONS["color_fix"].default,
                 label="Colour fix",
                 elem_id="color-fix",
             )
