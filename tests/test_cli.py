@@ -178,6 +178,11 @@ def test_caption_modes(model_dir, captioner_dir, tmp_path, capsys) -> None:
             "--compile keeps the UNet on the device; use --offload text-encoders, not model",
         ),
         (
+            lambda tmp: (tmp / "a.png").write_bytes(b""),
+            ["a.png", "--captioner", "llava-hf/llava-1.5-7b-hf", "--captioner-quantization", "4bit", "--device", "cpu"],
+            "--captioner-quantization '4bit' needs a CUDA GPU (bitsandbytes), and the device is cpu",
+        ),
+        (
             lambda tmp: [(tmp / d).mkdir() for d in "xy"] and [(tmp / d / "a.png").write_bytes(b"") for d in "xy"],
             ["x", "y"],
             "would both be written as a.png",

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -211,3 +212,34 @@ def test_a_foreign_file_in_a_remote_results_place_is_a_clash(tmp_path, monkeypat
     monkeypatch.setattr("ray.init", lambda *a, **k: pytest.fail("Ray was started"))
     assert main([(tmp_path / "in").as_uri(), "-o", (tmp_path / "out").as_uri(), "--engine", "ray"]) == 2
     assert "files that are not faithdiff results are in the way" in capsys.readouterr().err
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused_before_any_work(ray_cluster, tmp_path, monkeypatch, capsys) -> None:
+    """The README's GPU line on a cluster without GPUs (2 CPUs here): Ray Data would wait for ever for the actors."""
+    _photos(tmp_path / "in", 1)
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    common = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--engine", "ray", "--prompt", "x", *FAST]
+    for extra, message in [
+        (["--workers", "2", "--gpus-per-worker", "1"], "asks for more GPUs than the Ray cluster has (0)"),
+        (["--workers", "3"], "--workers 3 is more than the Ray cluster's 2 CPUs"),
+    ]:
+        assert main([*common, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:9", "ray://127.0.0.1:9"])
+def test_an_address_where_nothing_answers_fails_at_once(tmp_path, address) -> None:
+    """Ray itself waits on such an address for many minutes (the ray:// form half a minute); the probe answers before
+    Ray is asked. A fresh process, since this one runs a Ray cluster already."""
+    require_ray()
+    _photos(tmp_path / "in", 1)
+    command = [sys.executable, "-m", "faithdiff_pipeline.cli", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+               "--engine", "ray", "--prompt", "x", "--ray-address", address]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"faithdiff-upscale: error: could not join the Ray cluster at {address!r}: nothing answers there "
+        "(Connection refused); check the address (and RAY_ADDRESS), or leave it out to start a cluster on this machine"
+    ]
