@@ -184,7 +184,10 @@ def plan_captioner(
                 "device too (slowly), or caption on a GPU machine first (--captions-only)",
             )
         if precision in ("8bit", "4bit"):
-            raise ValueError(f"a {precision} captioner needs a CUDA GPU (bitsandbytes); the device is {device}.")
+            raise ValueError(
+                f"`captioner_quantization` {precision!r} needs a CUDA GPU (bitsandbytes), and the device is {device}: "
+                "use 'half' or 'auto' here, or caption on a CUDA machine."
+            )
         return CaptionerPlan(model, "full" if device.type == "cpu" else "half")
     if precision != "auto":
         return CaptionerPlan(model, precision)

@@ -11,9 +11,9 @@ import PIL.Image
 import torch
 
 from .checks import is_real
-from .image_io import DEFAULT_MAX_OUTPUT_PIXELS, check_unit_range, from_pil, read_image
+from .image_io import DEFAULT_MAX_OUTPUT_PIXELS, ImageFile, check_unit_range, from_pil, read_image
 
-LQImage = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
+LQImage = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike, ImageFile]
 
 
 @dataclass
@@ -39,12 +39,15 @@ def _as_hwc(item: LQImage, index: int) -> PIL.Image.Image | np.ndarray:
     """A PIL RGB image (8-bit input) or a float32 ``[H, W, 3]`` array in [0, 1] (16-bit or floating-point input).
 
     Files and PIL images go through :mod:`~faithdiff_pipeline.image_io`: upright, in sRGB, 16-bit kept, the colour
-    under transparent pixels replaced by their surroundings'."""
+    under transparent pixels replaced by their surroundings'. An :class:`~faithdiff_pipeline.image_io.ImageFile`
+    has been read so already and is taken as it is."""
     if isinstance(item, (str, os.PathLike)):
         try:
             return read_image(item).pipeline_input()
         except ValueError as error:
             raise ValueError(f"`image` {error}") from error
+    if isinstance(item, ImageFile):
+        return item.pipeline_input()
     if isinstance(item, PIL.Image.Image):
         return from_pil(item).pipeline_input()
     if isinstance(item, torch.Tensor):
