@@ -34,6 +34,7 @@ from PIL import ImageCms
 
 from .atomic_files import atomic_path
 from .checks import check_bool, check_choice, check_integer
+from .release_settings import MAX_OUTPUT_PIXELS
 from .provenance import (
     DEFAULT_DIGITAL_SOURCE_TYPE,
     JPEG_XMP_LIMIT,
@@ -56,7 +57,7 @@ MEDIA_TYPES = {"png": "image/png", "tiff": "image/tiff", "jpeg": "image/jpeg", "
 # SOFTWARE (from .provenance) marks our results (EXIF/TIFF Software tag), so that a rerun tells them from a user's
 # files of the same name.
 # A result larger than this is refused before anything is allocated: 8192 x 8192 fits a 24 GB card with tiling.
-DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
+DEFAULT_MAX_OUTPUT_PIXELS = MAX_OUTPUT_PIXELS
 
 _ORIENTATION, _DESCRIPTION, _SOFTWARE, _XMP_TAG = 0x0112, 0x010E, 0x0131, 700
 _PNG_XMP_KEY = "XML:com.adobe.xmp"
