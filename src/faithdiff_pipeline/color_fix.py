@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .release_settings import COLOR_FIXES
 
+
 def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Gives each channel of ``image`` the mean and standard deviation of ``reference`` (both ``[B, C, H, W]``).
 
