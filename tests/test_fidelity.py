@@ -278,11 +278,6 @@ def test_lr_columns_in_an_evaluation_report(tmp_path) -> None:
         score_result(scorers, batch[0], batch[1], None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluation/cli.py's _score does not pass the LQ image yet: it must call metrics.score_result "
-    "(remove this marker when it does)",
-)
 def test_eval_cli_reports_lr_columns(tmp_path) -> None:
     from faithdiff_pipeline.evaluation.cli import main as eval_main
 

@@ -364,10 +364,7 @@ def save_raw_map(values: np.ndarray, target: str | os.PathLike, text: Mapping[st
         raise ValueError(f"`values` must be an [H, W] map, got shape {array.shape}.")
     _check_png(target)
     samples = (np.nan_to_num(array).clip(0.0, 1.0) * 65535.0).round().astype("<u2")
-    info = PIL.PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value)
-    return save_image(PIL.Image.fromarray(samples), target, pnginfo=info)
+    return save_image(PIL.Image.fromarray(samples), target, text=dict(text or {}))
 
 
 def fidelity_map_paths(result_path: str | os.PathLike, spread: bool = False, raw: bool = False) -> dict[str, Path]:

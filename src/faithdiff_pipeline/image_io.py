@@ -560,10 +560,18 @@ def save_result(
     return target
 
 
-def save_image(image: PIL.Image.Image, target: str | os.PathLike, **params: Any) -> Path:
-    """Writes a derived image (a comparison, a crop grid, a dataset crop) atomically, in the format of the target's
-    suffix; ``params`` go to PIL's ``save``."""
+def save_image(
+    image: PIL.Image.Image, target: str | os.PathLike, text: Mapping[str, str] | None = None, **params: Any
+) -> Path:
+    """Writes a derived image (a comparison, a crop grid, a dataset crop, a map) atomically, in the format of the
+    target's suffix; ``params`` go to PIL's ``save``. With ``text`` (a PNG target), the text is stored as
+    :func:`save_result` stores it, marked as ours, so that :func:`result_text` (and a rerun) knows the file."""
     target = Path(target)
+    if text is not None:
+        info = PIL.PngImagePlugin.PngInfo()
+        for key, value in {"Software": SOFTWARE, **text}.items():
+            info.add_text(key, value)
+        params["pnginfo"] = info
     with atomic_path(target) as temporary:
         image.save(temporary, format=PIL.Image.registered_extensions().get(target.suffix.lower(), "PNG"), **params)
     return target

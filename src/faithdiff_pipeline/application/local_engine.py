@@ -41,7 +41,7 @@ def plan_local_job(
     overwrite: bool = False,
 ) -> LocalJob:
     """Checks and plans a job; every mistake raises ``ValueError`` naming the setting, before any model loads."""
-    sources = planning.collect_inputs(inputs, output_dir)
+    sources = planning.collect_inputs(inputs)
     planning.check_sixteen_bit(sources)
     plan = planning.plan_jobs(sources, output_dir, outputs.names, overwrite)
     return LocalJob(settings, os.fspath(output_dir), plan, outputs)

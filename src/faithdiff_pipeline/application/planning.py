@@ -2,8 +2,9 @@
 
 1. Nothing is written over, replaced or deleted that we did not make: a file in an output's place that is not one of
    ours, or an input in an output's place, is refused before any work; ``overwrite`` only redoes our own outputs.
-2. Our own outputs are never taken for inputs: a file of ours in the output folder is left out of the input scan,
-   so an output folder inside (or equal to) an input folder is safe to rerun.
+2. Our own outputs are never taken for inputs: the files of ours in a folder or a glob pattern's matches are left
+   out of the input scan, so an output folder equal to an input folder is safe to rerun, and one command's results
+   beside the photos are not photos to another (a file named on its own is taken as given).
 3. Inputs that give nothing to do are refused.
 Every refusal is a ``ValueError`` naming the setting (`` `inputs` ``, `` `output_dir` ``), raised before any model
 loads. Locations are local paths or URIs (:mod:`.locations`).
@@ -81,36 +82,26 @@ def _images_of(pattern: str) -> list[str]:
     return [pattern]
 
 
-def _inside(location: str, folder: str | None) -> bool:
-    if folder is None or locations.is_uri(location) != locations.is_uri(folder):
-        return False
-    if locations.is_uri(location):
-        return location.startswith(folder.rstrip("/") + "/")
-    return Path(location).resolve().is_relative_to(Path(folder).resolve())
-
-
-def collect_inputs(patterns: Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None) -> list[str]:
+def collect_inputs(patterns: Sequence[str | os.PathLike]) -> list[str]:
     """The image locations of files, folders (their images, not their subfolders) and glob patterns, each once, in
-    order; local paths made absolute. Files of ours under ``output_dir`` are left out, so that a rerun never takes a
-    job's outputs for inputs. Raises ``ValueError`` when an input is missing, not an image, or gives no images."""
+    order; local paths made absolute. Our own results are left out of folders and patterns, so that a rerun never
+    takes a job's outputs for inputs. Raises ``ValueError`` when an input is missing, not an image, or gives no
+    images."""
     if isinstance(patterns, (str, os.PathLike)) or not patterns:
         raise ValueError(f"`inputs` must be a non-empty list of files, folders or patterns, got {patterns!r}.")
-    output = None if output_dir is None else locations.as_location(output_dir)
     found: list[str] = []
     for pattern in map(locations.as_location, patterns):
-        images = [image for image in _images_of(pattern) if not _is_our_output(image, output)]
+        images = _images_of(pattern)
+        if len(images) != 1 or images[0] != pattern:
+            images = [image for image in images if not locations.is_our_result(image)]
         if not images:
             where = "folder" if locations.is_folder(pattern) else "pattern"
             raise ValueError(
-                f"{where} {pattern!r} holds no images to restore ({', '.join(READABLE_SUFFIXES)}; results "
-                "of ours in the output folder are not inputs)."
+                f"{where} {pattern!r} holds no images to restore ({', '.join(READABLE_SUFFIXES)}; our own results are "
+                "not inputs)."
             )
         found += images
     return list(dict.fromkeys(locations.absolute(image) for image in found))
-
-
-def _is_our_output(image: str, output_dir: str | None) -> bool:
-    return _inside(image, output_dir) and locations.is_our_result(image)
 
 
 def check_sixteen_bit(sources: Sequence[str]) -> None:

@@ -91,7 +91,7 @@ def run_ray_job(
     has), :class:`JobFailed` when the cluster cannot be reached in time or the Ray job breaks down."""
     check_ray_options(settings, workers, gpus_per_worker)
     output = locations.absolute(locations.as_location(output_dir))
-    sources = planning.collect_inputs(inputs, output)
+    sources = planning.collect_inputs(inputs)
     planning.check_sixteen_bit(sources)
     plan = planning.plan_jobs(sources, output, outputs.names, overwrite)
     summary = Summary(skipped=[job.name for job in plan.skipped], pooled=True)
