@@ -378,7 +378,9 @@ def test_loss_against_an_independent_computation() -> None:
 def test_stage1_trains_only_the_alignment_module(stage1_run: Path, sdxl_base: Path) -> None:
     pipeline = stage1_run / "checkpoint-2" / "pipeline"
     state = json.loads((stage1_run / "checkpoint-2" / "training_state.json").read_text())
+    files = state.pop("files")  # every file of the checkpoint with its size, listed last
     assert state == {"step": 2, "stage": 1, "pipeline_weights": "trained"}
+    assert files["pipeline/training.json"] == (pipeline / "training.json").stat().st_size and "model.safetensors" in files
     assert json.loads((pipeline / "training.json").read_text()) == {"weights": "trained"}
     base = tiny_components()
     assert _equal(_weights(pipeline / "unet"), _weights(sdxl_base / "unet"))
@@ -472,6 +474,72 @@ def test_resuming_matches_an_uninterrupted_run(stage1_run: Path, manifest: Path,
     )
     schedules = [torch.load(c / "scheduler.bin", weights_only=True) for c in (whole.checkpoint, resumed.checkpoint)]
     assert schedules[0]["_last_lr"] == schedules[1]["_last_lr"] and schedules[0]["last_epoch"] == 3
+
+
+def test_damaged_checkpoints_are_named_and_latest_falls_back_to_a_complete_one(
+    stage1_run: Path, manifest: Path, sdxl_base: Path, tmp_path: Path, monkeypatch, capsys, caplog
+) -> None:
+    """checkpoint-3 is damaged in each way a crash or an interrupted copy leaves one: naming it is one line (before
+    any model loads) that names what is wrong and the complete checkpoint-2; `latest` resumes from checkpoint-2 and
+    says which checkpoint it skipped."""
+    import logging
+
+    from faithdiff_pipeline.training import stages
+    from faithdiff_pipeline.training.checkpoints import STATE_NAME, list_checkpoints, resolve_resume
+
+    output = tmp_path / "run"
+    output.mkdir()
+    shutil.copytree(stage1_run / "checkpoint-2", output / "checkpoint-2")
+    state = json.loads((output / "checkpoint-2" / STATE_NAME).read_text())
+    weights = output / "checkpoint-2" / "model.safetensors"
+    assert state["step"] == 2 and state["files"]["model.safetensors"] == weights.stat().st_size
+
+    def cut(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    damages = {
+        "model.safetensors is cut off or damaged": lambda folder: cut(folder / "model.safetensors"),
+        f"its {STATE_NAME} is cut off or damaged": lambda folder: cut(folder / STATE_NAME),
+        f"it has no {STATE_NAME} (it was never finished)": lambda folder: (folder / STATE_NAME).unlink(),
+        "pipeline/unet/diffusion_pytorch_model.safetensors is missing": lambda folder: (
+            folder / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+        ).unlink(),
+    }
+    args = ["--stage", "1", "--train-manifest", str(manifest), "--pretrained-model", str(sdxl_base), "--vae", "null"]
+    args += ["--output-dir", str(output), "--report-to", "none", "--mixed-precision", "no", "--max-train-steps", "2"]
+    args += ["--train-batch-size", "1", "--effective-batch-size", "2", "--dataloader-num-workers", "0"]
+    args += ["--validation-steps", "0", "--seed", "7"]
+    damaged = output / "checkpoint-3"
+    for problem, damage in damages.items():
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(output / "checkpoint-2", damaged)
+        (damaged / STATE_NAME).write_text(json.dumps({**state, "step": 3}) + "\n")
+        assert [step for step, _ in list_checkpoints(output)] == [2, 3]
+        damage(damaged)
+        assert [step for step, _ in list_checkpoints(output)] == [2], problem
+
+        checkpoint, note = resolve_resume("latest", output)
+        assert checkpoint == output / "checkpoint-2", problem
+        assert note.startswith("Resuming from checkpoint-2") and f"{damaged} ({problem}" in note, note
+
+        with monkeypatch.context() as patch:
+            patch.setattr(stages, "load_starting_pipeline", lambda config: pytest.fail("a model loaded"))
+            assert train_main([*args, "--resume-from-checkpoint", str(damaged)]) == 2, problem
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"faithdiff-train: error: `resume_from_checkpoint` {str(damaged)!r} is not a complete")
+        assert problem in error and f"resume from {str(output / 'checkpoint-2')!r}" in error and "\n" not in error
+
+    # `latest` resumes from checkpoint-2 (at its step 2, the end: nothing left to run) and names what it skipped.
+    with caplog.at_level(logging.WARNING):
+        assert train_main([*args, "--resume-from-checkpoint", "latest"]) == 0
+    notes = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(notes) == 1 and str(damaged) in notes[0], notes
+    assert f"trained pipeline: {output / 'checkpoint-2' / 'pipeline'}" in capsys.readouterr().out
+
+    # Nothing complete: `latest` refuses rather than start afresh over the damaged checkpoints.
+    shutil.rmtree(output / "checkpoint-2")
+    with pytest.raises(TrainingSetupError, match="'latest' finds no complete checkpoint in .*checkpoint-3"):
+        resolve_resume("latest", output)
 
 
 # --------------------------------------------------------------------------------------------------- EMA

@@ -4,13 +4,16 @@
 states, EMA), ``training_state.json`` (step, stage and which weights the pipeline holds) and ``pipeline/``, a folder
 that ``FaithDiffSDXLPipeline.from_pretrained`` loads, with ``pipeline/training.json`` saying whether it holds the
 trained weights (the default, as the release exported) or their EMA. A checkpoint is written under
-``.checkpoint-N.partial`` and renamed when complete, so a checkpoint folder is always whole;
-``training_state.json`` marks it as such.
+``.checkpoint-N.partial`` and renamed when complete. ``training_state.json`` is written last and lists every file
+of the checkpoint with its size: a folder whose files do not match it (cut off by a crash before the disk was
+flushed, or by an interrupted copy), or whose ``training_state.json`` is missing or cut off, is not a complete
+checkpoint, and resuming says which file is wrong instead of failing inside the loaders.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -20,6 +23,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
 
+from ..atomic_files import write_text_atomic
+from ..checks import is_integer
 from ..pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
 from .config import TrainingSetupError
 from .stages import FaithDiffTrainingModule
@@ -46,36 +51,104 @@ def update_ema(ema: EMAModel, parameters, step: int, counting: str = "diffusers"
     ema.step(parameters)
 
 
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints in ``output_dir`` as ``(step, folder)``, oldest first."""
+def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every ``checkpoint-N`` folder in ``output_dir``, complete or not, as ``(step, folder)``, oldest first."""
     found = []
     for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = path.name[len(CHECKPOINT_PREFIX) :]
-        if suffix.isdigit() and (path / STATE_NAME).is_file():
+        if suffix.isdigit() and path.is_dir():
             found.append((int(suffix), path))
     return sorted(found)
 
 
-def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: ``spec`` itself, the newest in ``output_dir`` for ``"latest"`` (None if there
-    is none yet, so that a job can always pass ``latest``), or None without ``spec``."""
-    if spec is None:
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, in a few words; None when it is one (its files are those that
+    its ``training_state.json`` lists, with their sizes; a checkpoint of an earlier version lists none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "it does not exist"
+    state_path = folder / STATE_NAME
+    if not state_path.is_file():
+        return f"it has no {STATE_NAME} (it was never finished)"
+    state = _parse_state(state_path)
+    if state is None:
+        return f"its {STATE_NAME} is cut off or damaged (not the JSON of a step and stage)"
+    for name, size in state.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is cut off or damaged ({path.stat().st_size} bytes, {size} written)"
+    return None
+
+
+def _parse_state(path: Path) -> dict | None:
+    """The content of a ``training_state.json``, or None where it is not the JSON a checkpoint writes."""
+    text = path.read_bytes()
+    try:
+        state = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        # A file cut off while it was written: the caller reports it (and may fall back to an older checkpoint).
         return None
+    if not isinstance(state, dict) or not is_integer(state.get("step")) or not isinstance(state.get("files", {}), dict):
+        return None
+    return state
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in ``output_dir`` as ``(step, folder)``, oldest first."""
+    return [(step, path) for step, path in checkpoint_folders(output_dir) if checkpoint_problem(path) is None]
+
+
+def resolve_resume(spec: str | None, output_dir: str | Path) -> tuple[Path | None, str | None]:
+    """The checkpoint to resume from, and a one-line note on the damaged checkpoints passed over to find it.
+
+    ``spec`` names a checkpoint folder, which must be complete; ``"latest"`` is the newest complete checkpoint in
+    ``output_dir``, passing over damaged newer ones (the note names them), or None if there is none yet, so that a
+    job can always pass ``latest``; None gives None.
+
+    Raises:
+        TrainingSetupError: the checkpoint named is not complete (naming what is wrong, and the newest complete one
+            beside it), or ``output_dir`` holds checkpoints but none complete.
+    """
+    if spec is None:
+        return None, None
     if spec == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1][1] if checkpoints else None
+        damaged = []
+        for _, path in reversed(checkpoint_folders(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                note = None
+                if damaged:
+                    note = f"Resuming from {path.name}, the newest complete checkpoint: skipped {'; '.join(damaged)}."
+                return path, note
+            damaged.append(f"{path} ({problem})")
+        if damaged:
+            raise TrainingSetupError(
+                f"`resume_from_checkpoint` 'latest' finds no complete checkpoint in {str(output_dir)!r}: "
+                f"{'; '.join(damaged)}; move the damaged folders away to start afresh."
+            )
+        return None, None
     path = Path(spec)
-    if not (path / STATE_NAME).is_file():
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        complete = list_checkpoints(path.parent)
+        if complete:
+            instead = f"resume from {str(complete[-1][1])!r}, the newest complete checkpoint beside it, or 'latest'"
+        else:
+            instead = f"expected a complete OUTPUT/{CHECKPOINT_PREFIX}N, or 'latest'"
         raise TrainingSetupError(
-            f"`resume_from_checkpoint` {spec!r} is not a complete checkpoint (no {STATE_NAME}); expected "
-            f"OUTPUT/{CHECKPOINT_PREFIX}N or 'latest'."
+            f"`resume_from_checkpoint` {spec!r} is not a complete checkpoint: {problem}; {instead}."
         )
-    return path
+    return path, None
 
 
 def read_training_state(checkpoint: Path, stage: int) -> int:
-    """The step a checkpoint was saved at, after checking it belongs to ``stage``."""
-    state = json.loads((checkpoint / STATE_NAME).read_text(encoding="utf-8"))
+    """The step a checkpoint was saved at, after checking it belongs to ``stage`` (the checkpoint is complete:
+    see :func:`checkpoint_problem`)."""
+    state = _parse_state(checkpoint / STATE_NAME)
+    if state is None:
+        raise TrainingSetupError(f"`resume_from_checkpoint` {str(checkpoint)!r} has a damaged {STATE_NAME}.")
     if state.get("stage") != stage:
         raise TrainingSetupError(
             f"`resume_from_checkpoint` {str(checkpoint)!r} is a stage-{state.get('stage')} checkpoint, but this is "
@@ -132,13 +205,27 @@ def save_checkpoint(
     # Every process writes its own random states into the folder: all must be done before it is renamed.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "stage": stage, "pipeline_weights": exported}
-        (partial / STATE_NAME).write_text(json.dumps(state) + "\n", encoding="utf-8")
+        # On disk before they are listed, so that a crash cannot leave a listed file short; written last, the list
+        # makes the folder a complete checkpoint.
+        files = _flush_files(partial)
+        state = {"step": step, "stage": stage, "pipeline_weights": exported, "files": files}
+        write_text_atomic(partial / STATE_NAME, json.dumps(state) + "\n")
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _flush_files(folder: Path) -> dict[str, int]:
+    """Flushes every file under ``folder`` to disk; returns their sizes by path relative to ``folder``."""
+    sizes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
+    return sizes
 
 
 def export_pipeline(

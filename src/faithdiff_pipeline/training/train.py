@@ -78,6 +78,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     config = config.with_processes(accelerator.num_processes)
     accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
     _check_distributed_setup(accelerator, config)
+    step, checkpoint = _resume_point(config)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -94,7 +95,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         model, optimizer, _data_loader(dataset, config), lr_scheduler
     )
     ema = _make_ema(accelerator, model, config)
-    step, checkpoint = _resume(accelerator, config)
+    _resume(accelerator, checkpoint, step)
     if config.report_to != "none":
         accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
     examples = _validation_set(accelerator, config, dataset)
@@ -169,17 +170,25 @@ def _optimization(model: Any, config: TrainingConfig, num_processes: int) -> tup
     return optimizer, lr_scheduler
 
 
-def _resume(accelerator: Accelerator, config: TrainingConfig) -> tuple[int, Path | None]:
-    """Loads the checkpoint to resume from, if any (after ``prepare``); returns its step and folder."""
+def _resume_point(config: TrainingConfig) -> tuple[int, Path | None]:
+    """The step and folder of the checkpoint to resume from (0 and None for a fresh start), checked complete before
+    any model loads; a damaged newer checkpoint that ``latest`` passes over is named in a one-line warning."""
     from .checkpoints import read_training_state, resolve_resume
 
-    checkpoint = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    checkpoint, note = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    if note is not None:
+        _logger().warning(note)
     if checkpoint is None:
         return 0, None
-    step = read_training_state(checkpoint, config.stage)
+    return read_training_state(checkpoint, config.stage), checkpoint
+
+
+def _resume(accelerator: Accelerator, checkpoint: Path | None, step: int) -> None:
+    """Loads the checkpoint to resume from, if any (after ``prepare``)."""
+    if checkpoint is None:
+        return
     accelerator.load_state(str(checkpoint))
     _logger().info(f"Resumed from {checkpoint} at step {step}.")
-    return step, checkpoint
 
 
 def _check_dataset_size(dataset: Dataset, config: TrainingConfig, num_processes: int) -> None:
