@@ -420,7 +420,7 @@ def test_a_failing_image_is_reported_and_the_run_goes_on(tmp_path, capsys) -> No
         ("empty", r"LQ folder .* holds no images"),
         ("method", r"`--method` 'realesrgan' is not a method"),
         ("metric", r"`--metrics` names unknown metric\(s\) fid"),
-        ("preset", r"`preset` 'dasr-level4' is unknown"),
+        ("preset", r"--preset 'dasr-level4' is unknown"),
         ("results", r"result folder .* of method 'supir' lacks 1 image\(s\) of the set: c"),
     ],
 )
@@ -490,7 +490,7 @@ def test_faithdiff_prompts_from_caption_sidecars(photo_set, tiny_pipeline_dir, t
     captured = capsys.readouterr()
     assert "no caption sidecar coffee.json beside the LQ image" in captured.out + captured.err
     assert eval_main([*argv, "--prompt", "x"]) == 2
-    assert "conflicts with `--captions sidecar`" in _one_error_line(capsys)
+    assert "conflicts with --captions sidecar" in _one_error_line(capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -638,19 +638,21 @@ def _grey16(path: Path, width: int = 32, height: int = 24, step: int = 1) -> flo
 
 
 def test_eval_reads_exif_turned_and_16_bit_photos(tmp_path) -> None:
-    upright = _turned_jpeg(tmp_path / "turned.jpg")
-    level = _grey16(tmp_path / "grey16.png")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    upright = _turned_jpeg(photos / "turned.jpg")
+    level = _grey16(photos / "grey16.png")
     assert upright.shape == (48, 32, 3)
 
-    turned = read_tensor(tmp_path / "turned.jpg")
+    turned = read_tensor(photos / "turned.jpg")
     assert turned.shape == (1, 3, 48, 32) and turned.dtype == torch.float32
     assert torch.equal((turned * 255).round().to(torch.uint8), torch.from_numpy(upright.copy()).permute(2, 0, 1)[None])
-    grey = read_tensor(tmp_path / "grey16.png")
+    grey = read_tensor(photos / "grey16.png")
     assert grey.shape == (1, 3, 24, 32) and abs(grey.mean().item() - level) < 1 / 255  # not washed out to white
     assert torch.equal(grey[:, 0], grey[:, 2])
 
     # A synthetic set is made from the upright photo, at the 16-bit photo's levels.
-    made = make_synthetic_set(tmp_path, tmp_path / "set", "dasr-level1", seed=0, progress=False)
+    made = make_synthetic_set(photos, tmp_path / "set", "dasr-level1", seed=0, progress=False)
     pairs = {pair.name: pair for pair in made.pairs}
     assert pairs["turned"].hq_size == (32, 48) and pairs["grey16"].hq_size == (32, 24)
     assert np.array_equal(np.asarray(PIL.Image.open(pairs["turned"].hq)), upright)

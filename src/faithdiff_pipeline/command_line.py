@@ -4,6 +4,7 @@ application layer's errors shown with the flags, one line each."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +52,21 @@ def error_line(message: str | BaseException, prog: str) -> int:
     a usage error."""
     print(f"{prog}: error: {as_flags(str(message).splitlines()[0] if str(message) else type(message).__name__)}",
           file=sys.stderr)
+    return 2
+
+
+def parser_error_line(message: str | BaseException, prog: str, parser: argparse.ArgumentParser) -> int:
+    """:func:`error_line` for a command whose options are its own parser's rather than the option table's: each
+    setting named as `` `name` `` is shown as the flag whose value it holds (``set_dir`` -> ``--set-dir``), or as
+    the positional argument's name in the usage."""
+    flags = {
+        action.dest: max(action.option_strings, key=len) if action.option_strings else action.metavar or action.dest
+        for action in parser._actions
+        if action.dest != argparse.SUPPRESS
+    }
+    text = str(message).splitlines()[0] if str(message) else type(message).__name__
+    text = re.sub(r"`([a-z_]+)`", lambda match: flags.get(match[1], match[0]), text)
+    print(f"{prog}: error: {text.rstrip('.')}", file=sys.stderr)
     return 2
 
 

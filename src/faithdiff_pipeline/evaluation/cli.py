@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 import PIL.Image
 
 from .. import loading
+from .. import release_settings as release
 from ..atomic_files import write_text_atomic
+from ..command_line import parser_error_line
 from ..image_io import read_image, save_result
 from .datasets import (
     MANIFEST_NAME,
@@ -23,7 +25,17 @@ from .datasets import (
     pair_folders,
     read_tensor,
 )
-from .methods import SETTINGS_NAME, EvaluationMethod, LanczosMethod, parse_method
+from .methods import (
+    CAPTION_SOURCES,
+    SETTINGS_NAME,
+    ComputedMethod,
+    EvaluationMethod,
+    LanczosMethod,
+    MethodContext,
+    SamplingSettings,
+    parse_method,
+    read_results_settings,
+)
 from .metric_specs import EVAL_EXTRA, METRICS, OCR_METRICS, MetricUnavailableError
 from .ocr_backends import OCR_BACKENDS, OcrUnavailableError
 from .report import crop_grid, crop_tiles, markdown_table, plot_metrics, write_csv
@@ -37,6 +49,8 @@ if TYPE_CHECKING:
 
 PROG = "faithdiff-eval"
 OCR_READINGS_NAME = "ocr.jsonl"
+# The reports written in --out, beside results/.
+REPORT_NAMES = ("metrics.csv", "table.md", "metrics.png", "crops.png", OCR_READINGS_NAME)
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -88,18 +102,28 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
 
     sampling = parser.add_argument_group("FaithDiff sampling (for --method faithdiff=...)")
-    sampling.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    sampling.add_argument(
+        "--steps",
+        type=int,
+        default=release.NUM_INFERENCE_STEPS,
+        help=f"denoising steps (default: {release.NUM_INFERENCE_STEPS}, the release's)",
+    )
     sampling.add_argument("--upscale", type=float, help="upscale factor (default: the set's scale)")
     sampling.add_argument("--sample-seed", type=int, default=0, help="seed of each image's sampling (default: 0)")
     sampling.add_argument("--prompt", default="", help="one prompt for every image (default: none)")
     sampling.add_argument(
         "--captions",
-        choices=["fixed", "sidecar"],
+        choices=CAPTION_SOURCES,
         default="fixed",
         help="fixed: --prompt for every image; sidecar: each LQ image's caption sidecar (NAME.json beside it, "
         "the release's format, e.g. LLaVA captions written by faithdiff-upscale --captions-only)",
     )
-    sampling.add_argument("--tile-size", type=int, default=1024, help="latent tile size in pixels (default: 1024)")
+    sampling.add_argument(
+        "--tile-size",
+        type=int,
+        default=release.TILE_SIZE,
+        help=f"latent tile size in pixels (default: {release.TILE_SIZE}, the release's)",
+    )
     sampling.add_argument(
         "--device",
         default="auto",
@@ -122,24 +146,28 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Runs ``faithdiff-eval`` with the arguments ``argv`` (default: the command line's), its usage and messages
-    headed ``prog``. Returns 0 on success, 1 when some images failed, 2 on a usage error."""
-    args = build_parser(prog).parse_args(argv)
+    headed ``prog``. Returns 0 on success, 1 when some images failed, 2 on a usage error (one line, before any
+    model loads)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     try:
-        # Checked first: a missing OCR engine must not wait until a set is built.
+        # Checked first: a missing OCR engine, or a mistake in the settings, must not wait until a set is built.
         ocr_backend = _ocr_backend(args)
+        settings = _run_settings(args)
+        if args.out is not None:
+            _check_out(Path(args.out), _input_folders(args), settings.methods)
         dataset, caption = _load_set(args)
         if args.out is None:
             if args.make_set:
                 print(f"Wrote {len(dataset.pairs)} pairs (scale {dataset.scale}) to {args.set_dir}")
                 return 0
-            raise ValueError("`--out` is required to evaluate methods: the folder for results and reports.")
-        run = _prepare_run(args, dataset, ocr_backend)
+            raise ValueError("`out` is required to evaluate methods: the folder for results and reports.")
+        run = _prepare_run(args, settings, dataset, ocr_backend)
         _load_methods(run)
         if run.ocr is not None:
             run.ocr.backend.load(words=run.ocr.truth.kind == "words")
     except (ValueError, OSError, MetricUnavailableError, OcrUnavailableError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+        return parser_error_line(error, prog, parser)
     failures = _restore_all(run)
     rows = _score_all(run, failures)
     _write_reports(run, rows, caption)
@@ -147,6 +175,51 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         print(f"{prog}: {len(failures)} image(s) failed: {', '.join(failures)}", file=sys.stderr)
         return 1
     return 0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings of an evaluation that do not depend on the set, each checked once, as it is parsed."""
+
+    methods: list[EvaluationMethod]
+    metric_names: list[str]
+    sampling: SamplingSettings
+    device: torch.device
+    dtype: torch.dtype
+    grid_images: int
+    crop_size: int
+
+
+def _run_settings(args: argparse.Namespace) -> RunSettings:
+    from .metrics import default_metric_names, parse_metric_names
+
+    methods = [parse_method(text) for text in args.method] or [LanczosMethod()]
+    duplicates = sorted({m.name for m in methods if [n.name for n in methods].count(m.name) > 1})
+    if duplicates:
+        raise ValueError(f"`--method` names {', '.join(duplicates)} more than once; give each method its own name.")
+    for name in ("grid_images", "crop_size"):
+        value = getattr(args, name)
+        if value < (0 if name == "grid_images" else 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+    sampling = SamplingSettings(
+        steps=args.steps,
+        upscale=args.upscale,
+        sample_seed=args.sample_seed,
+        prompt=args.prompt,
+        captions=args.captions,
+        tile_size=args.tile_size,
+        variant=args.variant,
+    )
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    if args.metrics:
+        metric_names = parse_metric_names(args.metrics)
+    elif args.out is None:
+        metric_names = []  # a set is built, nothing is scored
+    else:
+        metric_names, note = default_metric_names()
+        if note:
+            print(note, file=sys.stderr)
+    return RunSettings(methods, metric_names, sampling, device, dtype, args.grid_images, args.crop_size)
 
 
 def _load_set(args: argparse.Namespace) -> tuple[PairedSet, str]:
@@ -191,44 +264,103 @@ def _describe_set(dataset: PairedSet) -> str:
 class Run:
     """Everything one evaluation needs, checked before any image is processed."""
 
-    args: argparse.Namespace
-    dataset: PairedSet
-    out: Path
-    methods: list[EvaluationMethod]
-    metric_names: list[str]
-    scorers: dict[str, ScoreFn]
-    device: torch.device
-    dtype: torch.dtype
+    context: MethodContext
+    settings: RunSettings
+    scorers: dict[str, ScoreFn] = field(default_factory=dict)
     ocr: OcrEvaluation | None = None
     # What OCR read, one record per scored (method, image).
     readings: list[dict] = field(default_factory=list)
 
+    @property
+    def dataset(self) -> PairedSet:
+        return self.context.dataset
 
-def _prepare_run(args: argparse.Namespace, dataset: PairedSet, ocr_backend: OcrBackend | None = None) -> Run:
-    from .metrics import default_metric_names, load_metric, parse_metric_names
+    @property
+    def out(self) -> Path:
+        return self.context.out
 
-    methods = [parse_method(text) for text in args.method] or [LanczosMethod()]
-    duplicates = sorted({m.name for m in methods if [n.name for n in methods].count(m.name) > 1})
-    if duplicates:
-        raise ValueError(f"`--method` names {', '.join(duplicates)} more than once; give each method its own name.")
-    for name, value in (("--grid-images", args.grid_images), ("--crop-size", args.crop_size), ("--steps", args.steps)):
-        if value < (0 if name == "--grid-images" else 1):
-            raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-    device, dtype = device_and_dtype(args.device, args.dtype)
-    if args.metrics:
-        metric_names = parse_metric_names(args.metrics)
-    else:
-        metric_names, note = default_metric_names()
-        if note:
-            print(note, file=sys.stderr)
+    @property
+    def methods(self) -> list[EvaluationMethod]:
+        return self.settings.methods
+
+    @property
+    def metric_names(self) -> list[str]:
+        return self.settings.metric_names
+
+
+def _prepare_run(
+    args: argparse.Namespace, settings: RunSettings, dataset: PairedSet, ocr_backend: OcrBackend | None = None
+) -> Run:
+    from .metrics import load_metric
+
     out = Path(args.out)
-    run = Run(args, dataset, out, methods, metric_names, {}, device, dtype)
-    for method in methods:
-        method.prepare(run)
+    context = MethodContext(dataset, out, settings.device, settings.dtype, settings.sampling, args.overwrite)
+    run = Run(context, settings)
+    for method in settings.methods:
+        method.prepare(context)
     if ocr_backend is not None:
         run.ocr = _prepare_ocr(args, dataset, ocr_backend)
-    run.scorers = {name: load_metric(name, device) for name in metric_names}
+    run.scorers = {name: load_metric(name, settings.device) for name in settings.metric_names}
     return run
+
+
+def _input_folders(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """The folders whose images a run reads, with their role."""
+    if args.make_set:
+        named = [(args.make_set, "the folder of `make_set`")]
+        if args.set_dir:
+            named += [(Path(args.set_dir) / "hq", "the set's HQ folder"), (Path(args.set_dir) / "lq", "the set's LQ folder")]
+    else:
+        named = [(args.hq, "the HQ folder"), (args.lq, "the LQ folder")]
+    return [(Path(folder), role) for folder, role in named if folder]
+
+
+def _check_out(out: Path, inputs: Sequence[tuple[Path, str]], methods: Sequence[EvaluationMethod]) -> None:
+    """Refuses, before any work, an ``--out`` that is a file, that is an input folder (its reports, metrics.png and
+    crops.png, would be taken for images of the set by the next run; a subfolder is fine, since only the files
+    directly in a folder are read), that holds reports that we did not write (an ``--out`` of ours holds our
+    metrics.csv or results folders), or whose results folder of a method is not ours (holds no settings.json)."""
+    from ..application.planning import check_output_dir
+
+    try:
+        check_output_dir(str(out))
+    except ValueError as error:
+        raise ValueError(str(error).replace("`output_dir`", "`out`")) from error
+    for folder, role in inputs:
+        if out.resolve() == folder.resolve():
+            raise ValueError(
+                f"`out` {str(out)!r} is {role}; its reports would be taken for images of the set; choose another "
+                "folder (a subfolder is fine)."
+            )
+    for method in methods:
+        if isinstance(method, ComputedMethod):
+            read_results_settings(out / "results" / method.name)
+    present = [name for name in REPORT_NAMES if (out / name).exists()]
+    if present and not _is_ours(out):
+        raise ValueError(
+            f"`out` {str(out)!r} holds {', '.join(present)}, which faithdiff-eval did not write; move them or choose "
+            "another `out` (files we did not make are never replaced, `overwrite` or not)."
+        )
+
+
+def _is_ours(out: Path) -> bool:
+    """Whether ``out`` holds reports of an earlier run: our metrics.csv, or results folders of ours."""
+    try:
+        with (out / "metrics.csv").open(encoding="utf-8") as stream:
+            if stream.readline().startswith("method,image"):
+                return True
+    except (OSError, UnicodeDecodeError):
+        pass
+    results = out / "results"
+    if not results.is_dir():
+        return False
+    for folder in results.iterdir():
+        try:
+            if folder.is_dir() and read_results_settings(folder) is not None:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def _ocr_backend(args: argparse.Namespace) -> OcrBackend | None:
@@ -285,8 +417,8 @@ def _load_methods(run: Run) -> None:
     """Loads what the computed methods with images left to restore need (their pipelines), before any work starts so
     that a wrong path fails at once."""
     for method in run.methods:
-        if method.todo(run):
-            method.load(run)
+        if method.todo(run.context):
+            method.load(run.context)
 
 
 def _restore_all(run: Run) -> list[str]:
@@ -295,10 +427,10 @@ def _restore_all(run: Run) -> list[str]:
 
     failures = []
     for method in run.methods:
-        todo = method.todo(run)
+        todo = method.todo(run.context)
         if not todo:
             continue
-        folder = method.folder(run)
+        folder = method.folder(run.context)
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / SETTINGS_NAME, json.dumps(method.settings, indent=2) + "\n")
         for pair in tqdm(todo, desc=f"restoring with {method.name}", unit="image"):
@@ -308,7 +440,7 @@ def _restore_all(run: Run) -> list[str]:
                 save_result(method.restore(pair), method.results[pair.name])
             except Exception as error:  # noqa: BLE001 - one bad image must not stop a long run: reported, counted
                 failures.append(f"{method.name}/{pair.name}")
-                message = f"{PROG}: {method.name}/{pair.name}: restoring failed: {type(error).__name__}: {error}"
+                message = f"{PROG}: {method.name}/{pair.name}: restoring failed: {_reason(error)}"
                 tqdm.write(message, file=sys.stderr)
     return failures
 
@@ -327,12 +459,20 @@ def _score_all(run: Run, failures: list[str]) -> list[dict]:
                 rows.append(_score(run, method, pair))
             except Exception as error:  # noqa: BLE001 - as above: counted, reported, and the run goes on
                 failures.append(key)
-                tqdm.write(f"{PROG}: {key}: scoring failed: {type(error).__name__}: {error}", file=sys.stderr)
+                tqdm.write(f"{PROG}: {key}: scoring failed: {_reason(error)}", file=sys.stderr)
     order = {method.name: i for i, method in enumerate(run.methods)}
     return sorted(rows, key=lambda row: (order[row["method"]], row["image"]))
 
 
+def _reason(error: BaseException) -> str:
+    """An error in one line: its type and the first line of its message."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def _score(run: Run, method: EvaluationMethod, pair: ImagePair) -> dict:
+    from .metrics import score_result
+
     hq = read_tensor(pair.hq)
     restored = read_tensor(method.results[pair.name])
     if restored.shape != hq.shape:
@@ -341,8 +481,7 @@ def _score(run: Run, method: EvaluationMethod, pair: ImagePair) -> dict:
             f"expected the HQ size {hq.shape[-1]}x{hq.shape[-2]}."
         )
     row: dict[str, Any] = {"method": method.name, "image": pair.name}
-    for name, scorer in run.scorers.items():
-        row[name] = float(scorer(restored, hq if METRICS[name].full_reference else None)[0])
+    row.update(score_result(run.scorers, restored, hq, read_tensor(pair.lq)))
     if run.ocr is not None:
         row.update(_score_ocr(run.ocr, method.results[pair.name], pair, run.readings, method.name))
     return row
@@ -389,14 +528,14 @@ def _write_readings(run: Run, rows: list[dict]) -> None:
 
 
 def _write_grid(run: Run) -> None:
-    pairs = run.dataset.pairs[: run.args.grid_images]
+    pairs = run.dataset.pairs[: run.settings.grid_images]
     grid_rows = []
     for pair in pairs:
         hq = _open_if_present(pair.hq)
         if hq is None:
             continue
         results = [_open_if_present(method.results[pair.name]) for method in run.methods]
-        tiles = crop_tiles(hq, _open_if_present(pair.lq), results, run.dataset.scale, run.args.crop_size)
+        tiles = crop_tiles(hq, _open_if_present(pair.lq), results, run.dataset.scale, run.settings.crop_size)
         grid_rows.append((pair.name, tiles))
     if not grid_rows:
         return

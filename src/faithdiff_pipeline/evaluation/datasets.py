@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,10 +215,17 @@ def make_synthetic_set(
     records the preset, its full config, the seed, the rules above and the package versions.
 
     An existing set made with the same preset, config, seed and source images is completed (images already written
-    are kept), for instance after an interruption; one made otherwise is only replaced with ``overwrite``.
+    are kept), for instance after an interruption; one made otherwise is only replaced with ``overwrite``, which
+    removes only the images its manifest lists. Nothing is ever written over, or deleted from, ``hq_dir``: a set
+    folder whose ``hq/`` or ``lq/`` would be, contain or lie inside ``hq_dir`` is refused, and so is a folder that
+    holds files but no manifest of ours, ``overwrite`` or not.
 
     Returns:
         The set as a :class:`PairedSet`.
+
+    Raises:
+        ValueError: an unknown preset, no images in ``hq_dir``, or a ``set_dir`` refused as above (before any image
+            is written); the message names the user's folders.
     """
     import torch
 
@@ -230,16 +236,16 @@ def make_synthetic_set(
         raise TypeError(f"`seed` must be an integer, got {seed!r}.")
     sources = list_images(hq_dir, "HQ folder")
     set_dir = Path(set_dir)
+    check_set_dir(set_dir, [Path(hq_dir)])
     names = sorted(sources)
     description = _set_description(preset, config, seed, Path(hq_dir))
     description["images"] = [
         {"name": name, "source": sources[name].name, "seed": image_seed(seed, name)} for name in names
     ]
-    reuse = _check_existing_set(set_dir, description, overwrite)
+    previous, reuse = _check_existing_set(set_dir, description, overwrite)
     if not reuse:
+        _remove_set_images(set_dir, previous)
         # Written first, so that an interrupted build is recognised and completed by the next one.
-        for stale in (set_dir / "hq", set_dir / "lq"):
-            shutil.rmtree(stale, ignore_errors=True)
         _write_json({**description, "versions": _versions()}, set_dir / MANIFEST_NAME)
     scale = description["scale"]
     for folder in (set_dir / "hq", set_dir / "lq"):
@@ -251,35 +257,114 @@ def make_synthetic_set(
         hq = crop_to_multiple(read_tensor(sources[name]), scale)
         generator = torch.Generator("cpu").manual_seed(image_seed(seed, name))
         lq = degrade(hq, config, generator)
-        save_image(to_pil(hq), hq_path)
-        save_image(to_pil(lq), lq_path)
+        for image, path in ((hq, hq_path), (lq, lq_path)):
+            try:
+                save_image(to_pil(image), path)
+            except OSError as error:  # named by the user's path, not by the temporary one written first
+                raise ValueError(f"{str(path)!r} cannot be written: {error.strerror or error}") from error
     return pair_folders(set_dir / "hq", set_dir / "lq")
 
 
-def _check_existing_set(set_dir: Path, description: dict[str, Any], overwrite: bool) -> bool:
-    """Whether the images already in ``set_dir`` may be kept; raises if they belong to another set."""
-    manifest_path = set_dir / MANIFEST_NAME
-    if overwrite:
-        return False
-    if not manifest_path.is_file():
-        if set_dir.exists() and any(set_dir.iterdir()):
+# The folders and files a set writes in its folder.
+SET_FOLDERS = ("hq", "lq")
+
+
+def overlaps(one: Path, other: Path) -> bool:
+    """Whether two paths are the same, or one lies inside the other."""
+    one, other = one.resolve(), other.resolve()
+    return one == other or one.is_relative_to(other) or other.is_relative_to(one)
+
+
+def check_set_dir(set_dir: Path, inputs: Sequence[Path], outputs: Sequence[str] = SET_FOLDERS) -> None:
+    """Refuses a set folder that is a file or cannot be created, or whose ``outputs`` (its ``hq/`` and ``lq/``
+    folders) would be, contain or lie inside one of ``inputs`` (the source images, their ground truth): building
+    the set would write over them, and replacing it would delete them."""
+    from ..application.planning import check_output_dir
+
+    try:
+        check_output_dir(str(set_dir))
+    except ValueError as error:
+        raise ValueError(str(error).replace("`output_dir`", "`set_dir`")) from error
+    for source in inputs:
+        clashes = [name for name in outputs if overlaps(set_dir / name, source)]
+        if clashes:
+            where = " and ".join(f"{set_dir / name}" for name in clashes)
             raise ValueError(
-                f"`set_dir` {str(set_dir)!r} is not empty and holds no {MANIFEST_NAME}; "
-                "choose an empty or new folder, or pass overwrite=True (--overwrite)."
+                f"`set_dir` {str(set_dir)!r} would write the set's {where} over {str(source)!r}, an input of the set; "
+                "choose a set folder apart from the inputs (inputs are never written over or deleted)."
             )
-        return False
-    existing = json.loads(manifest_path.read_text(encoding="utf-8"))
+
+
+def read_set_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a set made here; a file that is not one (not JSON, or without a set's entries) is refused."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"{str(path)!r} is not the manifest of a set made by faithdiff-eval ({reason}).") from error
+    entries = ("preset", "seed", "scale", "images")
+    if not isinstance(manifest, dict) or any(key not in manifest for key in entries):
+        raise ValueError(
+            f"{str(path)!r} is not the manifest of a set made by faithdiff-eval (it lacks {', '.join(entries)}); "
+            "choose another `set_dir` (files we did not make are never replaced)."
+        )
+    return manifest
+
+
+def _listed_names(manifest: dict[str, Any] | None) -> list[str]:
+    if manifest is None:
+        return []
+    names = [entry.get("name") for entry in manifest["images"] if isinstance(entry, dict)]
+    # A name is a file stem: anything else (a path) names no file of the set.
+    return [name for name in names if isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name]
+
+
+def _check_existing_set(
+    set_dir: Path, description: dict[str, Any], overwrite: bool
+) -> tuple[dict[str, Any] | None, bool]:
+    """The manifest of the set already in ``set_dir`` (``None`` if there is none), and whether its images may be kept.
+    Raises if they belong to another set (without ``overwrite``), if the folder holds files but no set of ours, or
+    if a file that the old set did not write is in the place of one of the new set's images."""
+    manifest_path = set_dir / MANIFEST_NAME
+    if not manifest_path.exists():
+        if set_dir.is_dir() and any(set_dir.iterdir()):
+            raise ValueError(
+                f"`set_dir` {str(set_dir)!r} is not empty and holds no {MANIFEST_NAME}, so it is no set of ours; "
+                "choose an empty or new folder (files we did not make are never replaced, `overwrite` or not)."
+            )
+        return None, False
+    existing = read_set_manifest(manifest_path)
     differing = [
         key for key in ("preset", "config", "seed", "scale", "crop", "images") if existing.get(key) != description[key]
     ]
-    if differing:
+    if differing and not overwrite:
         raise ValueError(
             f"`set_dir` {str(set_dir)!r} holds a set made otherwise (its {', '.join(differing)} differ: preset "
             f"{existing.get('preset')!r}, seed {existing.get('seed')!r}, {len(existing.get('images', []))} images; this "
             f"run asks for {description['preset']!r}, seed {description['seed']}, {len(description['images'])} images); "
             "choose another folder or pass overwrite=True (--overwrite)."
         )
-    return True
+    listed = set(_listed_names(existing))
+    in_the_way = [
+        str(set_dir / folder / f"{entry['name']}.png")
+        for entry in description["images"]
+        if entry["name"] not in listed
+        for folder in SET_FOLDERS
+        if (set_dir / folder / f"{entry['name']}.png").exists()
+    ]
+    if in_the_way:
+        raise ValueError(
+            f"files that the set in `set_dir` {str(set_dir)!r} did not write are in the way: {format_names(in_the_way)}; "
+            "move them or choose another folder (files we did not make are never replaced)."
+        )
+    return existing, not differing and not overwrite
+
+
+def _remove_set_images(set_dir: Path, manifest: dict[str, Any] | None) -> None:
+    """Removes the images that the set described by ``manifest`` wrote, and nothing else."""
+    for name in _listed_names(manifest):
+        for folder in SET_FOLDERS:
+            (set_dir / folder / f"{name}.png").unlink(missing_ok=True)
 
 
 def _write_json(data: dict[str, Any], path: Path) -> None:

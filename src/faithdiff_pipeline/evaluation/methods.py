@@ -1,27 +1,79 @@
 """The methods ``faithdiff-eval`` compares: the LANCZOS baseline, FaithDiff pipelines run here, and folders of results
-made elsewhere. :func:`parse_method` builds one from its ``--method`` text."""
+made elsewhere. :func:`parse_method` builds one from its ``--method`` text; each method is given what it needs of a
+run as a :class:`MethodContext` (the set, the output folder, the device and the :class:`SamplingSettings`)."""
 
 from __future__ import annotations
 
 import json
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import PIL.Image
 
 from .. import loading
+from .. import release_settings as release
+from ..checks import check_choice, check_integer, check_tile_arguments, is_real
 from ..image_io import image_size, read_image
-from .datasets import ImagePair, format_names, list_images, missing_names
+from .datasets import ImagePair, PairedSet, format_names, list_images, missing_names
 
 if TYPE_CHECKING:
     import torch
 
-    from .cli import Run
-
 SETTINGS_NAME = "settings.json"
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# Where FaithDiff's prompts come from: one fixed prompt, or each LQ image's caption sidecar.
+CAPTION_SOURCES = ("fixed", "sidecar")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the ``faithdiff=`` methods sample, checked once where they are made (a ``ValueError`` naming the setting).
+
+    Attributes:
+        steps: Denoising steps (the release's 20 by default).
+        upscale: The upscale factor; ``None`` takes the set's scale.
+        sample_seed: The seed of every image's sampling (the same for each, so that one image's result does not
+            depend on the others).
+        prompt: One prompt for every image (``captions="fixed"``).
+        captions: ``"fixed"`` (``prompt`` for every image) or ``"sidecar"`` (each LQ image's caption sidecar).
+        tile_size: The latent tile size in pixels (the release's 1024 by default).
+        variant: The weights variant to load; ``None`` lets :func:`faithdiff_pipeline.loading.weights_variant`
+            choose by the dtype.
+    """
+
+    steps: int = release.NUM_INFERENCE_STEPS
+    upscale: float | None = None
+    sample_seed: int = 0
+    prompt: str = ""
+    captions: str = "fixed"
+    tile_size: int = release.TILE_SIZE
+    variant: str | None = None
+
+    def __post_init__(self) -> None:
+        check_integer(self.steps, "steps", 1)
+        check_integer(self.sample_seed, "sample_seed")
+        if self.upscale is not None and not (is_real(self.upscale) and self.upscale > 0):
+            raise ValueError(f"`upscale` must be a number > 0, got {self.upscale}.")
+        check_choice(self.captions, "captions", CAPTION_SOURCES)
+        if self.captions == "sidecar" and self.prompt:
+            raise ValueError("`prompt` gives one prompt for every image; it conflicts with `captions` sidecar.")
+        check_tile_arguments(self.tile_size, None)
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What the methods need of a run: the set, the folder of the reports (results go to ``out/results/<name>``),
+    the device and dtype, the sampling settings, and whether results of ours are made again (``overwrite``)."""
+
+    dataset: PairedSet
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    overwrite: bool = False
 
 
 class EvaluationMethod(ABC):
@@ -36,14 +88,14 @@ class EvaluationMethod(ABC):
         self.results: dict[str, Path] = {}
 
     @abstractmethod
-    def prepare(self, run: Run) -> None:
+    def prepare(self, context: MethodContext) -> None:
         """Fixes where each result is and checks what can be checked before any image is processed."""
 
-    def todo(self, run: Run) -> list[ImagePair]:
+    def todo(self, context: MethodContext) -> list[ImagePair]:
         """The images this method still has to restore."""
         return []
 
-    def load(self, run: Run) -> None:
+    def load(self, context: MethodContext) -> None:
         """Loads what restoring needs, before any image is processed, so that a wrong path fails at once."""
 
 
@@ -55,22 +107,23 @@ class ComputedMethod(EvaluationMethod):
         super().__init__(name, source)
         self.settings: dict[str, Any] = {}
 
-    def prepare(self, run: Run) -> None:
-        folder = self.folder(run)
-        self.results = {pair.name: folder / f"{pair.name}.png" for pair in run.dataset.pairs}
-        self.settings = {"method": self.kind, "lq_dir": str(run.dataset.lq_dir.resolve()), **self.own_settings(run)}
-        _check_settings(folder, self.settings, run.args.overwrite)
+    def prepare(self, context: MethodContext) -> None:
+        folder = self.folder(context)
+        self.results = {pair.name: folder / f"{pair.name}.png" for pair in context.dataset.pairs}
+        lq_dir = str(context.dataset.lq_dir.resolve())
+        self.settings = {"method": self.kind, "lq_dir": lq_dir, **self.own_settings(context)}
+        check_results_folder(folder, self.settings, context.overwrite)
 
-    def folder(self, run: Run) -> Path:
-        return run.out / "results" / self.name
+    def folder(self, context: MethodContext) -> Path:
+        return context.out / "results" / self.name
 
-    def own_settings(self, run: Run) -> dict[str, Any]:
+    def own_settings(self, context: MethodContext) -> dict[str, Any]:
         """The settings that only this kind of method has."""
         return {}
 
-    def todo(self, run: Run) -> list[ImagePair]:
+    def todo(self, context: MethodContext) -> list[ImagePair]:
         """The images still to restore (all of them with ``--overwrite``)."""
-        return [p for p in run.dataset.pairs if run.args.overwrite or not self.results[p.name].is_file()]
+        return [p for p in context.dataset.pairs if context.overwrite or not self.results[p.name].is_file()]
 
     @abstractmethod
     def restore(self, pair: ImagePair) -> PIL.Image.Image:
@@ -98,46 +151,41 @@ class FaithDiffMethod(ComputedMethod):
         super().__init__(name, source)
         self.pipeline: Any = None
 
-    def prepare(self, run: Run) -> None:
+    def prepare(self, context: MethodContext) -> None:
         try:
             loading.check_model_source(self.source)
         except ValueError as error:
             raise ValueError(str(error).replace("`model`", f"`--method {self.name}`")) from error
-        super().prepare(run)
+        super().prepare(context)
 
-    def own_settings(self, run: Run) -> dict[str, Any]:
-        args = run.args
-        upscale = args.upscale if args.upscale is not None else run.dataset.scale
-        if not upscale > 0:
-            raise ValueError(f"`--upscale` must be a number > 0, got {upscale}.")
-        if args.captions == "sidecar" and args.prompt:
-            raise ValueError("`--prompt` gives one prompt for every image; it conflicts with `--captions sidecar`.")
-        if args.tile_size < 64 or args.tile_size % 8:
-            raise ValueError(f"`--tile-size` must be a multiple of 8 of at least 64 pixels, got {args.tile_size}.")
-        for pair in run.dataset.pairs:
+    def own_settings(self, context: MethodContext) -> dict[str, Any]:
+        sampling, dataset = context.sampling, context.dataset
+        upscale = sampling.upscale if sampling.upscale is not None else dataset.scale
+        for pair in dataset.pairs:
             output = (round(pair.lq_size[0] * upscale), round(pair.lq_size[1] * upscale))
             if output != pair.hq_size:
                 raise ValueError(
-                    f"`--upscale` {upscale} turns LQ image {pair.name!r} ({pair.lq_size[0]}x{pair.lq_size[1]}) into "
+                    f"`upscale` {upscale} turns LQ image {pair.name!r} ({pair.lq_size[0]}x{pair.lq_size[1]}) into "
                     f"{output[0]}x{output[1]}, but its HQ image is {pair.hq_size[0]}x{pair.hq_size[1]}; "
-                    f"use the set's scale {run.dataset.scale}."
+                    f"use the set's scale {dataset.scale}."
                 )
         source = Path(self.source)
+        # The names of settings.json, which a resumed run compares: kept as they have always been written.
         return {
             "pipeline": str(source.resolve()) if source.exists() else self.source,
-            "variant": args.variant,
-            "dtype": str(run.dtype).removeprefix("torch."),
-            "steps": args.steps,
+            "variant": sampling.variant,
+            "dtype": str(context.dtype).removeprefix("torch."),
+            "steps": sampling.steps,
             "upscale": upscale,
-            "seed": args.sample_seed,
-            "prompt": args.prompt,
-            "captions": args.captions,
-            "tile_size": args.tile_size,
+            "seed": sampling.sample_seed,
+            "prompt": sampling.prompt,
+            "captions": sampling.captions,
+            "tile_size": sampling.tile_size,
         }
 
-    def load(self, run: Run) -> None:
+    def load(self, context: MethodContext) -> None:
         try:
-            self.pipeline = load_faithdiff(self.source, run.args.variant, run.device, run.dtype)
+            self.pipeline = load_faithdiff(self.source, context.sampling.variant, context.device, context.dtype)
         except (OSError, ValueError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ValueError(f"`--method faithdiff={self.source}` could not be loaded: {reason}") from error
@@ -169,8 +217,8 @@ class FolderMethod(EvaluationMethod):
 
     kind = "folder"
 
-    def prepare(self, run: Run) -> None:
-        pairs = run.dataset.pairs
+    def prepare(self, context: MethodContext) -> None:
+        pairs = context.dataset.pairs
         found = list_images(self.source, f"result folder of method {self.name!r}")
         if absent := missing_names((p.name for p in pairs), found):
             raise ValueError(
@@ -215,15 +263,44 @@ def load_faithdiff(source: str, variant: str | None, device: torch.device, dtype
     return loading.load_pipeline(source, device, dtype, variant="auto" if variant is None else variant)
 
 
-def _check_settings(folder: Path, settings: dict[str, Any], overwrite: bool) -> None:
+def read_results_settings(folder: Path) -> dict[str, Any] | None:
+    """The settings.json of a results folder made here, or ``None`` when the folder is new or empty; a folder with
+    files but without our settings.json (a folder of the user's with the same name) is refused."""
+    from ..application.planning import check_output_dir
+
     path = folder / SETTINGS_NAME
-    if path.is_file() and not overwrite:
+    try:
+        check_output_dir(str(folder))
+    except ValueError as error:
+        raise ValueError(str(error).replace("`output_dir`", "results folder")) from error
+    if not path.exists():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ValueError(
+                f"{str(folder)!r} holds files but no {SETTINGS_NAME}, so they are not results of faithdiff-eval; move "
+                "them or choose another `out` (files we did not make are never replaced, `overwrite` or not)."
+            )
+        return None
+    try:
         saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        saved = str(error).splitlines()[0]
+    if not isinstance(saved, dict) or "method" not in saved:
+        raise ValueError(
+            f"{str(path)!r} is not the settings of results made by faithdiff-eval; move it or choose another `out` "
+            "(files we did not make are never replaced, `overwrite` or not)."
+        )
+    return saved
+
+
+def check_results_folder(folder: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuses a results folder that is not ours, or (without ``overwrite``) ours but made with other settings."""
+    saved = read_results_settings(folder)
+    if saved is not None and not overwrite:
         if saved != settings:
             changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
             before = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
             now = ", ".join(f"{k}={settings.get(k)!r}" for k in changed)
             raise ValueError(
                 f"results in {str(folder)!r} were made with other settings ({before}; now {now}); "
-                "pass --overwrite or choose another --out."
+                "pass `overwrite` or choose another `out`."
             )

@@ -16,10 +16,10 @@ be undefined.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +211,8 @@ def write_set_truth(
 
     A page truth becomes ``text.json`` (the set's images only). Boxes become ``text/hq/gt_NAME.txt``, clipped to the
     HQ image (cut from the top-left of the source, so the corners keep their coordinates), and
-    ``text/lq/gt_NAME.txt``, scaled to the LQ image and rounded to whole pixels.
+    ``text/lq/gt_NAME.txt``, scaled to the LQ image and rounded to whole pixels. The other kind's files of the set's
+    images are removed; no other file is.
 
     Returns:
         Where :func:`set_truth_path` finds it: the JSON file, or the folder of HQ boxes.
@@ -219,14 +220,18 @@ def write_set_truth(
     set_dir = Path(set_dir)
     page, boxes = set_dir / SET_TEXT_FILE, set_dir / SET_BOXES_DIR
     if truth.kind == "page":
-        shutil.rmtree(boxes, ignore_errors=True)
+        for role in ("hq", "lq"):
+            for name in sizes:
+                (boxes / role / f"{ICDAR_PREFIX}{name}.txt").unlink(missing_ok=True)
+        for folder in (boxes / "hq", boxes / "lq", boxes):  # the folders too, when nothing else is in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         texts = {name: truth.images[name].text for name in sorted(sizes)}
         write_text_atomic(page, json.dumps(texts, indent=2, ensure_ascii=False) + "\n")
         return page
     page.unlink(missing_ok=True)
     for role in ("hq", "lq"):
-        shutil.rmtree(boxes / role, ignore_errors=True)
-        (boxes / role).mkdir(parents=True)
+        (boxes / role).mkdir(parents=True, exist_ok=True)
     for name, ((hq_w, hq_h), (lq_w, lq_h)) in sizes.items():
         hq_words = [word.clipped(hq_w, hq_h) for word in truth.images[name].words]
         lq_words = [word.scaled(lq_w / hq_w, lq_h / hq_h) for word in hq_words]

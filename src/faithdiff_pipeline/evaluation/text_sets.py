@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .datasets import PairedSet, list_images, make_synthetic_set
-from .ocr_truth import TextTruth, read_text_truth, write_set_truth
+from .datasets import SET_FOLDERS, PairedSet, check_set_dir, list_images, make_synthetic_set
+from .ocr_truth import SET_BOXES_DIR, SET_TEXT_FILE, TextTruth, read_text_truth, write_set_truth
 
 
 def make_text_set(
@@ -36,11 +36,15 @@ def make_text_set(
 
     Raises:
         ValueError: the ground truth is unreadable, or lacks images of ``hq_dir`` or has nothing to read in some
-            (checked before any image is degraded), or the set cannot be built.
+            (checked before any image is degraded), the set's files would be written over the source images or
+            their ground truth, or the set cannot be built.
     """
+    inputs = [Path(hq_dir)]
     if not isinstance(truth, TextTruth):
+        inputs.append(Path(truth))
         truth = read_text_truth(truth)
     truth.check_covers(list_images(hq_dir, "HQ folder"))
+    check_set_dir(Path(set_dir), inputs, (*SET_FOLDERS, SET_TEXT_FILE, SET_BOXES_DIR))
     dataset = make_synthetic_set(hq_dir, set_dir, preset, seed, overwrite=overwrite, progress=progress)
     sizes = {pair.name: (pair.hq_size, pair.lq_size) for pair in dataset.pairs}
     write_set_truth(truth, Path(set_dir), sizes)
