@@ -198,3 +198,37 @@ def test_a_photo_is_decoded_once_and_its_sidecar_read_once(tiny_model_dir, tmp_p
     assert sorted(decoded) == sorted(str(tmp_path / "in" / n) for n in ("known.png", "new.png"))
     assert sidecars == [str(tmp_path / "in" / "known.json")]
     assert model_checks == [str(tiny_model_dir)]  # the settings are checked once, where they are parsed
+
+
+# --------------------------------------------------------------------------------- fidelity in every result
+
+
+def test_upscale_fidelity_writes_maps_metadata_summary_and_exit_status(tiny_model_dir, tmp_path, capsys) -> None:
+    from faithdiff_pipeline.fidelity import measure_fidelity
+    from faithdiff_pipeline.image_io import read_image
+
+    _photo(tmp_path / "a.png")
+    args = [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--prompt", "x",
+            *FAST, "--fidelity", "--seeds", "2"]
+    # The tiny random model invents everything: far below any sensible threshold.
+    assert upscale([*args, "--fidelity-threshold", "60", "--fail-below-threshold"]) == 3
+    out = capsys.readouterr().out
+    assert "fidelity: a.png: LR-PSNR" in out and "below the fidelity threshold of 60 dB LR-PSNR: a.png" in out
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    maps = {f"a_{name}{raw}.png" for name in ("consistency", "added_detail", "spread") for raw in ("", "_raw")}
+    assert names == {"a.png", *maps}
+    assert all(result_text(tmp_path / "out" / name) is not None for name in names)  # all ours: a rerun skips them
+    stored = json.loads(result_text(tmp_path / "out" / "a.png")["fidelity"])
+    # The stored numbers are those of the result measured against its input, independently.
+    restored = read_image(tmp_path / "out" / "a.png").as_float()
+    again = measure_fidelity(restored, read_image(tmp_path / "a.png").as_float())
+    assert stored["lr_psnr"] == pytest.approx(again.lr_psnr, abs=0.05) and stored["seed_count"] == 2
+    assert upscale(args) == 0 and "0 done, 1 skipped" in capsys.readouterr().out
+    assert upscale([*args[:-3], "--fidelity-threshold", "1"]) == 2  # a threshold without --fidelity
+    assert "--fidelity-threshold judges the fidelity numbers: add --fidelity" in capsys.readouterr().err
+
+
+def test_seeds_without_fidelity_is_refused(tmp_path, no_model) -> None:
+    _photo(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="`seeds` 3 measures the spread of the results: add `fidelity`"):
+        restore_files([tmp_path / "a.png"], tmp_path / "out", seeds=3)

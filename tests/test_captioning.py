@@ -81,7 +81,7 @@ def test_sidecar_round_trip(tmp_path) -> None:
     assert read_caption(image) == "A hand-written prompt, kept as is"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.json"]  # no temporary files left
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="photo.json.*not readable JSON"):
+    with pytest.raises(ValueError, match="photo.json.*not valid JSON"):
         read_caption(image)
     path.write_text(json.dumps({"text": "x"}))
     with pytest.raises(ValueError, match=r'must hold \{"caption"'):

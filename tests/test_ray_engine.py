@@ -243,3 +243,18 @@ def test_an_address_where_nothing_answers_fails_at_once(tmp_path, address) -> No
         f"faithdiff-upscale: error: could not join the Ray cluster at {address!r}: nothing answers there "
         "(Connection refused); check the address (and RAY_ADDRESS), or leave it out to start a cluster on this machine"
     ]
+
+
+@pytest.mark.slow
+def test_fidelity_on_ray_equals_the_local_engines(ray_cluster, tiny_model_dir, tmp_path) -> None:
+    _photos(tmp_path / "in", 1)
+    options = dict(model=str(tiny_model_dir), prompt="x", fidelity=True, seeds=2, **_fast_options())
+    local = restore_files([tmp_path / "in"], tmp_path / "local", progress=False, **options)
+    pooled = restore_files([tmp_path / "in"], tmp_path / "ray", engine="ray", workers=1, **options)
+    assert pooled.fidelity == local.fidelity and set(local.fidelity) == {"photo_0.png"}
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir())
+    for name in ("photo_0_consistency_raw.png", "photo_0_spread_raw.png"):
+        with PIL.Image.open(tmp_path / "ray" / name) as ray_map, PIL.Image.open(tmp_path / "local" / name) as ours:
+            # The results are byte-equal; the maps' float sums may round apart in a worker with other thread counts.
+            difference = np.abs(np.asarray(ray_map).astype(int) - np.asarray(ours).astype(int))
+            assert difference.max() <= 1, (name, difference.max())

@@ -52,10 +52,11 @@ class AttentionMapFiles:
         self.recorder.select_layers(pipe.unet)
         return {"attention_maps": self.recorder}
 
-    def write(self, job: Job, photo: ImageFile, restored: np.ndarray, prompt: str,
+    def write(self, job: Job, photo: ImageFile, restorations: list[np.ndarray], prompt: str,
               settings: RestorationSettings) -> None:
-        """Writes each word's overlay on ``restored`` and its raw map of the last recording, then the restored
+        """Writes each word's overlay on the restored image and its raw map of the last recording, then the restored
         image (last: its presence with the maps' marks the image as done)."""
+        restored = restorations[0]
         import numpy as np
         import PIL.Image
 

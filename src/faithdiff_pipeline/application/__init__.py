@@ -9,6 +9,7 @@ loads.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +18,15 @@ from .options import OPTIONS, RAY_OPTIONS
 from .restoring import JobFailed, ResultFiles, Summary
 from .settings import RestorationSettings
 
-__all__ = ["JobFailed", "RestorationSettings", "ResultFiles", "Summary", "check_engine_options", "restore_files"]
+__all__ = [
+    "JobFailed",
+    "RestorationSettings",
+    "ResultFiles",
+    "Summary",
+    "check_engine_options",
+    "check_fidelity_options",
+    "restore_files",
+]
 
 # The options of a job rather than of each image's restoration.
 JOB_OPTIONS = ("overwrite", "compare", "engine", *RAY_OPTIONS)
@@ -32,6 +41,16 @@ def check_engine_options(engine: str, ray_options_given: Sequence[str]) -> None:
         verb = "needs" if len(ray_options_given) == 1 else "need"
         names = ", ".join(f"`{name}`" for name in ray_options_given)
         raise ValueError(f"{names} {verb} `engine` ray (the engine is {engine}).")
+
+
+def check_fidelity_options(settings: RestorationSettings, threshold: float | None, fail: bool = False) -> None:
+    """Refuses a fidelity threshold without fidelity measured, and failing on it without a threshold."""
+    if threshold is not None and not settings.fidelity:
+        raise ValueError("`fidelity_threshold` judges the fidelity numbers: add `fidelity`.")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        raise ValueError(f"`fidelity_threshold` must be a finite number of dB, got {threshold!r}.")
+    if fail and threshold is None:
+        raise ValueError("`fail_below_threshold` needs `fidelity_threshold` DB.")
 
 
 def restore_files(
@@ -57,7 +76,9 @@ def restore_files(
         notify: Receives notes for the user (no captioner on this machine, say); default: ignored.
         progress: Show progress bars.
         options: The restoration settings by their names in :data:`~faithdiff_pipeline.application.options.OPTIONS`
-            (``upscale=4``, ``steps=30``, ``prompt="..."``, ``model="folder or Hub id"``, ``format="tiff"``, ...).
+            (``upscale=4``, ``steps=30``, ``prompt="..."``, ``model="folder or Hub id"``, ``format="tiff"``,
+            ``fidelity=True``, ``seeds=3``, ...). The summary's ``fidelity`` holds each result's fidelity numbers and
+            ``below(threshold)`` the results under a threshold.
 
     Returns:
         The names of the images done, skipped (already restored) and failed, with the reasons.
@@ -71,7 +92,7 @@ def restore_files(
     notify = notify or (lambda note: None)
     ray_options = {name: options.pop(name) for name in RAY_OPTIONS if name in options}
     settings = RestorationSettings.from_options(**options)
-    outputs = ResultFiles(settings.output.suffix, compare)
+    outputs = ResultFiles(settings.output.suffix, compare, settings.fidelity, settings.seeds > 1)
     if engine == "ray":
         from .ray_engine import run_ray_job
 

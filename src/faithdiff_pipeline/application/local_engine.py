@@ -105,6 +105,7 @@ def run_local_job(job: LocalJob, notify: Callable[[str], None], progress: bool =
     remove_leftovers(job.output_dir)
     worked = restore_jobs(todo, settings, pipe, prompts.known, job.outputs, photos, progress)
     summary.done, summary.failed, summary.seconds = worked.done, summary.failed + worked.failed, worked.seconds
+    summary.fidelity = worked.fidelity
     return summary
 
 

@@ -119,6 +119,16 @@ OPTIONS: dict[str, Option] = _options(
     Option("profile", "srgb", "srgb: results in sRGB with an sRGB profile; source: converted back to the input's "
            "embedded profile", str, PROFILE_CHOICES),
     Option("compare", False, "also write NAME_compare.png: LANCZOS | restored", bool),
+    # Fidelity (docs/fidelity.md).
+    Option("fidelity", False, "measure where each result stays true to its input: writes NAME_consistency.png and "
+           "NAME_added_detail.png (heat maps over the result) and their 16-bit raw maps beside it, stores LR-PSNR, "
+           "LR-SSIM and the share of added detail in the result's metadata and lists them in the summary", bool),
+    Option("fidelity_threshold", None, "with --fidelity: mark results whose LR-PSNR (consistency with the input, in "
+           "dB) is below this in the summary", float, metavar="DB"),
+    Option("fail_below_threshold", False, "exit with status 3 when a result is below --fidelity-threshold", bool),
+    Option("seeds", 1, "with --fidelity: restore each photo with N seeds (seed, seed+1, ...) and map where they "
+           "disagree (NAME_spread.png); costs N restorations per photo; the result is the first seed's", int,
+           metavar="N"),
     # Provenance (docs/provenance.md).
     Option("no_provenance", False, "leave out the XMP provenance each result carries (the IPTC digital source type, "
            "the edit in its history, the original it derives from; the original's own XMP is kept either way)", bool),

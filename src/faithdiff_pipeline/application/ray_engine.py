@@ -15,6 +15,7 @@ had already written counts as done, not twice, and an image that kills its worke
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -406,6 +407,9 @@ def _restore_stage(
         row = by_index.get(record["index"])
         if row is not None and row["status"] == "done":
             summary.done.append(record["name"])
+            numbers = json.loads(str(row["fidelity"]))
+            if numbers:
+                summary.fidelity[record["name"]] = numbers
         else:
             summary.failed.append((record["name"], _reason(row)))
 
@@ -441,7 +445,7 @@ class _RestoreWorker:
         return _columns([self._restore(record) for record in _records(batch)])
 
     def _restore(self, record: dict) -> dict:
-        row = {"index": record["index"], "status": "done", "reason": ""}
+        row = {"index": record["index"], "status": "done", "reason": "", "fidelity": '""'}
         if self.load_error:
             return {**row, "status": "failed", "reason": self.load_error}
         if _give_up(self.attempts, f"restore:{record['index']}"):
@@ -456,6 +460,7 @@ class _RestoreWorker:
                 if outcome.failed:
                     return {**row, "status": "failed", "reason": outcome.failed[0][1]}
                 publish()
+                row["fidelity"] = json.dumps(outcome.fidelity.get(job.name, ""))
         except OSError as error:
             return {**row, "status": "failed", "reason": f"could not copy: {str(error).splitlines()[0]}"}
         return row

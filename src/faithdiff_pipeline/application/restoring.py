@@ -34,6 +34,12 @@ class Summary:
     # Set by the Ray engine: the deaths of worker processes it survived, and its pool's throughput is reported.
     worker_deaths: int = 0
     pooled: bool = False
+    # The fidelity numbers of each result measured (see faithdiff_pipeline.fidelity), by image name.
+    fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def below(self, threshold: float) -> list[str]:
+        """The results whose consistency with their input (LR-PSNR, dB) is below ``threshold``."""
+        return [name for name, numbers in self.fidelity.items() if float(numbers["lr_psnr"]) < threshold]
 
     def report(self) -> str:
         """The summary in a few lines, as the commands print it."""
@@ -46,7 +52,15 @@ class Summary:
                 f"\n  {self.worker_deaths} worker process death(s): each worker was restarted and the work it had "
                 "not finished was retried"
             )
-        return "\n".join([first, *(f"  failed: {name}: {reason}" for name, reason in self.failed)])
+        lines = [first, *(f"  failed: {name}: {reason}" for name, reason in self.failed)]
+        lines += [f"  fidelity: {name}: {_fidelity_line(numbers)}" for name, numbers in self.fidelity.items()]
+        return "\n".join(lines)
+
+
+def _fidelity_line(numbers: dict[str, Any]) -> str:
+    spread = f", seed spread {float(numbers['spread_mean']):.4f}" if "spread_mean" in numbers else ""
+    return (f"LR-PSNR {float(numbers['lr_psnr']):.2f} dB, LR-SSIM {float(numbers['lr_ssim']):.4f}, added detail "
+            f"{100 * float(numbers['added_detail_share']):.1f}%{spread}")
 
 
 class JobOutputs(Protocol):
@@ -61,9 +75,10 @@ class JobOutputs(Protocol):
     def attach(self, pipe: Any) -> dict[str, Any]:
         """Readies the outputs for ``pipe`` once it is loaded; returns extra pipeline call arguments."""
 
-    def write(self, job: Job, photo: image_io.ImageFile, restored: np.ndarray, prompt: str,
-              settings: RestorationSettings) -> None:
-        """Writes the outputs of ``job`` (local paths), the result last."""
+    def write(self, job: Job, photo: image_io.ImageFile, restorations: list[np.ndarray], prompt: str,
+              settings: RestorationSettings) -> dict[str, Any] | None:
+        """Writes the outputs of ``job`` (local paths), the result last, from the restorations of ``photo`` (one per
+        seed of ``settings.seeds``; the first is the result). Returns the result's fidelity numbers, if measured."""
 
 
 def result_metadata(settings: RestorationSettings, name: str, prompt: str) -> dict[str, str]:
@@ -84,14 +99,24 @@ def side_by_side(lq: PIL.Image.Image, restored: PIL.Image.Image) -> PIL.Image.Im
 
 @dataclass(frozen=True)
 class ResultFiles:
-    """The outputs of ``faithdiff-upscale``: the result in ``suffix``'s format, and with ``compare`` a side-by-side
-    ``NAME_compare.png``."""
+    """The outputs of ``faithdiff-upscale``: the result in ``suffix``'s format; with ``compare`` a side-by-side
+    ``NAME_compare.png``; with ``fidelity`` the fidelity maps beside it (heat maps and 16-bit raw maps; the spread
+    with ``spread``)."""
 
     suffix: str = ".png"
     compare: bool = False
+    fidelity: bool = False
+    spread: bool = False
 
     def names(self, stem: str) -> list[str]:
-        return [f"{stem}{self.suffix}"] + ([f"{stem}_compare.png"] if self.compare else [])
+        result = f"{stem}{self.suffix}"
+        maps = self._map_names(result) if self.fidelity else []
+        return [result] + ([f"{stem}_compare.png"] if self.compare else []) + maps
+
+    def _map_names(self, result: str) -> list[str]:
+        from ..fidelity import fidelity_map_paths
+
+        return [path.name for path in fidelity_map_paths(result, spread=self.spread, raw=True).values()]
 
     def check(self, job: Job, prompt: str) -> None:
         return None
@@ -99,24 +124,34 @@ class ResultFiles:
     def attach(self, pipe: Any) -> dict[str, Any]:
         return {}
 
-    def write(self, job: Job, photo: image_io.ImageFile, restored: np.ndarray, prompt: str,
-              settings: RestorationSettings) -> None:
+    def write(self, job: Job, photo: image_io.ImageFile, restorations: list[np.ndarray], prompt: str,
+              settings: RestorationSettings) -> dict[str, Any] | None:
         import PIL.Image
 
+        restored, numbers = restorations[0], None
         metadata = result_metadata(settings, job.name, prompt)
+        if self.fidelity:
+            from ..fidelity import measure_fidelity, save_fidelity_maps
+
+            spread = restorations if len(restorations) > 1 else None
+            report = measure_fidelity(restored, photo.as_float(), seeds_results=spread)
+            numbers = report.as_metadata()
+            metadata["fidelity"] = json.dumps(numbers)
+            save_fidelity_maps(report, restored, job.result, raw=True, text=metadata)
         if self.compare:
             restored_8bit = PIL.Image.fromarray((restored * 255.0).round().clip(0, 255).astype("uint8"))
             image_io.save_result(side_by_side(photo.to_pil(), restored_8bit), job.outputs[1], text=metadata)
         image_io.save_result(
             restored, job.result, source=photo, options=settings.output, text=metadata, signing=settings.signing
         )
+        return numbers
 
 
 def restore_photo(photo: image_io.ImageFile, prompt: str, settings: RestorationSettings, pipe: Any,
-                  **call_options: Any) -> np.ndarray:
+                  restoration: int = 0, **call_options: Any) -> np.ndarray:
     """``photo`` restored as ``settings`` say, float ``[H, W, 3]`` in [0, 1] (a 16-bit input keeps its 16 bits);
-    ``call_options`` go to the pipeline call as well."""
-    arguments = {**settings.call_arguments(prompt), "output_type": "np", **call_options}
+    ``restoration`` counts the seed on from ``settings.seed``; ``call_options`` go to the pipeline call as well."""
+    arguments = {**settings.call_arguments(prompt, restoration), "output_type": "np", **call_options}
     return pipe(image=photo, **arguments).images[0]
 
 
@@ -141,11 +176,16 @@ def restore_jobs(
         try:
             photo = photos.take(job.source)
             prompt = prompts.get(job.source, "")
-            outputs.write(job, photo, restore_photo(photo, prompt, settings, pipe, **call_options), prompt, settings)
+            restorations = [
+                restore_photo(photo, prompt, settings, pipe, index, **call_options) for index in range(settings.seeds)
+            ]
+            numbers = outputs.write(job, photo, restorations, prompt, settings)
         except (ValueError, TypeError, OSError, RuntimeError) as error:
             summary.failed.append((job.name, str(error).splitlines()[0] if str(error) else type(error).__name__))
             continue
         summary.done.append(job.name)
+        if numbers is not None:
+            summary.fidelity[job.name] = numbers
     summary.seconds = time.perf_counter() - start
     return summary
 

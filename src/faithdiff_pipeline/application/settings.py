@@ -74,6 +74,8 @@ class RestorationSettings:
     fp8: str = _setting("fp8")
     low_vram: bool = _setting("low_vram")
     vae_tiling: bool = _setting("vae_tiling")
+    fidelity: bool = _setting("fidelity")
+    seeds: int = _setting("seeds")
     output: OutputOptions = field(default_factory=OutputOptions)
     # Content Credentials to sign each result with, or None.
     signing: SigningCredentials | None = None
@@ -104,6 +106,9 @@ class RestorationSettings:
         check_integer(self.tile_batch_size, "tile_batch_size", 1)
         check_integer(self.max_pixels, "max_pixels", 1)
         check_integer(self.seed, "seed")
+        check_integer(self.seeds, "seeds", 1)
+        if self.seeds > 1 and not self.fidelity:
+            raise ValueError(f"`seeds` {self.seeds} measures the spread of the results: add `fidelity`.")
 
     def _check_prompts(self) -> None:
         """The settings of prompts and captions, and the models' settings that depend on them."""
@@ -146,13 +151,15 @@ class RestorationSettings:
         output["digital_source_type"] = options.get("digital_source_type", OPTIONS["digital_source_type"].default)
         return cls(**values, output=OutputOptions(**output), signing=_signing(options.get("sign")))
 
-    def call_arguments(self, prompt: str) -> dict[str, Any]:
-        """The pipeline call arguments of one image with ``prompt``, its sampling seeded by ``seed``."""
+    def call_arguments(self, prompt: str, restoration: int = 0) -> dict[str, Any]:
+        """The pipeline call arguments of one image with ``prompt``, its sampling seeded by ``seed`` (counted on by
+        ``restoration``, the index among :attr:`seeds` restorations)."""
         import torch
 
         calls = [item for item in fields(self) if item.metadata.get("call")]
         arguments = {item.metadata["call"]: getattr(self, item.name) for item in calls}
-        return {"prompt": prompt, **arguments, "generator": torch.Generator("cpu").manual_seed(self.seed)}
+        generator = torch.Generator("cpu").manual_seed(self.seed + restoration)
+        return {"prompt": prompt, **arguments, "generator": generator}
 
     def parameters(self, input_name: str, prompt: str) -> dict[str, Any]:
         """What a result of the image ``input_name``, restored with ``prompt``, records of how it was made."""
