@@ -461,3 +461,55 @@ def test_credentials_pickle_for_workers(credentials) -> None:
     import pickle
 
     assert pickle.loads(pickle.dumps(credentials)) == credentials
+
+
+# --------------------------------------------------------------------------------------- the commands' flags
+
+CLI_FAST = ["--steps", "2", "--tile-size", "64", "--device", "cpu", "--dtype", "float32", "--prompt", "x"]
+
+
+def test_upscale_signs_with_sign_and_leaves_provenance_out_with_no_provenance(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+) -> None:
+    pytest.importorskip("c2pa")
+    from faithdiff_pipeline.cli import main
+    from faithdiff_pipeline.content_credentials import PASSWORD_VARIABLE, read_content_credentials
+
+    _photo().save(tmp_path / "cat.png")
+    chain, key = _certificate_chain(tmp_path, key_password="correct horse")
+    monkeypatch.setenv(PASSWORD_VARIABLE, "correct horse")
+    common = [str(tmp_path / "cat.png"), "--model", str(tiny_model_dir), *CLI_FAST]
+    assert main([*common, "-o", str(tmp_path / "signed"), "--sign", str(chain), str(key),
+                 "--digital-source-type", "algorithmicallyEnhanced"]) == 0
+    report = read_content_credentials(tmp_path / "signed" / "cat.png")
+    assert _failures(report) == ["signingCredential.untrusted"]
+    (ingredient,) = _active(report)["ingredients"]
+    assert ingredient["relationship"] == "parentOf" and ingredient["title"] == "cat.png"
+    assert _xmp_of(tmp_path / "signed" / "cat.png")["Xmp.iptcExt.DigitalSourceType"].endswith("algorithmicallyEnhanced")
+    assert main([*common, "-o", str(tmp_path / "plain"), "--no-provenance"]) == 0
+    assert not _xmp_of(tmp_path / "plain" / "cat.png")
+    assert np.array_equal(_pixels(tmp_path / "plain" / "cat.png"), _pixels(tmp_path / "signed" / "cat.png"))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: [str(tmp / "missing.pem"), str(tmp / "missing-key.pem")], "missing.pem"),
+        (lambda tmp: [str(p) for p in _certificate_chain(tmp, key_password="secret")], "password"),
+    ],
+)
+def test_signing_mistakes_are_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys, make, message) -> None:
+    pytest.importorskip("c2pa")
+    from faithdiff_pipeline import loading
+    from faithdiff_pipeline.cli import main
+    from faithdiff_pipeline.content_credentials import PASSWORD_VARIABLE
+
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    _photo().save(tmp_path / "cat.png")
+    assert main([str(tmp_path / "cat.png"), "-o", str(tmp_path / "out"), *CLI_FAST, "--sign", *make(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("faithdiff-upscale: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+    assert main([str(tmp_path / "cat.png"), *CLI_FAST, "--sign", "a", "b", "--no-provenance"]) == 2
+    assert "--sign adds provenance, which --no-provenance leaves out" in capsys.readouterr().err

@@ -148,6 +148,8 @@ class RestorationSettings:
         elif isinstance(output.get("bit_depth"), str):
             output["bit_depth"] = int(output["bit_depth"])
         output["provenance"] = not options.get("no_provenance", False)
+        if options.get("sign") is not None and not output["provenance"]:
+            raise ValueError("`sign` adds provenance, which `no_provenance` leaves out: choose one.")
         output["digital_source_type"] = options.get("digital_source_type", OPTIONS["digital_source_type"].default)
         return cls(**values, output=OutputOptions(**output), signing=_signing(options.get("sign")))
 
