@@ -130,8 +130,9 @@ OPTIONS: dict[str, Option] = _options(
            "disagree (NAME_spread.png); costs N restorations per photo; the result is the first seed's", int,
            metavar="N"),
     # Provenance (docs/provenance.md).
-    Option("no_provenance", False, "leave out the XMP provenance each result carries (the IPTC digital source type, "
-           "the edit in its history, the original it derives from; the original's own XMP is kept either way)", bool),
+    Option("no_provenance", False, "write no XMP provenance (the IPTC digital source type, the edit in the history, "
+           "the original the result derives from); the original's own XMP is then left out too, being one packet",
+           bool),
     Option("digital_source_type", DEFAULT_DIGITAL_SOURCE_TYPE, "the IPTC Digital Source Type the results declare",
            str, DIGITAL_SOURCE_TYPES),
     Option("sign", None, "sign each result with C2PA Content Credentials (the [c2pa] extra): the PEM certificate "
