@@ -141,15 +141,52 @@ def test_not_a_checkpoint(release, tmp_path) -> None:
 
 
 def test_never_overwrites_unless_asked(release, tmp_path) -> None:
-    output = tmp_path / "out"
+    output = _convert(release, tmp_path / "out")
+    (output / "notes.txt").write_text("a converted pipeline of ours")
+    with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
+        _convert(release, output)
+    assert (output / "notes.txt").is_file()
+    _convert(release, output, overwrite=True)
+    assert not (output / "notes.txt").exists()
+    assert (output / "model_index.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folders left behind
+
+
+@pytest.mark.parametrize("index", [None, "not json", '{"_class_name": "StableDiffusionXLPipeline"}'])
+def test_overwrite_replaces_only_a_faithdiff_pipeline_folder(release, tmp_path, index) -> None:
+    """`--overwrite` replaces a pipeline folder of ours, never a folder of anything else (an SDXL base, photos)."""
+    output = tmp_path / "mine"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match="already exists"):
-        _convert(release, output)
+    if index is not None:
+        (output / "model_index.json").write_text(index)
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is not a FaithDiff pipeline folder"):
+            _convert(release, output, overwrite=overwrite)
     assert (output / "keep.txt").read_text() == "mine"
-    _convert(release, output, overwrite=True)
-    assert not (output / "keep.txt").exists() and (output / "model_index.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folders left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    # An empty folder holds nothing to lose.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (_convert(release, empty, overwrite=True) / "model_index.json").is_file()
+
+
+def test_convert_names_the_users_folder_in_its_errors(release, tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"`output_dir` .*file/out.* cannot be created: .*file.* is a file"):
+        _convert(release, tmp_path / "file" / "out")
+
+    def full_disk(self, folder, **kwargs) -> None:
+        raise OSError(28, "No space left on device", str(Path(folder) / "unet" / "model.safetensors"))
+
+    monkeypatch.setattr(FaithDiffSDXLPipeline, "save_pretrained", full_disk)
+    output = tmp_path / "new" / "pipeline"
+    assert convert_main(_faithdiff_args(release, release / "FaithDiff.bin", output)) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars of the loading
+    assert error.startswith("faithdiff-convert: error: ")
+    assert str(output) in error and "No space left on device" in error
+    assert "staging" not in error
+    assert not output.exists()
 
 
 def test_fp16_variant_and_cli(release, tmp_path, capsys) -> None:

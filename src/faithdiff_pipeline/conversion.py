@@ -500,9 +500,11 @@ def convert_official_release(
         faithdiff: ``FaithDiff.bin`` (or .safetensors), a folder holding it, or a Hub repo id (jychen9811/FaithDiff).
         base: The SDXL base the release was trained from (SG161222/RealVisXL_V4.0): folder or repo id.
         vae: The decoding VAE (madebyollin/sdxl-vae-fp16-fix): folder or repo id.
-        output_dir: Where to write the pipeline.
+        output_dir: Where to write the pipeline (created with its parents if needed).
         variant: ``"fp16"`` writes float16 weights as the diffusers ``fp16`` variant; ``None`` keeps full precision.
-        overwrite: Replace an existing ``output_dir`` (otherwise an existing one is an error).
+        overwrite: Replace an existing ``output_dir`` (otherwise an existing one is an error), which must be a
+            FaithDiff pipeline folder (its ``model_index.json`` names ``FaithDiffSDXLPipeline``) or empty: a folder of
+            anything else is never replaced.
         num_attention_heads: Heads of the alignment attention (8 in the release).
 
     Returns:
@@ -526,12 +528,36 @@ def _check_output(output: Path, variant: str | None, overwrite: bool, num_attent
     if variant not in (None, "fp16"):
         raise ValueError(f"`variant` must be None or 'fp16', got {variant!r}.")
     check_integer(num_attention_heads, "num_attention_heads", 1)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"`output_dir` {str(output)!r} is a file, not a folder.")
+    from .application.planning import check_output_dir
+
+    check_output_dir(str(output))  # a parent that is a file, or a folder without write permission
+    if output.is_dir() and any(output.iterdir()) and not is_faithdiff_pipeline_folder(output):
+        raise ValueError(
+            f"`output_dir` {str(output)!r} already exists and is not a FaithDiff pipeline folder (no model_index.json "
+            "naming FaithDiffSDXLPipeline); choose another `output_dir` (folders we did not make are never replaced, "
+            "`overwrite` or not)."
+        )
     if output.exists() and not overwrite:
         raise ValueError(
             f"`output_dir` {str(output)!r} already exists; pass overwrite=True (--overwrite) to replace it."
         )
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"`output_dir` {str(output)!r} is a file, not a folder.")
+
+
+def is_faithdiff_pipeline_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a FaithDiff pipeline as ``save_pretrained`` writes it: a ``model_index.json`` whose
+    ``_class_name`` is ``FaithDiffSDXLPipeline`` (or, in the custom-code layout, ``[module, "FaithDiffSDXLPipeline"]``)."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if isinstance(name, list) and name:
+        name = name[-1]
+    return name == "FaithDiffSDXLPipeline"
 
 
 def _staging_prefix(output: Path) -> str:
@@ -566,6 +592,8 @@ def _save(pipe: FaithDiffSDXLPipeline, output: Path, variant: str | None) -> Non
         pipe.save_pretrained(staging, safe_serialization=True, variant=variant)
         _give_umask_modes(staging)
         _replace_folder(staging, output)
+    except OSError as error:  # named by the user's folder, not by the staging folder written first
+        raise ValueError(f"`output_dir` {str(output)!r} cannot be written: {error.strerror or error}") from error
     finally:
         if staging.exists():  # the save failed or was interrupted before the rename
             shutil.rmtree(staging)
