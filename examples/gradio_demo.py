@@ -2,7 +2,10 @@
 
 Upload a photo, let the captioner describe it (or write the caption yourself), restore it, compare before and after
 with the slider and download the PNG, which keeps the photo's bit depth (8 or 16), greyscale, alpha and metadata, as
-faithdiff-upscale writes it. Needs gradio (``pip install "faithdiff-pipeline[demo]"``).
+faithdiff-upscale writes it. With "Measure fidelity", the result's fidelity to the photo (LR-PSNR, LR-SSIM, the share
+of added detail; see docs/fidelity.md) is shown beside it, its consistency or added-detail map laid over it, and kept
+in the PNG's metadata as ``faithdiff-upscale --fidelity`` keeps it. Needs gradio (``pip install
+"faithdiff-pipeline[demo]"``).
 
 The device, dtype, weights, captioner and offload are chosen by :mod:`faithdiff_pipeline.loading`, as
 faithdiff-upscale chooses them: by default the release's LLaVA-1.5-13B captions on a CUDA GPU that can hold it (in
@@ -22,10 +25,13 @@ import atexit
 import contextlib
 import errno
 import functools
+import json
+import math
 import shutil
 import socket
 import sys
 import tempfile
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,7 @@ import torch
 
 from faithdiff_pipeline import FaithDiffSDXLPipeline, loading
 from faithdiff_pipeline.captioning import Captioner
+from faithdiff_pipeline.fidelity import HEAT_FULL_SCALE, FidelityReport, fidelity_heat_map, measure_fidelity
 from faithdiff_pipeline.application.options import OPTIONS
 from faithdiff_pipeline.application.restoring import restore_photo, result_metadata
 from faithdiff_pipeline.application.settings import RestorationSettings
@@ -52,6 +59,12 @@ except ImportError as error:  # gradio is an optional extra: say how to get it i
 PROG = "gradio_demo.py"
 START_POINTS = {"From the photo (release)": "lr", "From pure noise": "noise"}
 COLOR_FIXES = {"AdaIN (release)": "adain", "Wavelet": "wavelet", "None": None}
+# The maps of FidelityReport.maps() that a single restoration has (the seed spread needs several).
+FIDELITY_MAPS = {"Consistency": "consistency", "Added detail": "added_detail"}
+# faithdiff-upscale's heat maps are drawn at fidelity_heat_map's default opacity; the page starts from the same look.
+DEFAULT_MAP_OPACITY = 0.75
+# The guide to the numbers, in a checkout of the repository; the app serves this one file so that its link opens.
+FIDELITY_GUIDE = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 _GIB = 1024**3
 # A progress reporter: gr.Progress in the app, anything with the same call signature in tests.
 Progress = Callable[..., Any]
@@ -229,7 +242,30 @@ def caption_image(models: DemoModels, image: PIL.Image.Image | str | None, seed:
     return caption
 
 
-def restore_image(
+@dataclass(frozen=True)
+class Restoration:
+    """One restored photo, as the page shows it.
+
+    Attributes:
+        before: The photo upscaled to the result's size with LANCZOS, as the pipeline upscales it, so that the two
+            line up in the slider.
+        after: The result in 8 bits, what ``output_type="pil"`` gives.
+        path: The PNG offered for download.
+        caption: The prompt used: the box's, or the captioner's when the box was empty.
+        result: The result as the pipeline returned it, float ``[H, W, 3]`` in [0, 1] (16 bits kept); the PNG and
+            the fidelity are of it.
+        fidelity: The result's fidelity to the photo, when it was measured.
+    """
+
+    before: PIL.Image.Image
+    after: PIL.Image.Image
+    path: Path
+    caption: str
+    result: np.ndarray
+    fidelity: FidelityReport | None = None
+
+
+def restore(
     models: DemoModels,
     image: PIL.Image.Image | str | None,
     caption: str | None,
@@ -240,10 +276,11 @@ def restore_image(
     start_point: str = OPTIONS["start_point"].default,
     color_fix: str | None = OPTIONS["color_fix"].default,
     tile_size: float = OPTIONS["tile_size"].default,
+    fidelity: bool = False,
     progress: Progress | None = None,
-) -> tuple[PIL.Image.Image, PIL.Image.Image, Path, str]:
-    """Restores ``image`` (a path, as the app passes uploads, or a PIL image): returns (before, after, PNG path,
-    caption used).
+) -> Restoration:
+    """Restores ``image`` (a path, as the app passes uploads, or a PIL image) and, with ``fidelity``, measures the
+    result's fidelity to it.
 
     The photo is read through :mod:`faithdiff_pipeline.image_io` (upright, in sRGB, 16-bit kept), restored by the
     application layer with the same settings, seeds and result metadata as faithdiff-upscale, and the PNG is written
@@ -251,8 +288,10 @@ def restore_image(
     non-empty ``caption`` is the prompt, unchanged. An empty one is filled by the captioner first (returned, so that
     the box shows what was used), with the caption that ``caption_image`` gives for the same seed; without a
     captioner, the prompt is empty. The result is the one that a pipeline holding the same captioner gives with
-    ``pipe(prompt=None)``. "Before" is the photo upscaled to the result's size with LANCZOS, as the pipeline upscales
-    it, so that the two line up in the slider. Errors of the pipeline become ``gr.Error`` with their message.
+    ``pipe(prompt=None)``. Fidelity is measured as ``faithdiff-upscale --fidelity`` measures it (the float result
+    against the photo's colour) and its numbers are stored in the PNG's ``fidelity`` text; a photo it cannot measure
+    (under 11 pixels a side) is restored all the same, with a warning. Errors of the pipeline become ``gr.Error``
+    with their message.
     """
     _require_image(image, "restore it")
     pipe = models.pipe
@@ -274,7 +313,8 @@ def restore_image(
         # Floats, not 8-bit PIL: a 16-bit photo's result keeps its 16 bits in the PNG.
         reporter = _step_reporter(progress, settings.steps)
         restored = restore_photo(source, prompt or "", settings, pipe, callback_on_step_end=reporter)
-        path = _save_result(restored, source, settings, prompt or "")
+        report = _measure(restored, source, progress) if fidelity else None
+        path = _save_result(restored, source, settings, prompt or "", report)
     except (ValueError, TypeError, OSError) as error:
         raise gr.Error(str(error), title="Restoration failed") from error
     except torch.OutOfMemoryError as error:
@@ -284,10 +324,76 @@ def restore_image(
         ) from error
     after = pipe.image_processor.numpy_to_pil(restored[None])[0]  # what output_type="pil" gives
     before = source.to_pil().resize(after.size, PIL.Image.LANCZOS)
-    return before, after, path, prompt or ""
+    return Restoration(before, after, path, prompt or "", restored, report)
 
 
-def _report(progress: Progress | None, value: float | tuple[int, int], desc: str) -> None:
+def restore_image(
+    models: DemoModels,
+    image: PIL.Image.Image | str | None,
+    caption: str | None,
+    upscale: float = OPTIONS["upscale"].default,
+    steps: float = OPTIONS["steps"].default,
+    guidance: float = OPTIONS["guidance"].default,
+    seed: float | None = OPTIONS["seed"].default,
+    start_point: str = OPTIONS["start_point"].default,
+    color_fix: str | None = OPTIONS["color_fix"].default,
+    tile_size: float = OPTIONS["tile_size"].default,
+    progress: Progress | None = None,
+) -> tuple[PIL.Image.Image, PIL.Image.Image, Path, str]:
+    """:func:`restore` without fidelity: returns (before, after, PNG path, caption used)."""
+    restoration = restore(
+        models, image, caption, upscale, steps, guidance, seed, start_point, color_fix, tile_size, progress=progress
+    )
+    return restoration.before, restoration.after, restoration.path, restoration.caption
+
+
+def _measure(restored: np.ndarray, source: ImageFile, progress: Progress | None) -> FidelityReport | None:
+    _report(progress, None, "Measuring fidelity")
+    try:
+        # The photo's colour as the pipeline took it, in sRGB: what faithdiff-upscale --fidelity measures against.
+        return measure_fidelity(restored, source.as_float())
+    except ValueError as error:
+        # Only a photo too small for LR-SSIM's window gets here; its restoration is still worth having.
+        gr.Warning(f"Fidelity not measured: {error}")
+        return None
+
+
+def fidelity_layer(
+    after: PIL.Image.Image,
+    report: FidelityReport,
+    map_name: str = "consistency",
+    opacity: float = DEFAULT_MAP_OPACITY,
+) -> PIL.Image.Image:
+    """The map ``map_name`` of ``report`` (a key of :meth:`FidelityReport.maps`) laid over the result ``after`` as
+    faithdiff-upscale --fidelity draws its heat maps, in 8 bits at the result's size, with the colour at ``opacity``
+    where the map is at its full scale."""
+    heat = fidelity_heat_map(after, report.maps()[map_name], HEAT_FULL_SCALE[map_name], float(opacity))
+    return PIL.Image.fromarray((heat * 255.0).round().astype(np.uint8))
+
+
+def fidelity_summary(report: FidelityReport | None) -> str:
+    """The numbers of ``report`` in Markdown, with a line on how to read them and the link to the guide."""
+    if report is None:
+        return "Fidelity not measured: tick *Measure fidelity* and restore."
+    lr_psnr = f"{report.lr_psnr:.2f}" if math.isfinite(report.lr_psnr) else "∞"
+    return (
+        f"**LR-PSNR {lr_psnr} dB** · **LR-SSIM {report.lr_ssim:.4f}** · "
+        f"**added detail {100 * report.added_detail_share:.1f} %** of the pixels\n\n"
+        "Higher LR-PSNR and LR-SSIM: the result, reduced to the photo's size, is closer to the photo (a plain "
+        "upscale scores about 42–47 dB); added detail is detail finer than the photo's pixels, drawn by the model, "
+        f"which they cannot judge. {_guide_link()}"
+    )
+
+
+def _guide_link() -> str:
+    if not FIDELITY_GUIDE.is_file():  # the example copied out of the repository
+        return "More in docs/fidelity.md of the FaithDiff pipeline."
+    # Relative, so that it also opens where the app is served under a path (behind a proxy, or mounted).
+    return f"[How to read them (docs/fidelity.md)](gradio_api/file={urllib.parse.quote(str(FIDELITY_GUIDE))})"
+
+
+def _report(progress: Progress | None, value: float | tuple[int, int] | None, desc: str) -> None:
+    """Moves the progress bar to ``value``; ``None`` shows ``desc`` alone, for work without steps."""
     if progress is not None:
         progress(value, desc=desc, unit="steps")
 
@@ -310,14 +416,22 @@ def _read(image: PIL.Image.Image | str) -> ImageFile:
     return from_pil(image) if isinstance(image, PIL.Image.Image) else read_image(image)
 
 
-def _save_result(restored: np.ndarray, source: ImageFile, settings: RestorationSettings, prompt: str) -> Path:
+def _save_result(
+    restored: np.ndarray,
+    source: ImageFile,
+    settings: RestorationSettings,
+    prompt: str,
+    report: FidelityReport | None = None,
+) -> Path:
     """Writes the result (float ``[H, W, 3]`` in [0, 1]) as a PNG with the source's bit depth, greyscale, alpha and
-    metadata, and faithdiff-upscale's parameters and provenance."""
+    metadata, and faithdiff-upscale's parameters and provenance (with ``report``, its fidelity numbers too)."""
     # One folder per result: concurrent users never overwrite each other, and every download has the same name.
     folder = _results_folder() / uuid.uuid4().hex
     folder.mkdir()
     name = source.path.name if source.path is not None else "upload.png"
     metadata = result_metadata(settings, name, prompt)
+    if report is not None:
+        metadata["fidelity"] = json.dumps(report.as_metadata())
     return save_result(restored, folder / "faithdiff_restored.png", source=source, options=settings.output,
                        text=metadata)
 
@@ -359,7 +473,7 @@ def _option_controls() -> list[gr.components.Component]:
 
 
 def build_demo(models: DemoModels) -> gr.Blocks:
-    """The demo's interface around ``models``: photo, caption, options, before/after and download."""
+    """The demo's interface around ``models``: photo, caption, options, before/after, download and fidelity."""
     has_captioner = models.can_caption
     placeholder = (
         "Empty: the captioner describes the photo when you restore. Or click Caption, then edit."
@@ -392,6 +506,9 @@ def build_demo(models: DemoModels) -> gr.Blocks:
             with gr.Column(scale=1):
                 comparison = _comparison_outputs()
                 download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
+                measure, map_name, opacity, layer, numbers = _fidelity_outputs()
+        # The result and its report, for drawing another map or opacity without measuring again.
+        measured = gr.State()
 
         def on_caption(image: str | None, seed: float) -> str:
             return caption_image(models, image, seed)
@@ -407,9 +524,12 @@ def build_demo(models: DemoModels) -> gr.Blocks:
             start_point: str,
             color_fix: str,
             tile_size: float,
+            fidelity: bool,
+            map_name: str,
+            opacity: float,
             progress: gr.Progress = gr.Progress(),
         ) -> list[Any]:
-            before, after, path, used = restore_image(
+            restoration = restore(
                 models,
                 image,
                 caption,
@@ -420,17 +540,46 @@ def build_demo(models: DemoModels) -> gr.Blocks:
                 start_point,
                 None if color_fix == "none" else color_fix,
                 tile_size,
-                progress,
+                fidelity=fidelity,
+                progress=progress,
             )
+            before, after, report = restoration.before, restoration.after, restoration.fidelity
             images = [(before, after)] if len(comparison) == 1 else [before, after]
-            return [*images, gr.DownloadButton(value=str(path), interactive=True), used]
+            view = None if report is None else (after, report)
+            return [
+                *images,
+                gr.DownloadButton(value=str(restoration.path), interactive=True),
+                restoration.caption,
+                on_map(view, map_name, opacity),
+                fidelity_summary(report),
+                view,
+            ]
+
+        def on_map(view: tuple[PIL.Image.Image, FidelityReport] | None, map_name: str, opacity: float) -> Any:
+            if view is None:
+                return None
+            after, report = view
+            shown = fidelity_layer(after, report, map_name, opacity)
+            return shown if type(layer) is gr.Image else (after, shown)
 
         # One queue for both buttons: the models are not thread-safe, and a caption may move them between the GPU
         # and host memory, so a caption never runs beside a restoration.
         seed = options[3]
         caption_button.click(on_caption, [image, seed], caption, concurrency_id="pipeline")
         restore_button.click(
-            on_restore, [image, caption, *options], [*comparison, download, caption], concurrency_id="pipeline"
+            on_restore,
+            [image, caption, *options, measure, map_name, opacity],
+            [*comparison, download, caption, layer, numbers, measured],
+            concurrency_id="pipeline",
+        )
+        # Drawing a map needs no model, so it does not wait behind a restoration; while the opacity is dragged, only
+        # the last value is drawn.
+        gr.on(
+            [map_name.change, opacity.change],
+            on_map,
+            [measured, map_name, opacity],
+            layer,
+            trigger_mode="always_last",
         )
     return demo
 
@@ -441,6 +590,33 @@ def _comparison_outputs() -> list[gr.components.Component]:
         return [gr.ImageSlider(label="Before / after", type="pil", format="png", elem_id="comparison")]
     with gr.Row(elem_id="comparison"):
         return [gr.Image(label="Before", type="pil", format="png"), gr.Image(label="After", type="pil", format="png")]
+
+
+def _fidelity_outputs() -> tuple[gr.Checkbox, gr.Radio, gr.Slider, gr.components.Component, gr.Markdown]:
+    """The fidelity controls, the result with its map laid over it (a slider between the two where the installed
+    gradio has one, else the map alone) and the numbers."""
+    if FIDELITY_GUIDE.is_file():
+        gr.set_static_paths([FIDELITY_GUIDE])  # that one file, for the numbers' link
+    with gr.Accordion("Fidelity to the photo", open=True, elem_id="fidelity"):
+        if hasattr(gr, "ImageSlider"):
+            layer = gr.ImageSlider(label="Result / fidelity map", type="pil", format="png", elem_id="fidelity-layer")
+        else:
+            layer = gr.Image(label="Fidelity map", type="pil", format="png", elem_id="fidelity-layer")
+        numbers = gr.Markdown(elem_id="fidelity-numbers")
+        with gr.Row():
+            measure = gr.Checkbox(
+                value=True,
+                label="Measure fidelity",
+                info="a few seconds per megapixel of the result, on the CPU",
+                elem_id="measure-fidelity",
+            )
+            map_name = gr.Radio(
+                list(FIDELITY_MAPS.items()), value="consistency", label="Map", elem_id="fidelity-map"
+            )
+            opacity = gr.Slider(
+                0, 1, value=DEFAULT_MAP_OPACITY, step=0.05, label="Map opacity", elem_id="fidelity-opacity"
+            )
+    return measure, map_name, opacity, layer, numbers
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import sys
@@ -23,6 +24,8 @@ from shared_data import shared_path
 from tiny_models import tiny_captioner, tiny_components
 from faithdiff_pipeline import FaithDiffSDXLPipeline, loading
 from faithdiff_pipeline.captioning import Captioner
+from faithdiff_pipeline.fidelity import HEAT_FULL_SCALE, fidelity_heat_map, measure_fidelity
+from faithdiff_pipeline.image_io import read_image
 
 try:
     import gradio as gr
@@ -459,11 +462,112 @@ def test_an_offloaded_pipeline_stays_put_and_a_quantised_captioner_is_loaded_per
     assert caption == Captioner(*tiny_captioner()).caption([lq_image], seed=3)[0]
 
 
-def test_without_an_image_slider_before_and_after_are_side_by_side(demo, plain_models, monkeypatch) -> None:
+def test_without_an_image_slider_before_and_after_are_side_by_side(
+    demo, plain_models, restored_view, monkeypatch
+) -> None:
     monkeypatch.delattr(gr, "ImageSlider", raising=False)  # as in a gradio without one
     app = demo.build_demo(plain_models)
     labels = [block.label for block in app.blocks.values() if type(block) is gr.Image]
-    assert labels == ["Low-quality photo", "Before", "After"]
+    assert labels == ["Low-quality photo", "Before", "After", "Fidelity map"]
+    # The map alone, without the result to slide against.
+    layer = _handler(app, "on_map")(restored_view, "consistency", 0.75)
+    assert isinstance(layer, PIL.Image.Image) and layer.size == restored_view[0].size
+
+
+# --- Fidelity -----------------------------------------------------------------------------------------------------
+
+
+def _handler(app: gr.Blocks, name: str) -> Any:
+    """The function an event of ``app`` calls, by name, to drive the page's wiring without a browser."""
+    (function,) = [block_fn.fn for block_fn in app.fns.values() if block_fn.name == name]
+    return function
+
+
+@pytest.fixture(scope="module")
+def restored_view(demo, plain_models) -> tuple:
+    """A result and its fidelity report, as the page keeps them to draw the maps."""
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    restoration = demo.restore(plain_models, image, "a photo", steps=1, tile_size=64, fidelity=True)
+    return restoration.after, restoration.fidelity
+
+
+def test_fidelity_is_measured_on_the_result_against_the_photo_and_kept_in_the_png(
+    demo, plain_models, lq_image, tmp_path
+) -> None:
+    """As faithdiff-upscale --fidelity: the float result against the photo's colour, the numbers in the PNG's
+    ``fidelity`` text; measuring changes nothing of the result."""
+    photo = tmp_path / "photo.png"
+    lq_image.save(photo)
+    restoration = demo.restore(plain_models, str(photo), "a photo", steps=1, tile_size=64, fidelity=True)
+    expected = measure_fidelity(restoration.result, read_image(photo).as_float())
+    assert restoration.fidelity.as_metadata() == expected.as_metadata()
+    for name, values in expected.maps().items():
+        assert np.array_equal(restoration.fidelity.maps()[name], values)
+    with PIL.Image.open(restoration.path) as saved:
+        assert json.loads(saved.text["fidelity"]) == expected.as_metadata()
+        assert saved.text["caption"] == "a photo" and "parameters" in saved.text
+        assert np.array_equal(np.asarray(saved), np.asarray(restoration.after))
+    before, after, path, used = demo.restore_image(plain_models, str(photo), "a photo", steps=1, tile_size=64)
+    assert np.array_equal(np.asarray(after), np.asarray(restoration.after))
+    assert np.array_equal(np.asarray(before), np.asarray(restoration.before))
+    with PIL.Image.open(path) as saved:
+        assert "fidelity" not in saved.text  # not measured, not claimed
+
+
+def test_the_numbers_are_the_reports_with_how_to_read_them(demo, restored_view) -> None:
+    _, report = restored_view
+    summary = demo.fidelity_summary(report)
+    assert f"**LR-PSNR {report.lr_psnr:.2f} dB**" in summary
+    assert f"**LR-SSIM {report.lr_ssim:.4f}**" in summary
+    assert f"**added detail {100 * report.added_detail_share:.1f} %** of the pixels" in summary
+    assert "closer to the photo" in summary
+    assert "(docs/fidelity.md)](gradio_api/file=" in summary and demo.FIDELITY_GUIDE.is_file()
+    assert "not measured" in demo.fidelity_summary(None)
+
+
+@pytest.mark.parametrize("map_name", ["consistency", "added_detail"])
+@pytest.mark.parametrize("opacity", [0.0, 0.75])
+def test_the_layer_is_the_chosen_heat_map_over_the_result_at_its_size(demo, restored_view, map_name, opacity) -> None:
+    after, report = restored_view
+    layer = demo.fidelity_layer(after, report, map_name, opacity)
+    assert (layer.size, layer.mode) == (after.size, "RGB")
+    heat = fidelity_heat_map(after, report.maps()[map_name], HEAT_FULL_SCALE[map_name], opacity)
+    assert np.array_equal(np.asarray(layer), (heat * 255).round().astype(np.uint8))
+
+
+def test_the_page_shows_the_result_under_its_map_and_redraws_it_without_restoring(
+    demo, plain_models, lq_image, monkeypatch
+) -> None:
+    app = demo.build_demo(plain_models)
+    on_restore, on_map = _handler(app, "on_restore"), _handler(app, "on_map")
+    options = [2, 1, 5, 42, "lr", "adain", 64]
+    comparison, download, used, layer, numbers, view = on_restore(
+        lq_image, "a photo", *options, True, "added_detail", 0.5, progress=lambda *args, **kwargs: None
+    )
+    after, report = view
+    assert comparison[1] is after and layer[0] is after
+    assert np.array_equal(np.asarray(layer[1]), np.asarray(demo.fidelity_layer(after, report, "added_detail", 0.5)))
+    assert numbers == demo.fidelity_summary(report)
+    offered = download.value["path"] if isinstance(download.value, dict) else download.value  # gradio's FileData
+    with PIL.Image.open(offered) as saved:
+        assert json.loads(saved.text["fidelity"]) == report.as_metadata()
+
+    # Another map or opacity is drawn from what the page kept.
+    monkeypatch.setattr(plain_models.pipe, "predict_noise", lambda *a, **k: pytest.fail("restored again"))
+    redrawn = on_map(view, "consistency", 0.75)
+    assert np.array_equal(np.asarray(redrawn[1]), np.asarray(demo.fidelity_layer(after, report)))
+    monkeypatch.undo()
+
+    # Unticked: no map, no numbers, nothing to redraw.
+    *_, layer, numbers, view = on_restore(lq_image, "a photo", *options, False, "consistency", 0.75, progress=None)
+    assert layer is None and view is None and "not measured" in numbers
+    assert on_map(view, "added_detail", 0.75) is None
+
+
+def test_a_photo_too_small_to_measure_is_restored_with_a_warning(demo, plain_models, lq_image) -> None:
+    with pytest.warns(UserWarning, match="Fidelity not measured: .*LR-SSIM needs at least 11x11"):
+        restoration = demo.restore(plain_models, lq_image.resize((10, 8)), "a photo", steps=1, fidelity=True)
+    assert restoration.fidelity is None and restoration.after.size == (20, 16)
 
 
 # --- The app in a real browser ------------------------------------------------------------------------------------
@@ -505,7 +609,8 @@ def served_demo(demo, captioning_models) -> Iterator[str]:
 
 @pytest.mark.browser
 def test_the_app_in_chromium(chromium, served_demo, captioning_models, monkeypatch, tmp_path) -> None:
-    """Upload, Caption, Restore and Download as a user would; the screenshot is left in tmp_path."""
+    """Upload, Caption, Restore, look at the fidelity maps and Download as a user would; the screenshot is left in
+    tmp_path."""
     from playwright.sync_api import expect, sync_playwright
 
     photo = tmp_path / "chelsea_small.png"
@@ -533,6 +638,19 @@ def test_the_app_in_chromium(chromium, served_demo, captioning_models, monkeypat
             page.click("#restore-button")
             expect(page.locator("#download")).to_be_enabled(timeout=30_000)
             expect(page.locator("#comparison img")).to_have_count(2)
+            numbers = page.locator("#fidelity-numbers")
+            expect(numbers).to_contain_text("LR-PSNR")
+            expect(numbers).to_contain_text("added detail")
+            layer = page.locator("#fidelity-layer img")
+            expect(layer).to_have_count(2)  # the result under its map
+            consistency = layer.nth(1).get_attribute("src")
+            page.get_by_label("Added detail").check()
+            expect(layer.nth(1)).not_to_have_attribute("src", consistency, timeout=30_000)
+            # The link as the browser resolves it: relative to the page.
+            guide = page.request.get(numbers.get_by_role("link").evaluate("link => link.href"))
+            assert guide.ok and guide.text().startswith("# Fidelity")
+            page.get_by_label("Consistency").check()
+            expect(layer.nth(1)).to_have_attribute("src", consistency, timeout=30_000)
             page.screenshot(path=tmp_path / "demo.png", full_page=True)
 
             with page.expect_download() as download:
@@ -542,6 +660,7 @@ def test_the_app_in_chromium(chromium, served_demo, captioning_models, monkeypat
             browser.close()
     with PIL.Image.open(tmp_path / "restored.png") as restored:
         assert (restored.format, restored.size) == ("PNG", (192, 128))  # the photo, upscaled twice
+        assert set(json.loads(restored.text["fidelity"])) >= {"lr_psnr", "lr_ssim", "added_detail_share"}
     assert len(steps) == 2  # the steps typed in the page reached the pipeline
 
 
