@@ -302,3 +302,210 @@ def test_eval_settings_are_checked_once_and_the_defaults_are_the_releases(tmp_pa
         assert eval_main([*argv, *flags]) == 2
         assert expected in _eval_error(capsys)
         assert not set_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# faithdiff-prepare-data
+
+from faithdiff_pipeline.training import prepare as prepare_module  # noqa: E402
+from faithdiff_pipeline.training.prepare import main as prepare_main  # noqa: E402
+from faithdiff_pipeline.training.prepare import prepare_training_set  # noqa: E402
+
+PREPARE = ["--hq-size", "32", "--captioner", "none", "--no-progress"]
+
+
+def _prepare_error(capsys) -> str:
+    return _one_error_line(capsys, "faithdiff-prepare-data")
+
+
+def _manifest(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("case", ["foreign files", "foreign dataset.json", "a file"])
+def test_prepare_data_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys, monkeypatch, case) -> None:
+    photos = _photos(tmp_path / "photos")
+    output = tmp_path / "mine"
+    if case == "a file":
+        output.write_text("not a folder")
+    else:
+        _photos(output / "hq", ("x",))
+        (output / "manifest.jsonl").write_text("my notes\n")
+        if case == "foreign dataset.json":
+            (output / "dataset.json").write_text('{"name": "my dataset"}')
+    before = output.read_bytes() if output.is_file() else _snapshot(output)
+    assert prepare_main([str(photos), "-o", str(output), *PREPARE]) == 2
+    error = _prepare_error(capsys)
+    assert "--output" in error or "dataset.json" in error
+    # Refused before a captioner loads, too.
+    from faithdiff_pipeline import loading
+
+    monkeypatch.setattr(loading, "plan_captioner", lambda *a, **k: pytest.fail("a captioner was looked for"))
+    argv = [str(photos), "-o", str(output), "--hq-size", "32", "--captioner", "some/captioner", "--no-progress"]
+    assert prepare_main(argv) == 2
+    capsys.readouterr()
+    assert (output.read_bytes() if output.is_file() else _snapshot(output)) == before
+
+
+def test_prepare_data_output_inside_its_input_is_not_an_input(tmp_path, capsys) -> None:
+    """The reported bug: the set inside its photos folder took its own crops for new photos on every rerun."""
+    photos = _photos(tmp_path / "photos", size=(48, 40))
+    inside, outside = photos / "set", tmp_path / "set"
+    assert prepare_main([str(photos), "-o", str(outside), *PREPARE]) == 0
+    for _ in range(3):  # the documented resume: run the same command again
+        assert prepare_main([str(photos), "-o", str(inside), *PREPARE]) == 0
+        assert len(_manifest(inside)) == 2
+    assert "0 crop(s) written, 2 already done" in capsys.readouterr().out
+    # The same crops, byte for byte, as a set made outside the photos folder.
+    assert [r["hq"] for r in _manifest(inside)] == [r["hq"] for r in _manifest(outside)]
+    for record in _manifest(outside):
+        assert (inside / record["hq"]).read_bytes() == (outside / record["hq"]).read_bytes()
+        assert (inside / record["lq"]).read_bytes() == (outside / record["lq"]).read_bytes()
+    # Another set beside it takes the photos only, not the first set's crops.
+    assert prepare_main([str(photos), "-o", str(photos / "set-16"), *PREPARE[2:], "--hq-size", "16"]) == 0
+    assert sorted(Path(r["source"]).name for r in _manifest(photos / "set-16")) == ["a.png", "b.png"]
+
+
+def test_prepare_data_without_images_is_one_line_and_writes_nothing(tmp_path, capsys) -> None:
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "readme.txt").write_text("no photos here")
+    assert prepare_main([str(empty), "-o", str(tmp_path / "set"), *PREPARE]) == 2
+    assert "no images in" in _prepare_error(capsys)
+    assert not (tmp_path / "set").exists()
+    # A folder whose only images are a set of ours inside it has nothing to prepare either.
+    photos = _photos(tmp_path / "photos", size=(48, 40))
+    assert prepare_main([str(photos), "-o", str(photos / "set"), *PREPARE]) == 0
+    for path in photos.glob("*.png"):
+        path.unlink()
+    capsys.readouterr()
+    assert prepare_main([str(photos), "-o", str(photos / "set"), *PREPARE]) == 2
+    assert "the output folder is not an input" in _prepare_error(capsys)
+
+
+def test_prepare_training_set_creates_its_folder_and_names_the_users_paths(tmp_path, monkeypatch) -> None:
+    photos = _photos(tmp_path / "photos", size=(48, 40))
+    output = tmp_path / "new" / "nested" / "set"
+    summary = prepare_training_set([photos], output, hq_size=32, captions="none", progress=False)
+    assert summary.crops_written == 2 and (output / "dataset.json").is_file()
+    with pytest.raises(ValueError, match="no images in"):
+        prepare_training_set([tmp_path / "new"], tmp_path / "other", hq_size=32, captions="none", progress=False)
+    assert not (tmp_path / "other").exists()
+
+    def full_disk(image, target, **params):
+        hidden = Path(target).with_name(f".{Path(target).name}.host-1.abcd.faithdiff-tmp")
+        raise OSError(errno.ENOSPC, "No space left on device", str(hidden))
+
+    monkeypatch.setattr(prepare_module, "save_image", full_disk)
+    with pytest.raises(ValueError) as caught:
+        prepare_training_set([photos], tmp_path / "full", hq_size=32, captions="none", progress=False)
+    message = str(caught.value)
+    assert str(tmp_path / "full" / "hq" / "photos") in message and "No space left" in message
+    assert "faithdiff-tmp" not in message
+
+
+def test_prepare_data_a_broken_caption_sidecar_fails_that_image_alone(tmp_path, capsys) -> None:
+    photos = _photos(tmp_path / "photos", ("a", "b", "c"), size=(48, 40))
+    (photos / "a.json").write_text('{"prompt": "A gradient."}')
+    (photos / "b.json").write_text("{broken")
+    output = tmp_path / "set"
+    argv = [str(photos), "-o", str(output), "--hq-size", "32", "--sidecar-captions", "--no-progress"]
+    assert prepare_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 unreadable" in out
+    line = next(line for line in out.splitlines() if "unreadable:" in line)
+    assert "b.png" in line and "b.json" in line and "not valid JSON" in line
+    assert {Path(r["source"]).name: r["caption"] for r in _manifest(output)} == {"a.png": "A gradient.", "c.png": ""}
+    assert not any(output.rglob("b_png_*.png"))  # no crop made for the failed image
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# faithdiff-train
+
+from faithdiff_pipeline.training import TrainingConfig, TrainingSetupError  # noqa: E402
+from faithdiff_pipeline.training.train import main as train_main  # noqa: E402
+from faithdiff_pipeline.training.train import training_dataset  # noqa: E402
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    from faithdiff_pipeline.training import stages
+
+    monkeypatch.setattr(stages, "load_starting_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def _train_argv(tmp_path: Path, output: Path, *more: str) -> list[str]:
+    base = tmp_path / "sdxl"
+    base.mkdir(exist_ok=True)
+    return [
+        "--stage", "1", "--pretrained-model", str(base), "--output-dir", str(output), "--report-to", "none",
+        "--hq-size", "32", "--train-batch-size", "1", "--effective-batch-size", "1", "--validation-steps", "0",
+        *more,
+    ]  # fmt: skip
+
+
+def _train_error(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if "faithdiff-train: error:" in line]
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("in_the_way", ["output_dir", "checkpoint-2", "validation", "logs"])
+def test_train_refuses_an_output_folder_it_cannot_write_before_any_model_loads(
+    tmp_path, capsys, no_model_loads, in_the_way
+) -> None:
+    photos = _photos(tmp_path / "photos", size=(48, 40))
+    output = tmp_path / "run"
+    if in_the_way == "output_dir":
+        output.write_text("a file")
+    else:
+        output.mkdir()
+        (output / in_the_way).write_text("a file of mine")
+    assert train_main(_train_argv(tmp_path, output, "--train-folders", str(photos))) == 2
+    error = _train_error(capsys)
+    assert "`output_dir`" in error and (in_the_way == "output_dir" or in_the_way in error)
+    if in_the_way != "output_dir":
+        assert (output / in_the_way).read_text() == "a file of mine"
+
+
+def test_train_output_inside_a_training_folder_is_not_training_data(tmp_path) -> None:
+    photos = _photos(tmp_path / "photos", ("a", "b"), size=(48, 40))
+    output = photos / "run"
+    _photos(output / "validation" / "step-2", ("00",), size=(48, 40))  # what a validation writes
+    config = TrainingConfig(
+        stage=1, pretrained_model=str(tmp_path), train_folders=[str(photos)], output_dir=str(output), hq_size=32
+    )
+    dataset = training_dataset(config)
+    assert sorted(source.path.name for source in dataset.sources) == ["a.png", "b.png"]
+
+
+def test_train_inputs_without_images_are_one_line_and_write_nothing(tmp_path, capsys, no_model_loads) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    output = tmp_path / "run"
+    assert train_main(_train_argv(tmp_path, output, "--train-folders", str(empty))) == 2
+    assert "No usable image" in _train_error(capsys)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("where", ["train_folders", "validation_images", "config"])
+def test_train_a_broken_sidecar_or_config_is_one_line_before_any_model_loads(
+    tmp_path, capsys, no_model_loads, where
+) -> None:
+    photos = _photos(tmp_path / "photos", ("a", "b"), size=(48, 40))
+    output = tmp_path / "run"
+    argv = _train_argv(tmp_path, output, "--train-folders", str(photos))
+    if where == "train_folders":
+        (photos / "b.json").write_text("{broken")
+        argv += ["--captions", "sidecar"]
+    elif where == "validation_images":
+        lq = _photos(tmp_path / "lq", ("v",), size=(16, 16))
+        (lq / "v.json").write_text("[1, 2]")
+        argv += ["--validation-steps", "1", "--validation-images", str(lq / "v.png")]
+    else:
+        (tmp_path / "train.yaml").write_text("- a list\n- not settings\n")
+        argv += ["--config", str(tmp_path / "train.yaml")]
+    assert train_main(argv) == 2
+    error = _train_error(capsys)
+    assert {"train_folders": "b.json", "validation_images": "v.json", "config": "train.yaml"}[where] in error

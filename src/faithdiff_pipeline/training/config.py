@@ -17,6 +17,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checks import check_bool, check_choice, check_integer, check_positive, check_probability, is_number
@@ -525,6 +526,7 @@ class TrainingConfig:
             check_positive(self.validation_upscale, "validation_upscale", error=TrainingSetupError)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise TrainingSetupError(f"`output_dir` must name a folder, got {self.output_dir!r}.")
+        _check_output_folder(self.output_dir)
 
     def _accumulation(self, num_processes: int | None) -> int:
         """Gradient accumulation steps such that batch x accumulation x processes = the effective batch. With
@@ -668,6 +670,30 @@ def _check_degradation(spec: str | None) -> None:
         load_degradation(spec)
     except ValueError as error:
         raise TrainingSetupError(str(error)) from error
+
+
+# What training writes in `output_dir`, all folders: checkpoints (`checkpoint-N`), validation images and logs.
+_OUTPUT_FOLDERS = re.compile(r"^(checkpoint-\d+|validation|logs)$")
+
+
+def _check_output_folder(output_dir: str) -> None:
+    """Refuses, before any model loads, an output folder that is a file or cannot be created, or that holds a file
+    where training writes a folder (``checkpoint-N``, ``validation``, ``logs``), which it would fail on hours later."""
+    from ..application.planning import check_output_dir
+
+    try:
+        check_output_dir(output_dir)
+    except ValueError as error:
+        raise TrainingSetupError(str(error)) from error
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return
+    in_the_way = sorted(p.name for p in folder.iterdir() if _OUTPUT_FOLDERS.match(p.name) and not p.is_dir())
+    if in_the_way:
+        raise TrainingSetupError(
+            f"`output_dir` {output_dir!r} holds files where training writes folders: {', '.join(in_the_way)}; move "
+            "them or choose another `output_dir` (files we did not make are never written over)."
+        )
 
 
 def _check_non_negative(value: Any, name: str) -> None:

@@ -57,12 +57,18 @@ class SourceImage:
     key: str
 
 
-def find_images(folders: Sequence[str | os.PathLike]) -> list[SourceImage]:
-    """The images under ``folders`` (recursively, hidden files excluded), sorted by key.
+def find_images(
+    folders: Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = ()
+) -> list[SourceImage]:
+    """The images under ``folders`` (recursively, hidden files excluded), sorted by key. Files under the folders of
+    ``exclude`` (a command's output folder, which may lie inside an input folder) are not inputs, so that a rerun
+    never takes its own outputs for new photos; nor are the crops of a training set prepared here (a folder with
+    faithdiff-prepare-data's ``dataset.json``) that lies among the photos.
 
     Raises:
         ValueError: a folder does not exist, or two folders have the same name (their keys would collide).
     """
+    excluded = [Path(folder).resolve() for folder in exclude]
     roots: dict[str, Path] = {}
     for folder in folders:
         root = Path(folder)
@@ -76,6 +82,7 @@ def find_images(folders: Sequence[str | os.PathLike]) -> list[SourceImage]:
             )
         roots[name] = root.resolve()
     images = []
+    prepared: dict[Path, bool] = {}
     for name, root in roots.items():
         for path in root.rglob("*"):
             relative = path.relative_to(root)
@@ -83,9 +90,39 @@ def find_images(folders: Sequence[str | os.PathLike]) -> list[SourceImage]:
                 path.is_file()
                 and path.suffix.lower() in READABLE_SUFFIXES
                 and not any(p.startswith(".") for p in relative.parts)
+                and not any(path.is_relative_to(folder) for folder in excluded)
+                and not _in_prepared_set(path, root, prepared)
             ):
                 images.append(SourceImage(path, f"{name}/{relative.as_posix()}"))
     return sorted(images, key=lambda image: image.key)
+
+
+# What marks a training set prepared by faithdiff-prepare-data: its settings, beside its manifest.
+PREPARED_SET_SETTINGS = "dataset.json"
+
+
+def is_prepared_set(folder: Path) -> bool:
+    """Whether ``folder`` holds a training set made by faithdiff-prepare-data (its ``dataset.json`` and manifest)."""
+    settings = folder / PREPARED_SET_SETTINGS
+    if not settings.is_file() or not (folder / MANIFEST_NAME).is_file():
+        return False
+    try:
+        data = json.loads(settings.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"hq_size", "seed", "degradation"} <= data.keys()
+
+
+def _in_prepared_set(path: Path, root: Path, known: dict[Path, bool]) -> bool:
+    """Whether a folder from ``path``'s up to ``root`` is a prepared training set (answers cached in ``known``)."""
+    for folder in path.parents:
+        if folder not in known:
+            known[folder] = is_prepared_set(folder)
+        if known[folder]:
+            return True
+        if folder == root:
+            return False
+    return False
 
 
 def load_rgb(path: str | os.PathLike) -> PIL.Image.Image:
@@ -378,7 +415,9 @@ class DegradingDataset(_AugmentedPairs):
         seed: seeds the crops, degradations and augmentations (with the epoch and the index).
         caption_dropout, random_flip: as for :class:`PreparedPairsDataset`.
         captions: ``"none"`` (empty captions) or ``"sidecar"`` (``photo.json`` beside ``photo.jpg``, through
-            ``faithdiff_pipeline.captioning.read_caption``).
+            ``faithdiff_pipeline.captioning.read_caption``), read once here: a sidecar that cannot be read or parsed
+            raises ``ValueError`` naming it, before any training.
+        exclude: folders under ``folders`` that hold no inputs (the training's output folder).
     """
 
     def __init__(
@@ -390,6 +429,7 @@ class DegradingDataset(_AugmentedPairs):
         caption_dropout: float = 0.2,
         random_flip: bool = True,
         captions: str = "none",
+        exclude: Sequence[str | os.PathLike] = (),
     ) -> None:
         super().__init__(seed, caption_dropout, random_flip)
         self.degradation = degradation if degradation is not None else DegradationConfig()
@@ -401,12 +441,13 @@ class DegradingDataset(_AugmentedPairs):
         self.hq_size = hq_size
         self.scale = self.degradation.scale
         self.captions = captions
-        self.sources, self.skipped_small, self.unreadable = self._usable_sources(find_images(folders))
+        self.sources, self.skipped_small, self.unreadable = self._usable_sources(find_images(folders, exclude))
         if not self.sources:
             raise ValueError(
                 f"No usable image in {[os.fspath(f) for f in folders]}: {len(self.skipped_small)} smaller than "
                 f"{hq_size} px, {len(self.unreadable)} unreadable."
             )
+        self._captions = self._read_captions() if captions == "sidecar" else {}
 
     def _usable_sources(self, images: list[SourceImage]) -> tuple[list[SourceImage], list[Path], list[Path]]:
         usable, small, unreadable = [], [], []
@@ -425,12 +466,13 @@ class DegradingDataset(_AugmentedPairs):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def _caption(self, path: Path) -> str:
-        if self.captions == "none":
-            return ""
+    def _read_captions(self) -> dict[Path, str]:
         from ..captioning import read_caption
 
-        return read_caption(path) or ""
+        return {source.path: read_caption(source.path) or "" for source in self.sources}
+
+    def _caption(self, path: Path) -> str:
+        return self._captions.get(path, "")
 
     def _pair(
         self, index: int, generator: torch.Generator

@@ -13,6 +13,10 @@ crops at x4) and cuts an aligned window (:func:`faithdiff_pipeline.training.data
 Each crop is drawn and degraded with its own seed (from ``--seed``, the image's key and the crop number), so the set
 is reproducible and a resumed run makes exactly the crops an uninterrupted one would. Images are written under a
 temporary name and renamed when complete, and a crop counts as done once its manifest record is written.
+
+The output folder is ours when it holds our ``dataset.json``; a folder that holds other files and no ``dataset.json``
+is refused, so that nothing of the user's is written over. An output folder inside an input folder is left out of
+the input scan, so that a rerun never takes the set's own crops for new photos.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +38,9 @@ from tqdm.auto import tqdm
 
 from ..atomic_files import write_text_atomic
 from ..checks import check_choice, check_integer
+from ..command_line import parser_error_line
 from ..degradations import PRESETS, DegradationConfig
-from ..image_io import image_size, save_image
+from ..image_io import READABLE_SUFFIXES, image_size, save_image
 from ..seeds import hashed_seed
 
 # torch, and `.data` which imports it, are imported by the functions that use them: `--help` and usage errors then
@@ -135,14 +141,15 @@ def prepare_training_set(
     """Makes (or completes) a training set in ``output`` from the HQ images under ``inputs``.
 
     Args:
-        inputs: folders of HQ photos, searched recursively.
-        output: the set's folder (created if needed).
+        inputs: folders of HQ photos, searched recursively (``output``, if it lies inside one, is left out).
+        output: the set's folder (created if needed): new, empty, or a set of ours (with its ``dataset.json``).
         hq_size: HQ crop size; the LQ crop is ``hq_size / degradation.scale``.
         crops_per_image: random crops taken from each image.
         degradation: the degradation model (default: FaithDiff's settings).
         seed: the set's seed.
         captions: ``"captioner"`` (``captioner`` captions each HQ crop, as the release does), ``"sidecar"`` (the
-            source image's caption sidecar, read with ``faithdiff_pipeline.captioning.read_caption``) or ``"none"``
+            source image's caption sidecar, read with ``faithdiff_pipeline.captioning.read_caption``; an image whose
+            sidecar cannot be read or parsed is left out and listed in ``unreadable`` with the reason) or ``"none"``
             (empty captions, only when asked for). ``None`` (the default) means ``"captioner"`` when ``captioner``
             is given and is an error otherwise.
         captioner: with ``captions="captioner"``, an object whose ``caption(images, seed=...) -> list[str]`` returns
@@ -155,7 +162,9 @@ def prepare_training_set(
             into the set; their names must differ from those of ``inputs``.
 
     Raises:
-        ValueError: bad settings, missing input folders, or an output folder prepared with other settings.
+        ValueError: bad settings, missing input folders or folders without images, an output folder that is a
+            file, holds files of another kind or was prepared with other settings; raised before anything is
+            written, naming the user's paths.
     """
     from .data import MANIFEST_NAME, find_images
 
@@ -169,8 +178,8 @@ def prepare_training_set(
     output = Path(output)
     if not inputs and not faces:
         raise ValueError("`inputs` and `faces` are both empty; give at least one folder of HQ images.")
-    images = find_images([*inputs, *faces])
-    face_keys = {image.key for image in find_images(faces)}
+    images = _check_inputs_and_output(inputs, faces, output)
+    face_keys = {image.key for image in find_images(faces, exclude=[output])}
     settings = dataclasses.replace(settings, face_folders=tuple(sorted({k.split("/")[0] for k in face_keys})))
     _claim_output(output, settings)
     manifest = output / MANIFEST_NAME
@@ -179,16 +188,23 @@ def prepare_training_set(
     _write_manifest(manifest, list(done.values()))
     summary = PreparationSummary(images=len(images), faces=len(face_keys))
     tasks = []
+    sidecar_captions: dict[str, str] = {}
     for source in images:
         pending = tuple(k for k in range(crops_per_image) if crop_paths(source, k)[0] not in done)
         summary.crops_already_done += crops_per_image - len(pending)
+        if pending and settings.captions == "sidecar":
+            try:
+                sidecar_captions[source.key] = _sidecar_caption(source.path)
+            except ValueError as error:  # that image alone fails, before any of its crops is made
+                summary.unreadable.append((str(source.path), str(error).splitlines()[0]))
+                continue
         if pending:
             tasks.append(_ImageTask(source, pending, output, settings, face=source.key in face_keys))
 
     bar = tqdm(total=len(images), initial=len(images) - len(tasks), unit="image", desc=PROG, disable=not progress)
     with open(manifest, "a", encoding="utf-8") as log:
         for chunk in _chunks(_run_tasks(tasks, workers), caption_batch_size):
-            for record in _captioned(chunk, settings, captioner, summary):
+            for record in _captioned(chunk, settings, captioner, summary, sidecar_captions):
                 log.write(record.to_json() + "\n")
                 log.flush()
                 done[record.hq] = record
@@ -238,6 +254,74 @@ def _missing_caption_source() -> str:
     )
 
 
+def _check_inputs_and_output(
+    inputs: Sequence[str | os.PathLike], faces: Sequence[str | os.PathLike], output: Path
+) -> list[SourceImage]:
+    """The images to prepare, after refusing an output folder that is not ours and inputs without images."""
+    from .data import find_images
+
+    _check_output_folder(output)
+    # The output folder may lie inside an input folder: its crops are not photos.
+    images = find_images([*inputs, *faces], exclude=[output])
+    if not images:
+        folders = ", ".join(repr(os.fspath(folder)) for folder in [*inputs, *faces])
+        raise ValueError(
+            f"no images in {folders} (searched recursively for {', '.join(READABLE_SUFFIXES)}; the output folder is "
+            "not an input); nothing to prepare."
+        )
+    return images
+
+
+def _check_output_folder(output: Path) -> None:
+    """Refuses an output folder that is a file or cannot be created, or that holds files but no ``dataset.json``
+    (a folder of the user's: nothing in it is ever written over), or whose ``dataset.json`` is not ours."""
+    from ..application.planning import check_output_dir
+
+    try:
+        check_output_dir(str(output))
+    except ValueError as error:
+        raise ValueError(str(error).replace("`output_dir`", "`output`")) from error
+    path = output / SETTINGS_NAME
+    if not path.exists():
+        if output.is_dir() and any(output.iterdir()):
+            raise ValueError(
+                f"`output` {str(output)!r} holds files but no {SETTINGS_NAME}, so it is no training set of ours; "
+                "choose a new or empty folder (files we did not make are never written over)."
+            )
+        return
+    _read_settings(path)
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """The settings in a ``dataset.json`` of ours; a file that is not one is refused."""
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        settings = str(error).splitlines()[0]
+    if not isinstance(settings, dict) or not {"hq_size", "seed", "degradation"} <= settings.keys():
+        raise ValueError(
+            f"{str(path)!r} is not the {SETTINGS_NAME} of a training set made by {PROG}; choose another `output` "
+            "(files we did not make are never written over)."
+        )
+    return settings
+
+
+def _sidecar_caption(path: Path) -> str:
+    """The caption in an image's sidecar, "" without one; a sidecar that cannot be read raises ``ValueError``."""
+    from ..captioning import read_caption
+
+    return read_caption(path) or ""
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Errors of writing ``path`` (written under a temporary name first) as a ``ValueError`` that names ``path``."""
+    try:
+        yield
+    except OSError as error:
+        raise ValueError(f"{str(path)!r} cannot be written: {error.strerror or error}") from error
+
+
 def _claim_output(output: Path, settings: PreparationSettings) -> None:
     """Writes ``dataset.json``, or checks that an existing one matches: resuming with other settings would mix
     two different sets in one manifest."""
@@ -245,7 +329,7 @@ def _claim_output(output: Path, settings: PreparationSettings) -> None:
     path = output / SETTINGS_NAME
     current = json.loads(json.dumps(dataclasses.asdict(settings)))
     if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8"))
+        previous = _read_settings(path)
         previous.setdefault("face_folders", [])  # sets made before the face branch have none
         differing = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if differing:
@@ -254,7 +338,8 @@ def _claim_output(output: Path, settings: PreparationSettings) -> None:
                 "resume with the same settings or choose a new output folder."
             )
         return
-    write_text_atomic(path, json.dumps(current, indent=2) + "\n")
+    with _writing(path):
+        write_text_atomic(path, json.dumps(current, indent=2) + "\n")
 
 
 def _completed_records(manifest: Path, output: Path) -> dict[str, ManifestRecord]:
@@ -303,8 +388,9 @@ def _make_crops(task: _ImageTask) -> _ImageResult:
         hq, lq, source_size, box = make_crop(settings.hq_size, torch.Generator().manual_seed(seed))
         hq_path, lq_path = crop_paths(task.source, crop)
         for crop_image, path in ((hq, task.output / hq_path), (lq, task.output / lq_path)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(crop_image, path)
+            with _writing(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_image(crop_image, path)
         records.append(
             ManifestRecord(hq_path, lq_path, "", str(task.source.path), source_size, box, seed, degradation.scale)
         )
@@ -335,9 +421,14 @@ def _face_cropper(image: Any, task: _ImageTask, degradation: DegradationConfig) 
 
 
 def _captioned(
-    results: list[_ImageResult], settings: PreparationSettings, captioner: Any, summary: PreparationSummary
+    results: list[_ImageResult],
+    settings: PreparationSettings,
+    captioner: Any,
+    summary: PreparationSummary,
+    sidecar_captions: dict[str, str],
 ) -> list[ManifestRecord]:
-    """The records of a chunk of images, with their captions; small and unreadable images go to the summary."""
+    """The records of a chunk of images, with their captions (``sidecar_captions`` by image key, read before any
+    crop was made); small and unreadable images go to the summary."""
     from .data import load_rgb
 
     records = []
@@ -347,10 +438,8 @@ def _captioned(
         elif result.error is not None:
             summary.unreadable.append((str(result.task.source.path), result.error))
         elif settings.captions == "sidecar":
-            from ..captioning import read_caption
-
-            caption = read_caption(result.task.source.path)
-            records += [_with_caption(r, caption or "") for r in result.records]
+            caption = sidecar_captions[result.task.source.key]
+            records += [_with_caption(r, caption) for r in result.records]
         else:
             records += result.records
     if captioner is not None and records:
@@ -384,7 +473,8 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def _write_manifest(path: Path, records: list[ManifestRecord]) -> None:
     """Rewrites the manifest in the order of the inputs, without the duplicates and partial lines that appending
     during interrupted runs may have left."""
-    write_text_atomic(path, "".join(record.to_json() + "\n" for record in records))
+    with _writing(path):
+        write_text_atomic(path, "".join(record.to_json() + "\n" for record in records))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -469,8 +559,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             faces=args.faces,
         )
     except (ValueError, OSError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+        return parser_error_line(error, prog, parser)
     print(summary.describe(args.hq_size))
     print(f"Manifest: {Path(args.output) / MANIFEST_NAME}")
     return 0
@@ -484,6 +573,9 @@ def _caption_source(args: argparse.Namespace) -> tuple[str, Any, str | None]:
     if args.captioner.strip().lower() == "none":
         return "none", None, None
     from .. import loading
+
+    # Refused before the captioner loads, as prepare_training_set would refuse them after.
+    _check_inputs_and_output(args.inputs, args.faces, Path(args.output))
 
     device = loading.resolve_device(args.captioner_device)
     loading.check_options(captioner_precision=args.captioner_quantization)

@@ -86,6 +86,8 @@ def train(config: TrainingConfig) -> TrainingResult:
 
     dataset = training_dataset(config)
     _check_dataset_size(dataset, config, accelerator.num_processes)
+    # Read before any model loads: an unreadable validation image or caption sidecar is a setup mistake.
+    examples = _validation_set(accelerator, config, dataset)
     pipe = load_starting_pipeline(config)
     model = training_module(pipe, config.stage, config.gradient_checkpointing, config.freeze)
     pipe.to(accelerator.device)
@@ -98,7 +100,6 @@ def train(config: TrainingConfig) -> TrainingResult:
     _resume(accelerator, checkpoint, step)
     if config.report_to != "none":
         accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
-    examples = _validation_set(accelerator, config, dataset)
     _log_setup(accelerator, config, dataset, step)
 
     loop = _TrainingLoop(
@@ -111,7 +112,8 @@ def train(config: TrainingConfig) -> TrainingResult:
 
 # ------------------------------------------------------------------------------------------------- set-up
 def training_dataset(config: TrainingConfig) -> Dataset:
-    """The prepared set of ``train_manifest``, or the on-the-fly set of ``train_folders``."""
+    """The prepared set of ``train_manifest``, or the on-the-fly set of ``train_folders`` (without what lies in
+    ``output_dir``, whose validation images are no training photos)."""
     from .data import DegradingDataset, PreparedPairsDataset, load_degradation
 
     try:
@@ -127,6 +129,7 @@ def training_dataset(config: TrainingConfig) -> Dataset:
             config.caption_dropout,
             config.random_flip,
             config.captions,
+            exclude=[config.output_dir],
         )
     except ValueError as error:
         raise TrainingSetupError(str(error)) from error
@@ -269,7 +272,10 @@ def _validation_set(accelerator: Accelerator, config: TrainingConfig, dataset: A
         return []
     from .validation import validation_examples
 
-    return validation_examples(config.validation_images, dataset, config.num_validation_images)
+    try:
+        return validation_examples(config.validation_images, dataset, config.num_validation_images)
+    except ValueError as error:
+        raise TrainingSetupError(str(error).splitlines()[0]) from error
 
 
 def _tracker_config(config: TrainingConfig) -> dict[str, Any]:
