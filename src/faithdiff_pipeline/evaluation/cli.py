@@ -151,9 +151,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
-        # Checked first: a missing OCR engine, or a mistake in the settings, must not wait until a set is built.
-        ocr_backend = _ocr_backend(args)
+        # Checked first: a mistake in the settings, or a missing OCR engine, must not wait until a set is built.
         settings = _run_settings(args)
+        ocr_backend = _ocr_backend(args, settings.device)
         if args.out is not None:
             _check_out(Path(args.out), _input_folders(args), settings.methods)
         dataset, caption = _load_set(args)
@@ -363,7 +363,7 @@ def _is_ours(out: Path) -> bool:
     return False
 
 
-def _ocr_backend(args: argparse.Namespace) -> OcrBackend | None:
+def _ocr_backend(args: argparse.Namespace, device: torch.device) -> OcrBackend | None:
     """The engine of ``--ocr``, checked to be installed but not loaded, or ``None`` without ``--ocr`` (whose other
     options are then refused)."""
     from .ocr_backends import create_backend
@@ -377,7 +377,6 @@ def _ocr_backend(args: argparse.Namespace) -> OcrBackend | None:
                 "`--ocr-truth` is the ground truth of --ocr BACKEND or of a set built by --make-set; pass one of them."
             )
         return None
-    device, _ = device_and_dtype(args.device, args.dtype)
     return create_backend(args.ocr, str(device), args.ocr_lang)
 
 
