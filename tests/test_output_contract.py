@@ -54,7 +54,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def _one_error_line(capsys, prog: str) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("note:")]
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in lines[0]
+    assert lines[0].startswith(f"{prog}: error: ")
+    assert "Traceback" not in lines[0]
     return lines[0]
 
 
@@ -79,9 +80,11 @@ def test_eval_make_set_never_writes_over_or_deletes_its_source(tmp_path, capsys,
     before = _snapshot(data)
     assert eval_main(["--make-set", str(source), *MAKE_SET, "--set-dir", str(set_dir), *overwrite]) == 2
     error = _eval_error(capsys)
-    assert "--set-dir" in error and "an input of the set" in error
+    assert "--set-dir" in error
+    assert "an input of the set" in error
     assert _snapshot(data) == before
-    assert not (data / "lq").exists() and not (set_dir / "manifest.json").exists()
+    assert not (data / "lq").exists()
+    assert not (set_dir / "manifest.json").exists()
 
 
 def test_eval_overwrite_replaces_only_the_images_its_manifest_lists(tmp_path, capsys) -> None:
@@ -99,7 +102,8 @@ def test_eval_overwrite_replaces_only_the_images_its_manifest_lists(tmp_path, ca
     assert "--overwrite" in _eval_error(capsys)
     assert eval_main([*other, "--overwrite"]) == 0
     after = _snapshot(set_dir)
-    assert after["notes.txt"] == b"mine" and after["hq/readme.txt"] == b"mine too"
+    assert after["notes.txt"] == b"mine"
+    assert after["hq/readme.txt"] == b"mine too"
     assert after["lq/a.png"] != first["lq/a.png"]
     # Back to seed 0: the same set, byte for byte.
     assert eval_main([*argv, "--overwrite"]) == 0
@@ -160,7 +164,8 @@ def test_eval_never_replaces_a_results_folder_or_reports_it_did_not_write(tmp_pa
     for overwrite in ([], ["--overwrite"]):
         assert eval_main(_eval_argv(hq, lq, out, *overwrite)) == 2
         error = _eval_error(capsys)
-        assert "holds files but no settings.json" in error and "--out" in error
+        assert "holds files but no settings.json" in error
+        assert "--out" in error
     assert _snapshot(out) == before
 
     (mine / "settings.json").write_text("my settings, not JSON")
@@ -174,7 +179,8 @@ def test_eval_never_replaces_a_results_folder_or_reports_it_did_not_write(tmp_pa
     (other / "table.md").write_text("my table")
     assert eval_main(_eval_argv(hq, lq, other, "--overwrite")) == 2
     assert "holds table.md, which faithdiff-eval did not write" in _eval_error(capsys)
-    assert (other / "table.md").read_text() == "my table" and not (other / "results").exists()
+    assert (other / "table.md").read_text() == "my table"
+    assert not (other / "results").exists()
 
     # Ours: a rerun, and a rerun with --overwrite, replace them; a run with only folder methods too.
     capsys.readouterr()
@@ -198,10 +204,12 @@ def test_eval_out_in_an_input_folder_is_never_read_as_input(tmp_path, capsys) ->
     capsys.readouterr()
     assert eval_main(_eval_argv(hq, lq, lq)) == 2
     error = _eval_error(capsys)
-    assert "--out" in error and "is the LQ folder" in error
+    assert "--out" in error
+    assert "is the LQ folder" in error
     assert _snapshot(lq) == before
     source = _photos(tmp_path / "photos")
-    assert eval_main(["--make-set", str(source), *MAKE_SET, "--set-dir", str(tmp_path / "set"), "--out", str(source)]) == 2
+    argv = ["--make-set", str(source), *MAKE_SET, "--set-dir", str(tmp_path / "set"), "--out", str(source)]
+    assert eval_main(argv) == 2
     assert "--make-set" in _eval_error(capsys)
     assert not (tmp_path / "set").exists()
 
@@ -216,14 +224,16 @@ def test_eval_inputs_that_pair_nothing_are_one_line_and_write_nothing(tmp_path, 
     _photos(lq, ("c", "d"), (16, 12))
     out = tmp_path / "out"
     assert eval_main(_eval_argv(hq, lq, out)) == 2
-    assert "lacks 2 image(s)" in _eval_error(capsys) and not out.exists()
+    assert "lacks 2 image(s)" in _eval_error(capsys)
+    assert not out.exists()
 
     empty = tmp_path / "empty"
     empty.mkdir()
     set_dir = tmp_path / "set"
     assert eval_main(["--make-set", str(empty), *MAKE_SET, "--set-dir", str(set_dir), "--out", str(out)]) == 2
     assert "holds no images" in _eval_error(capsys)
-    assert not set_dir.exists() and not out.exists()
+    assert not set_dir.exists()
+    assert not out.exists()
 
 
 def test_make_synthetic_set_creates_its_folder_and_names_the_users_paths(tmp_path, monkeypatch) -> None:
@@ -234,7 +244,7 @@ def test_make_synthetic_set_creates_its_folder_and_names_the_users_paths(tmp_pat
     with pytest.raises(ValueError, match=r"`set_dir` .*file.* is a file"):
         make_synthetic_set(source, tmp_path / "file", "dasr-level1", progress=False)
     with pytest.raises(ValueError, match="an input of the set"):
-        make_synthetic_set(source, tmp_path, "dasr-level1", progress=False)
+        make_synthetic_set(source, source / "set", "dasr-level1", progress=False)
 
     import faithdiff_pipeline.evaluation.datasets as datasets
 
@@ -246,7 +256,8 @@ def test_make_synthetic_set_creates_its_folder_and_names_the_users_paths(tmp_pat
     with pytest.raises(ValueError) as caught:
         make_synthetic_set(source, tmp_path / "full", "dasr-level1", progress=False)
     message = str(caught.value)
-    assert str(tmp_path / "full" / "hq" / "a.png") in message and "No space left" in message
+    assert str(tmp_path / "full" / "hq" / "a.png") in message
+    assert "No space left" in message
     assert "faithdiff-tmp" not in message
 
 
@@ -262,7 +273,9 @@ def test_eval_a_broken_caption_sidecar_fails_that_image_alone(tmp_path, tiny_mod
     assert eval_main(argv) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if "faithdiff/" in line]
     assert len(lines) == 2, lines  # the failure, then the summary
-    assert "faithdiff/b: restoring failed" in lines[0] and "b.json" in lines[0] and "not valid JSON" in lines[0]
+    assert "faithdiff/b: restoring failed" in lines[0]
+    assert "b.json" in lines[0]
+    assert "not valid JSON" in lines[0]
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
     assert [row.split(",")[1] for row in rows] == ["a", "c"]
 
@@ -284,7 +297,9 @@ def test_eval_settings_are_checked_once_and_the_defaults_are_the_releases(tmp_pa
     defaults = methods.SamplingSettings()
     assert (defaults.steps, defaults.tile_size) == (release.NUM_INFERENCE_STEPS, release.TILE_SIZE)
     text = Path(methods.__file__).read_text()
-    assert "argparse" not in text and "args." not in text and "Namespace" not in text
+    assert "argparse" not in text
+    assert "args." not in text
+    assert "Namespace" not in text
 
     with pytest.raises(ValueError, match="`tile_size` must be a multiple of 8"):
         methods.SamplingSettings(tile_size=100)
@@ -296,7 +311,8 @@ def test_eval_settings_are_checked_once_and_the_defaults_are_the_releases(tmp_pa
         (["--tile-size", "100"], "--tile-size must be a multiple of 8"),
         (["--steps", "0"], "--steps must be"),
         (["--upscale", "-2"], "--upscale must be a number > 0"),
-        (["--prompt", "x", "--captions", "sidecar"], "--prompt gives one prompt for every image; it conflicts with --captions sidecar"),
+        (["--prompt", "x", "--captions", "sidecar"], "--prompt gives one prompt for every image; it conflicts with "
+         "--captions sidecar"),
     ):
         argv = ["--make-set", str(source), *MAKE_SET, "--set-dir", str(set_dir), "--out", str(tmp_path / "out")]
         assert eval_main([*argv, *flags]) == 2
@@ -387,7 +403,8 @@ def test_prepare_training_set_creates_its_folder_and_names_the_users_paths(tmp_p
     photos = _photos(tmp_path / "photos", size=(48, 40))
     output = tmp_path / "new" / "nested" / "set"
     summary = prepare_training_set([photos], output, hq_size=32, captions="none", progress=False)
-    assert summary.crops_written == 2 and (output / "dataset.json").is_file()
+    assert summary.crops_written == 2
+    assert (output / "dataset.json").is_file()
     with pytest.raises(ValueError, match="no images in"):
         prepare_training_set([tmp_path / "new"], tmp_path / "other", hq_size=32, captions="none", progress=False)
     assert not (tmp_path / "other").exists()
@@ -400,7 +417,8 @@ def test_prepare_training_set_creates_its_folder_and_names_the_users_paths(tmp_p
     with pytest.raises(ValueError) as caught:
         prepare_training_set([photos], tmp_path / "full", hq_size=32, captions="none", progress=False)
     message = str(caught.value)
-    assert str(tmp_path / "full" / "hq" / "photos") in message and "No space left" in message
+    assert str(tmp_path / "full" / "hq" / "photos") in message
+    assert "No space left" in message
     assert "faithdiff-tmp" not in message
 
 
@@ -414,7 +432,9 @@ def test_prepare_data_a_broken_caption_sidecar_fails_that_image_alone(tmp_path, 
     out = capsys.readouterr().out
     assert "1 unreadable" in out
     line = next(line for line in out.splitlines() if "unreadable:" in line)
-    assert "b.png" in line and "b.json" in line and "not valid JSON" in line
+    assert "b.png" in line
+    assert "b.json" in line
+    assert "not valid JSON" in line
     assert {Path(r["source"]).name: r["caption"] for r in _manifest(output)} == {"a.png": "A gradient.", "c.png": ""}
     assert not any(output.rglob("b_png_*.png"))  # no crop made for the failed image
 

@@ -547,7 +547,7 @@ def _check_output(output: Path, variant: str | None, overwrite: bool, num_attent
 
 def is_faithdiff_pipeline_folder(folder: Path) -> bool:
     """Whether ``folder`` holds a FaithDiff pipeline as ``save_pretrained`` writes it: a ``model_index.json`` whose
-    ``_class_name`` is ``FaithDiffSDXLPipeline`` (or, in the custom-code layout, ``[module, "FaithDiffSDXLPipeline"]``)."""
+    ``_class_name`` is ``FaithDiffSDXLPipeline`` (in the custom-code layout, ``[module, "FaithDiffSDXLPipeline"]``)."""
     import json
 
     try:

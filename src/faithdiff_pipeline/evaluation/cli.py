@@ -309,7 +309,8 @@ def _input_folders(args: argparse.Namespace) -> list[tuple[Path, str]]:
     if args.make_set:
         named = [(args.make_set, "the folder of `make_set`")]
         if args.set_dir:
-            named += [(Path(args.set_dir) / "hq", "the set's HQ folder"), (Path(args.set_dir) / "lq", "the set's LQ folder")]
+            set_dir = Path(args.set_dir)
+            named += [(set_dir / "hq", "the set's HQ folder"), (set_dir / "lq", "the set's LQ folder")]
     else:
         named = [(args.hq, "the HQ folder"), (args.lq, "the LQ folder")]
     return [(Path(folder), role) for folder, role in named if folder]

@@ -354,8 +354,8 @@ def _check_existing_set(
     ]
     if in_the_way:
         raise ValueError(
-            f"files that the set in `set_dir` {str(set_dir)!r} did not write are in the way: {format_names(in_the_way)}; "
-            "move them or choose another folder (files we did not make are never replaced)."
+            f"files that the set in `set_dir` {str(set_dir)!r} did not write are in the way: "
+            f"{format_names(in_the_way)}; move them or choose another folder (files we did not make are never replaced)."
         )
     return existing, not differing and not overwrite
 
