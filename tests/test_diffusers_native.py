@@ -123,7 +123,7 @@ def test_any_diffusers_vae_with_both_start_points(kind, start_point) -> None:
     assert not torch.allclose(_run(pipe, image, [4], start_point=start_point), first, atol=1e-4)
 
 
-def test_only_genuinely_optional_components_may_be_missing(tmp_path) -> None:
+def test_optional_components_and_missing_required_ones(tmp_path) -> None:
     assert set(FaithDiffSDXLPipeline._optional_components) == {"lq_encoder", "captioner", "captioner_processor"}
     components = {**tiny_components(), "lq_encoder": None}
     FaithDiffSDXLPipeline(**components).save_pretrained(tmp_path / "no-lq-encoder")
@@ -131,9 +131,11 @@ def test_only_genuinely_optional_components_may_be_missing(tmp_path) -> None:
     assert loaded.lq_encoder is None and loaded.captioner is None
     loaded.set_progress_bar_config(disable=True)
     assert _run(loaded, _arrays(1)[0], [0]).shape == (1, 3, 40, 48)  # LQ features from the VAE encoder
+    # The others may be None too, as in diffusers' pipelines; a restoration refuses to run without them, naming them.
     for name in ("text_encoder", "tokenizer", "unet", "alignment"):
-        with pytest.raises(ValueError, match=rf"FaithDiffSDXLPipeline needs \['{name}'\], got None"):
-            FaithDiffSDXLPipeline(**{**tiny_components(), name: None})
+        lacking = FaithDiffSDXLPipeline(**{**tiny_components(), name: None})
+        with pytest.raises(ValueError, match=rf"Restoring images needs \['{name}'\], which this pipeline has as None"):
+            _run(lacking, _arrays(1)[0], [0])
 
 
 def test_the_example_docstring_is_attached_and_runs_as_written(tmp_path, monkeypatch) -> None:

@@ -4,16 +4,23 @@ heads, layers and denoising steps, carried across the pipeline's latent tiles wi
 
 The probabilities are recomputed beside the default attention processors, in forward pre-hooks of the recorded
 layers, from the very inputs those layers receive; the layers' outputs, and so the restored image, are untouched.
+
+The recorder knows nothing of the pipeline that runs it. The pipeline hands it, through :meth:`AttentionMapRecorder.
+recording`, the UNet whose layers it records, each result's prompt as the text encoders read it
+(:class:`PromptTokens`) and the latent tiling, and before every UNet call says which rows of the batch are conditioned
+on the prompt and where each belongs (:class:`UNetCall`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import re
 import string
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,7 +34,6 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
     from transformers import PreTrainedTokenizerBase
 
-    from .pipeline_faithdiff_sdxl import FaithDiffSDXLPipeline
     from .tiling import LatentTiling
 
 # CLIP's byte-pair encoding ends the last piece of every word with this marker: it tells where words begin.
@@ -87,15 +93,36 @@ def word_positions(tokenizer: PreTrainedTokenizerBase, text: str, word: str) -> 
     Words match whole (``ear`` is not found in ``beard``) and regardless of case; a word of several byte-pair tokens
     gives all of them. Raises ``ValueError`` when ``word`` is in ``text`` only past the truncation."""
     ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
-    special = set(_folded(tokenizer.all_special_tokens))
-    target = _folded(tokenizer.tokenize(word))
-    positions = _occurrences(_folded(tokenizer.convert_ids_to_tokens(ids)), target, special)
-    if not positions and _occurrences(_folded(tokenizer.tokenize(text)), target, special):
-        raise ValueError(
-            f"The word {word!r} of the prompt {text!r} lies beyond the {tokenizer.model_max_length} tokens the text "
-            "encoder reads; shorten the prompt or choose an earlier word."
-        )
-    return positions
+    return PromptTokens(text, ids, tokenizer).word_positions(word)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """One prompt as one text encoder reads it: what a recorder needs to find words in it.
+
+    Attributes:
+        text (`str`): The prompt as written (the caption, when the pipeline wrote one); messages quote it, and a word
+            found in it only past the truncation is told apart from a word it lacks.
+        input_ids (`Sequence[int]`): The token ids the text encoder reads, start token first, truncated and padded
+            as they are encoded: their count is the number of tokens the UNet's cross-attention attends to.
+        tokenizer (`PreTrainedTokenizerBase`): The tokenizer that made them, which splits the words the same way.
+    """
+
+    text: str
+    input_ids: Sequence[int]
+    tokenizer: PreTrainedTokenizerBase
+
+    def word_positions(self, word: str) -> list[int]:
+        """The positions in ``input_ids`` of all tokens of every whole-word occurrence of ``word``, in any case."""
+        special = set(_folded(self.tokenizer.all_special_tokens))
+        target = _folded(self.tokenizer.tokenize(word))
+        positions = _occurrences(_folded(self.tokenizer.convert_ids_to_tokens(list(self.input_ids))), target, special)
+        if not positions and _occurrences(_folded(self.tokenizer.tokenize(self.text)), target, special):
+            raise ValueError(
+                f"The word {word!r} of the prompt {self.text!r} lies beyond the {len(self.input_ids)} tokens the "
+                "text encoder reads; shorten the prompt or choose an earlier word."
+            )
+        return positions
 
 
 # ---------------------------------------------------------------------------------------------------------- layers
@@ -206,13 +233,48 @@ def overlay_heat_map(image: np.ndarray, heat: np.ndarray, opacity: float = 0.5) 
 # -------------------------------------------------------------------------------------------------------- recorder
 
 
+# The recording of the pipeline call running in this thread (a UNet call runs in its caller's thread): the layers'
+# hooks record only their own call's UNet calls, not those of other calls that share the UNet.
+_ACTIVE_RECORDING: contextvars.ContextVar[AttentionRecording | None] = contextvars.ContextVar(
+    "faithdiff_attention_recording", default=None
+)
+
+
+@dataclass(frozen=True)
+class UNetCall:
+    """What one UNet call of the denoising loop computes, as attention maps need it: which rows of its batch are
+    conditioned on the prompt, and where each of them belongs.
+
+    Attributes:
+        step (`int`): The denoising step, counted from 0.
+        rows (`range`): The rows of the UNet batch conditioned on the prompt. With classifier-free guidance the batch
+            also holds unconditional rows, whose attention is not the prompt's: they are left out.
+        tiles (`Sequence[int]`): For each row of ``rows``, the latent tile its hidden states cover, an index into the
+            tiling's ``origins``.
+        samples (`Sequence[int]`): For each row of ``rows``, the result it belongs to, an index into the prompts
+            given to :meth:`AttentionMapRecorder.recording`.
+    """
+
+    step: int
+    rows: range
+    tiles: Sequence[int]
+    samples: Sequence[int]
+
+    def __post_init__(self) -> None:
+        if not len(self.rows) == len(self.tiles) == len(self.samples):
+            raise ValueError(
+                f"`UNetCall` needs a tile and a sample for each row; got {len(self.rows)} rows, {len(self.tiles)} "
+                f"tiles and {len(self.samples)} samples."
+            )
+
+
 @dataclass
-class _Recording:
-    """What one pipeline call's recording needs while the UNet runs, and what it has summed so far."""
+class AttentionRecording:
+    """One pipeline call's recording: what its recorded layers need while the UNet runs, and what they have summed so
+    far. :meth:`AttentionMapRecorder.recording` yields it; the pipeline calls :meth:`unet_call` before each UNet call.
+    """
 
     tiling: LatentTiling
-    samples: int
-    cfg_copies: int
     steps: frozenset[int] | None
     # [samples, tokens, words]: each word's token columns, each weighted 1 / its token count (the word's mean).
     selection: torch.Tensor
@@ -220,7 +282,14 @@ class _Recording:
     scale_factor: int
     canvas: torch.Tensor
     coverage: torch.Tensor
-    tiles: range | None = None
+    call: UNetCall | None = field(default=None)
+
+    def unet_call(self, call: UNetCall) -> None:
+        """Says what the next UNet call computes (see [`UNetCall`]); a call of a step not recorded records nothing."""
+        samples = self.selection.shape[0]
+        if any(not 0 <= sample < samples for sample in call.samples):
+            raise ValueError(f"`call.samples` must index the {samples} results' prompts, got {list(call.samples)}.")
+        self.call = call if self.steps is None or call.step in self.steps else None
 
 
 class AttentionMapRecorder:
@@ -229,7 +298,8 @@ class AttentionMapRecorder:
 
     Pass it as ``attention_maps`` to the pipeline call; afterwards :attr:`maps` holds, per word, where the UNet's
     cross-attention looked at it, at the size of the result and normalised to [0, 1]. The restored image is the same,
-    bit for bit, as without the recorder. A recorder can serve several calls; each replaces the previous maps.
+    bit for bit, as without the recorder. A recorder can serve several calls; each replaces the previous maps (with
+    calls that run at once, in threads, the maps are those of the call that ends last: give each its own recorder).
 
     Per recorded layer and step, the conditional half of the UNet batch (not the unconditional CFG copies) gives the
     attention probabilities of the word's tokens (the mean of its tokens for a word of several, over every time it
@@ -279,7 +349,6 @@ class AttentionMapRecorder:
         self.token_positions: list[dict[str, list[int]]] = []
         self.prompts: list[str] = []
         self.recorded_layers: list[str] = []
-        self._recording: _Recording | None = None
 
     @staticmethod
     def _check_words(words: Sequence[str]) -> list[str]:
@@ -337,22 +406,21 @@ class AttentionMapRecorder:
             chosen = {name: m for name, m in chosen.items() if factors[name] in self.downsampling}
         return chosen
 
-    def _find_words(
-        self, pipe: FaithDiffSDXLPipeline, prompts: list[str], prompts_2: list[str] | None
-    ) -> list[dict[str, list[int]]]:
-        """Each word's token positions in each image's prompt, as both tokenizers read it (SDXL concatenates the
+    def _find_words(self, prompts: Sequence[Sequence[PromptTokens]]) -> list[dict[str, list[int]]]:
+        """Each word's token positions in each result's prompt, as every text encoder reads it (SDXL concatenates the
         two encoders' states token by token, so a position found by either is that token's column)."""
         found = []
-        for text, text_2 in zip(prompts, prompts_2 or prompts):
+        for encoded in prompts:
             positions = {}
             for word in self.words:
                 columns: set[int] = set()
-                for tokenizer, prompt in ((pipe.tokenizer, text), (pipe.tokenizer_2, text_2)):
-                    columns.update(word_positions(tokenizer, pipe.maybe_convert_prompt(prompt, tokenizer), word))
+                for tokens in encoded:
+                    columns.update(tokens.word_positions(word))
                 if not columns:
-                    also = f" nor in `prompt_2` {text_2!r}" if text_2 != text else ""
+                    others = [tokens.text for tokens in encoded[1:] if tokens.text != encoded[0].text]
+                    also = "".join(f" nor in `prompt_2` {text!r}" for text in others[:1])
                     raise ValueError(
-                        f"The word {word!r} is not in the prompt {text!r}{also}; map words of the prompt."
+                        f"The word {word!r} is not in the prompt {encoded[0].text!r}{also}; map words of the prompt."
                     )
                 positions[word] = sorted(columns)
             found.append(positions)
@@ -368,115 +436,101 @@ class AttentionMapRecorder:
     @contextmanager
     def recording(
         self,
-        pipe: FaithDiffSDXLPipeline,
-        prompt: list[str] | None,
-        prompt_2: list[str] | None,
+        unet: UNet2DConditionModel,
+        prompts: Sequence[Sequence[PromptTokens]],
         tiling: LatentTiling,
-        num_images_per_prompt: int,
         image_size: tuple[int, int],
+        scale_factor: int,
         num_steps: int,
-    ) -> Iterator[None]:
+    ) -> Iterator[AttentionRecording]:
         """Records the UNet calls of one pipeline call's denoising loop, which runs inside the block; the maps are
-        made when it ends without error. The pipeline opens it; see the ``attention_maps`` argument of
-        [`FaithDiffSDXLPipeline.__call__`].
+        made when it ends without error. The pipeline opens it (see the ``attention_maps`` argument of
+        [`FaithDiffSDXLPipeline.__call__`]) and, before each UNet call, tells the recording it yields which rows of
+        the batch to map ([`AttentionRecording.unet_call`]).
+
+        Only UNet calls made by the thread that opened the recording are recorded: other pipeline calls sharing the
+        UNet, in other threads, leave it untouched.
 
         Args:
-            pipe ([`FaithDiffSDXLPipeline`]): The pipeline, for its tokenizers and UNet.
-            prompt (`list[str]`): One prompt per image, as encoded (the captions, when the pipeline wrote them).
-            prompt_2 (`list[str]`, *optional*): The second tokenizer's prompts; defaults to ``prompt``.
+            unet ([`UNet2DConditionModel`]): The UNet whose cross-attention layers are recorded.
+            prompts (`Sequence[Sequence[PromptTokens]]`): For each result (images x ``num_images_per_prompt``, in the
+                order of the UNet batch's samples), its prompt as each text encoder reads it.
             tiling ([`~faithdiff_pipeline.tiling.LatentTiling`]): The call's latent tiles.
-            num_images_per_prompt (`int`): Results per image.
             image_size (`tuple[int, int]`): ``(height, width)`` of the results.
+            scale_factor (`int`): Pixels per latent pixel (the VAE's scale factor).
             num_steps (`int`): Steps of the denoising loop.
         """
-        if prompt is None:
-            raise ValueError(
-                "`attention_maps` looks for its words in the prompt text; pass `prompt` instead of `prompt_embeds`."
-            )
         beyond = [step for step in self.steps or () if step >= num_steps]
         if beyond:
             raise ValueError(
                 f"`steps` {beyond} of the attention-map recorder are beyond the {num_steps} denoising steps (counted "
                 "from 0)."
             )
-        layers = self.select_layers(pipe.unet)
-        # encode_prompt repeats each image's embeddings num_images_per_prompt times, one after the other.
-        positions = [found for found in self._find_words(pipe, prompt, prompt_2) for _ in range(num_images_per_prompt)]
+        layers = self.select_layers(unet)
+        positions = self._find_words(prompts)
         samples = len(positions)
         device = tiling.device
-        self._recording = _Recording(
+        recording = AttentionRecording(
             tiling=tiling,
-            samples=samples,
-            cfg_copies=2 if pipe.do_classifier_free_guidance else 1,
             steps=None if self.steps is None else frozenset(self.steps),
-            selection=self._selection(positions, pipe.tokenizer.model_max_length, device),
+            selection=self._selection(positions, len(prompts[0][0].input_ids), device),
             image_size=image_size,
-            scale_factor=pipe.vae_scale_factor,
+            scale_factor=scale_factor,
             canvas=torch.zeros(samples, len(self.words), tiling.height, tiling.width, device=device),
             coverage=torch.zeros(tiling.height, tiling.width, device=device),
         )
         # The previous call's maps go now, so that a failed call never leaves them looking like this one's.
         self.maps, self.latent_maps, self.coverage = {}, None, None
         self.token_positions = positions
-        self.prompts = [text for text in prompt for _ in range(num_images_per_prompt)]
+        self.prompts = [encoded[0].text for encoded in prompts]
         self.recorded_layers = list(layers)
-        handles = [module.register_forward_pre_hook(self._record, with_kwargs=True) for module in layers.values()]
+        record = partial(self._record, recording)
+        handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in layers.values()]
+        active = _ACTIVE_RECORDING.set(recording)
         try:
-            yield
+            yield recording
         finally:
+            _ACTIVE_RECORDING.reset(active)
             for handle in handles:
                 handle.remove()
-            finished, self._recording = self._recording, None
-        self._make_maps(finished)
-
-    def unet_call(self, step: int, tiles: range) -> None:
-        """Says what the next UNet call computes: denoising step ``step`` (from 0) over tiles ``tiles`` of the
-        recording's tiling, all samples and both CFG halves, laid out as a
-        [`~faithdiff_pipeline.pipeline_faithdiff_sdxl.TileBatch`] lays them out. The pipeline calls it before each
-        UNet call; a call of a step not recorded records nothing."""
-        if self._recording is None:
-            raise ValueError("`unet_call` is only meaningful inside `recording`, which the pipeline opens.")
-        steps = self._recording.steps
-        self._recording.tiles = tiles if steps is None or step in steps else None
+        self._make_maps(recording)
 
     @torch.no_grad()
-    def _record(self, module: Attention, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _record(self, recording: AttentionRecording, module: Attention, args: tuple, kwargs: dict[str, Any]) -> None:
         """Forward pre-hook of a recorded layer: adds its word maps of the current UNet call to the canvas."""
-        recording = self._recording
-        if recording is None or recording.tiles is None:
+        call = recording.call
+        if _ACTIVE_RECORDING.get() is not recording or call is None:
             return
         hidden_states = args[0] if args else kwargs["hidden_states"]
         context = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
-        tiles = recording.tiles
-        rows = len(tiles) * recording.samples
-        if hidden_states.shape[0] != rows * recording.cfg_copies:
+        if len(call.rows) and max(call.rows) >= hidden_states.shape[0]:
             raise ValueError(
-                f"A cross-attention layer got a batch of {hidden_states.shape[0]}, expected "
-                f"{rows * recording.cfg_copies} "
-                f"({recording.cfg_copies} CFG copies x {len(tiles)} tiles x {recording.samples} samples)."
+                f"A cross-attention layer got a batch of {hidden_states.shape[0]} rows, but the UNet call was "
+                f"described with rows up to {max(call.rows)}."
             )
         if context.shape[1] != recording.selection.shape[1]:
             raise ValueError(
                 f"The UNet attends to {context.shape[1]} tokens, expected {recording.selection.shape[1]} (the "
-                "tokenizer's length)."
+                "prompt's encoded length)."
             )
-        # Each CFG half holds the tiles one after the other, each tile the samples in order; the conditional half
-        # comes last.
-        probabilities = cross_attention_probabilities(module, hidden_states[-rows:], context[-rows:])
-        selection = recording.selection.repeat(len(tiles), 1, 1)
+        rows = slice(call.rows.start, call.rows.stop, call.rows.step)
+        probabilities = cross_attention_probabilities(module, hidden_states[rows], context[rows])
+        selection = recording.selection[list(call.samples)]
         word_maps = torch.einsum("rhpt,rtw->rwhp", probabilities, selection)
         tiling = recording.tiling
         tile_size = (tiling.tile_height, tiling.tile_width)
         grid = _map_grid(probabilities.shape[2], *tile_size)
         upsampled = F.interpolate(word_maps.flatten(0, 1).unflatten(-1, grid), size=tile_size, mode="bicubic")
-        per_tile = upsampled.clamp_min(0).sum(dim=1).view(len(tiles), recording.samples, len(self.words), *tile_size)
-        for tile_maps, index in zip(per_tile, tiles):
-            top, left = tiling.origins[index]
+        per_row = upsampled.clamp_min(0).sum(dim=1).view(len(call.tiles), len(self.words), *tile_size)
+        for tile in dict.fromkeys(call.tiles):
+            members = [row for row, row_tile in enumerate(call.tiles) if row_tile == tile]
+            top, left = tiling.origins[tile]
             window = (slice(top, top + tiling.tile_height), slice(left, left + tiling.tile_width))
-            recording.canvas[(..., *window)] += tile_maps * tiling.weights
+            samples = [call.samples[row] for row in members]
+            recording.canvas[(samples, slice(None), *window)] += per_row[members] * tiling.weights
             recording.coverage[window] += tiling.weights
 
-    def _make_maps(self, recording: _Recording) -> None:
+    def _make_maps(self, recording: AttentionRecording) -> None:
         covered = recording.coverage > 0
         blended = torch.where(covered, recording.canvas / recording.coverage.clamp_min(1e-30), 0.0)
         height, width = recording.image_size

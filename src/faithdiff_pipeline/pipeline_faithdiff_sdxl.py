@@ -8,8 +8,8 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
+from functools import partial, wraps
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,15 +32,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel, ProcessorMixin
 
 from .alignment import FaithDiffAlignmentModel, aligned_conv_in
-from .attention_maps import AttentionMapRecorder
+from .attention_maps import AttentionMapRecorder, AttentionRecording, PromptTokens, UNetCall
 from .captioning import Captioner
-from .checks import check_integer, is_integer, is_real
+from .checks import check_integer, check_tile_arguments, is_integer, is_real
 from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
 from .lq_features import FaithDiffLQEncoder, vae_encoder_features
 from .preprocessing import DEFAULT_MAX_OUTPUT_PIXELS, LQImage, as_image_list, check_upscale, prepare_lq_images
 from .seeds import initial_seed
-from .tiling import LatentTiling, check_tile_arguments, default_latent_stride, tiled_encode
+from .tiling import LatentTiling, default_latent_stride, tiled_encode
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ class FaithDiffPipelineOutput(BaseOutput):
 
 @dataclass(frozen=True)
 class TileBatch:
-    """The latent tiles of one UNet call and what the call is conditioned on, none of which changes between steps.
+    """The latent tiles of one UNet call and what the call is conditioned on, which changes only when a step callback
+    changes the conditioning or turns guidance on or off.
 
     The UNet batch has ``cfg_copies * len(indices) * samples`` rows: each CFG copy (the unconditional one first)
     holds the tiles one after the other, as :meth:`~faithdiff_pipeline.tiling.LatentTiling.crop` stacks them, and
@@ -97,6 +98,8 @@ class TileBatch:
 
     Attributes:
         indices (`range`): The tiles, as indices into the tiling's ``origins``.
+        samples (`int`): Samples per tile (images x ``num_images_per_prompt``).
+        cfg_copies (`int`): 2 with classifier-free guidance (unconditional and conditional copies), else 1.
         condition_embeds (`torch.Tensor`): The alignment condition, each tile embedded on its own crop of the LQ
             features, ``[rows, latent_channels, tile_height, tile_width]``.
         time_ids (`torch.Tensor`): SDXL's micro-conditioning, ``[rows, 6]``.
@@ -106,10 +109,51 @@ class TileBatch:
     """
 
     indices: range
+    samples: int
+    cfg_copies: int
     condition_embeds: torch.Tensor
     time_ids: torch.Tensor
     prompt_embeds: torch.Tensor
     text_embeds: torch.Tensor
+
+    def unet_call(self, step: int) -> UNetCall:
+        """The rows of this batch's UNet call at ``step`` that are conditioned on the prompt (the last CFG copy), with
+        the tile and the sample of each: what an attention-map recording needs to place them."""
+        rows = len(self.indices) * self.samples
+        return UNetCall(
+            step=step,
+            rows=range((self.cfg_copies - 1) * rows, self.cfg_copies * rows),
+            tiles=[tile for tile in self.indices for _ in range(self.samples)],
+            samples=list(range(self.samples)) * len(self.indices),
+        )
+
+
+def _image_may_come_first(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Lets ``__call__`` take the image first, as this pipeline always has, beside diffusers' ``(prompt, image)``
+    order: a first positional argument is the image when it cannot be a prompt (it is not a string or a list of
+    strings) or when ``prompt`` is given by keyword, and a second one is then the prompt. Python would bind
+    ``pipe(photo, prompt=...)`` to ``prompt`` twice before ``__call__`` could tell what ``photo`` is, so the
+    arguments are put in order here."""
+
+    @wraps(call)
+    def ordered(self: FaithDiffSDXLPipeline, *args: Any, **kwargs: Any) -> Any:
+        if not args or (_is_prompt(args[0]) and "prompt" not in kwargs):
+            return call(self, *args, **kwargs)
+        if "image" in kwargs:
+            raise TypeError("`image` given twice: as the first positional argument, and by keyword.")
+        image, rest = args[0], args[1:]
+        if rest:
+            return call(self, rest[0], image, *rest[1:], **kwargs)
+        return call(self, kwargs.pop("prompt", None), image, **kwargs)
+
+    return ordered
+
+
+def _is_prompt(value: object) -> bool:
+    """Whether ``value`` can only be a prompt: None, a string, or a list or tuple of strings."""
+    if value is None or isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
 
 
 class FaithDiffSDXLPipeline(
@@ -138,51 +182,49 @@ class FaithDiffSDXLPipeline(
         captioner_processor ([`~transformers.ProcessorMixin`], *optional*): The captioner's ``AutoProcessor``.
         force_zeros_for_empty_prompt (`bool`, defaults to `False`): Use zeros instead of encoding a missing negative
             prompt. FaithDiff was trained and released with a real empty prompt, so this stays off.
+
+    Any component may be `None`, as in diffusers' pipelines: a pipeline of the text encoders and tokenizers alone
+    computes prompt embeddings with [`~FaithDiffSDXLPipeline.encode_prompt`] (e.g. on another device than the one
+    that denoises), and one without them restores from given embeddings. A call names what it lacks.
     """
 
     # The captioner runs first and leaves the device before anything else needs it.
     model_cpu_offload_seq = "captioner->text_encoder->text_encoder_2->lq_encoder->unet->vae"
     # The alignment runs inside every UNet call; it is small, so it stays on the device instead of shuttling.
     _exclude_from_cpu_offload: ClassVar[list[str]] = ["alignment"]
-    # Only what the pipeline runs without: the LQ features fall back to the VAE encoder, captions to the prompt.
-    # Both text encoders are required, since SDXL's UNet attends to their concatenated states.
+    # What a restoration runs without: the LQ features fall back to the VAE encoder, captions to the prompt. The
+    # other components may be None too (see the class docstring); __call__ refuses to run without those it needs.
     _optional_components: ClassVar[list[str]] = ["lq_encoder", "captioner", "captioner_processor"]
-    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "prompt_embeds", "add_text_embeds"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
 
     def __init__(
         self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer: CLIPTokenizer,
-        tokenizer_2: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        alignment: FaithDiffAlignmentModel,
-        scheduler: KarrasDiffusionSchedulers,
+        vae: AutoencoderKL | None,
+        text_encoder: CLIPTextModel | None,
+        text_encoder_2: CLIPTextModelWithProjection | None,
+        tokenizer: CLIPTokenizer | None,
+        tokenizer_2: CLIPTokenizer | None,
+        unet: UNet2DConditionModel | None,
+        alignment: FaithDiffAlignmentModel | None,
+        scheduler: KarrasDiffusionSchedulers | None,
         lq_encoder: FaithDiffLQEncoder | None = None,
         captioner: PreTrainedModel | None = None,
         captioner_processor: ProcessorMixin | None = None,
         force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         super().__init__()
-        required = {
-            "vae": vae,
-            "text_encoder": text_encoder,
-            "text_encoder_2": text_encoder_2,
-            "tokenizer": tokenizer,
-            "tokenizer_2": tokenizer_2,
-            "unet": unet,
-            "alignment": alignment,
-            "scheduler": scheduler,
-        }
-        missing = [name for name, component in required.items() if component is None]
-        if missing:
-            raise ValueError(
-                f"FaithDiffSDXLPipeline needs {missing}, got None; only {self._optional_components} are optional "
-                "(SDXL's UNet attends to both text encoders' states)."
-            )
         self.register_modules(
-            **required, lq_encoder=lq_encoder, captioner=captioner, captioner_processor=captioner_processor
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            alignment=alignment,
+            scheduler=scheduler,
+            lq_encoder=lq_encoder,
+            captioner=captioner,
+            captioner_processor=captioner_processor,
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
@@ -498,7 +540,10 @@ class FaithDiffSDXLPipeline(
         callback_on_step_end_tensor_inputs: Sequence[str],
     ) -> None:
         if image is None:
-            raise ValueError("`image` is required: the low-quality image (or list of images) to restore.")
+            raise ValueError(
+                "`image` is required: the low-quality image (or list of images) to restore. A string alone is the "
+                "prompt; pass a file path as `image=`."
+            )
         check_upscale(upscale)
         if not is_real(guidance_scale):
             raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
@@ -540,6 +585,33 @@ class FaithDiffSDXLPipeline(
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
             )
+
+    def check_components(self, encodes_prompts: bool, reads_tokens: bool) -> None:
+        """Refuses, in one error, a call that needs components this pipeline has as `None`.
+
+        Args:
+            encodes_prompts (`bool`): Whether the call encodes prompt text (it was given no embeddings for some).
+            reads_tokens (`bool`): Whether the call reads the prompts' tokens (to record attention maps).
+        """
+        needed = ["unet", "alignment", "vae", "scheduler"]
+        if encodes_prompts:
+            needed += ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+        elif reads_tokens:
+            needed += ["tokenizer", "tokenizer_2"]
+        missing = [name for name in needed if getattr(self, name, None) is None]
+        if not missing:
+            return
+        text_parts = {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
+        hint = ""
+        if encodes_prompts and text_parts & set(missing):
+            hint = (
+                "; without the text encoders, pass `prompt_embeds` and `pooled_prompt_embeds` (with guidance also "
+                "`negative_prompt_embeds` and `negative_pooled_prompt_embeds`) from `encode_prompt` of a pipeline that "
+                "has them"
+            )
+        raise ValueError(
+            f"Restoring images needs {missing}, which this pipeline has as None: load it with them{hint}."
+        )
 
     @staticmethod
     def _batch_prompts(prompt: str | list[str] | None, batch_size: int, name: str) -> list[str] | None:
@@ -662,6 +734,13 @@ class FaithDiffSDXLPipeline(
         stride = default_latent_stride(tile) if tile_stride is None else tile_stride // self.vae_scale_factor
         return LatentTiling.for_latent(latents.shape[-2], latents.shape[-1], tile, stride, latents.device)
 
+    def add_time_ids(self, padded_size: tuple[int, int], tile_size: int, samples: int) -> torch.Tensor:
+        """SDXL's micro-conditioning of each sample, ``[samples, 6]`` float32, as the release sets it: original size =
+        the padded image, crop = (0, 0), target = the (unclamped) tile size in pixels. Each tile's rows add the tile's
+        offset, in latent units as the release has it, to the crop (see :meth:`prepare_tile_batches`)."""
+        row = torch.tensor([[*padded_size, 0, 0, tile_size, tile_size]], dtype=torch.float32)
+        return row.repeat(samples, 1).to(self._execution_device)
+
     def prepare_tile_batches(
         self,
         tiling: LatentTiling,
@@ -669,11 +748,11 @@ class FaithDiffSDXLPipeline(
         lq_features: torch.Tensor,
         prompt_embeds: torch.Tensor,
         add_text_embeds: torch.Tensor,
-        padded_size: tuple[int, int],
-        tile_size: int,
+        add_time_ids: torch.Tensor,
     ) -> list[TileBatch]:
         """The UNet calls of one denoising step: the tiles split into even batches of at most ``tile_batch_size``,
-        each with its conditioning laid out as the UNet takes it (see [`TileBatch`]), built once for the whole run.
+        each with its conditioning laid out as the UNet takes it (see [`TileBatch`]), built once for the whole run
+        (:meth:`relayout_tile_batches` adapts them when a step callback changes the conditioning).
 
         With guidance, the condition embeddings are kept once per CFG copy rather than copied at every UNet call;
         they are the only tensors here whose memory grows with the image (about 10 MiB per 1024-pixel SDXL tile and
@@ -685,42 +764,68 @@ class FaithDiffSDXLPipeline(
             lq_features (`torch.Tensor`): LQ features of every sample, ``[samples, lq_channels, H / 8, W / 8]``.
             prompt_embeds (`torch.Tensor`): Text encoders' states of every sample, the CFG copies concatenated.
             add_text_embeds (`torch.Tensor`): Pooled text embeddings, laid out like ``prompt_embeds``.
-            padded_size (`tuple[int, int]`): ``(height, width)`` in pixels of the padded input, SDXL's original size.
-            tile_size (`int`): Tile size in pixels (unclamped), SDXL's target size.
+            add_time_ids (`torch.Tensor`): Micro-conditioning of every sample (:meth:`add_time_ids`), laid out like
+                ``prompt_embeds``.
         """
-        groups = tiling.batches(tile_batch_size)
-        prompts = self._tile_major_prompts(prompt_embeds, add_text_embeds, {len(indices) for indices in groups})
         cfg_copies = 2 if self.do_classifier_free_guidance else 1
-        samples = lq_features.shape[0]
+        conditions = [
+            (indices, self._embed_tiles(lq_features, tiling, indices))
+            for indices in tiling.batches(tile_batch_size)
+        ]
+        return self._tile_batches(tiling, conditions, cfg_copies, prompt_embeds, add_text_embeds, add_time_ids)
+
+    def relayout_tile_batches(
+        self,
+        batches: list[TileBatch],
+        tiling: LatentTiling,
+        cfg_copies: int,
+        prompt_embeds: torch.Tensor,
+        add_text_embeds: torch.Tensor,
+        add_time_ids: torch.Tensor,
+    ) -> list[TileBatch]:
+        """``batches`` with other conditioning (a step callback's) and ``cfg_copies`` CFG copies, laid out as
+        :meth:`prepare_tile_batches` lays them out: guidance turned off mid-run halves every UNet batch from the next
+        step on. The tiles' condition embeddings are the same in every copy, so they are reused, not recomputed."""
+        conditions = [
+            (batch.indices, batch.condition_embeds[-len(batch.indices) * batch.samples :]) for batch in batches
+        ]
+        return self._tile_batches(tiling, conditions, cfg_copies, prompt_embeds, add_text_embeds, add_time_ids)
+
+    def _tile_batches(
+        self,
+        tiling: LatentTiling,
+        conditions: list[tuple[range, torch.Tensor]],
+        cfg_copies: int,
+        prompt_embeds: torch.Tensor,
+        add_text_embeds: torch.Tensor,
+        add_time_ids: torch.Tensor,
+    ) -> list[TileBatch]:
+        """Tile batches of the tiles and condition embeddings (one copy) of ``conditions``, with ``cfg_copies`` CFG
+        copies of everything. The condition embeddings are repeated once per copy here, rather than copied at every
+        UNet call."""
+        samples = add_time_ids.shape[0] // cfg_copies
+        prompts = self._tile_major_prompts(
+            prompt_embeds, add_text_embeds, {len(indices) for indices, _ in conditions}, cfg_copies
+        )
         return [
             TileBatch(
                 indices=indices,
-                condition_embeds=self._embed_tiles(lq_features, tiling, indices).repeat(cfg_copies, 1, 1, 1),
-                time_ids=self._time_ids(tiling, indices, padded_size, tile_size, samples),
+                samples=samples,
+                cfg_copies=cfg_copies,
+                condition_embeds=condition.repeat(cfg_copies, 1, 1, 1),
+                time_ids=self._time_ids(tiling, indices, add_time_ids, cfg_copies),
                 prompt_embeds=prompts[len(indices)][0],
                 text_embeds=prompts[len(indices)][1],
             )
-            for indices in groups
-        ]
-
-    def _with_prompts(
-        self, batches: list[TileBatch], prompt_embeds: torch.Tensor, add_text_embeds: torch.Tensor
-    ) -> list[TileBatch]:
-        """``batches`` conditioned on other prompt embeddings (a step callback's), laid out as
-        :meth:`prepare_tile_batches` lays them out."""
-        prompts = self._tile_major_prompts(prompt_embeds, add_text_embeds, {len(batch.indices) for batch in batches})
-        return [
-            replace(batch, prompt_embeds=prompts[len(batch.indices)][0], text_embeds=prompts[len(batch.indices)][1])
-            for batch in batches
+            for indices, condition in conditions
         ]
 
     def _tile_major_prompts(
-        self, prompt_embeds: torch.Tensor, add_text_embeds: torch.Tensor, tile_counts: set[int]
+        self, prompt_embeds: torch.Tensor, add_text_embeds: torch.Tensor, tile_counts: set[int], cfg_copies: int
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """The prompt and pooled embeddings laid out for a UNet call of each of ``tile_counts`` tiles. They depend
         only on how many tiles a call has, and the even batches have at most two counts, so these tensors take the
         memory of two UNet batches however many tiles there are."""
-        cfg_copies = 2 if self.do_classifier_free_guidance else 1
         dtype = self.unet.dtype
         return {
             tiles: (
@@ -731,16 +836,16 @@ class FaithDiffSDXLPipeline(
         }
 
     def _time_ids(
-        self, tiling: LatentTiling, indices: range, padded_size: tuple[int, int], tile_size: int, samples: int
+        self, tiling: LatentTiling, indices: range, add_time_ids: torch.Tensor, cfg_copies: int
     ) -> torch.Tensor:
-        """SDXL micro-conditioning of tiles ``indices``, laid out like their UNet input, as the release sets it:
-        original size = the padded image, crop = the tile's offset in latent units, target = the (unclamped) tile
-        size in pixels."""
-        cfg_copies = 2 if self.do_classifier_free_guidance else 1
-        rows = torch.tensor(
-            [(*padded_size, *tiling.origins[i], tile_size, tile_size) for i in indices], dtype=torch.float32
-        )
-        return rows.repeat_interleave(samples, dim=0).repeat(cfg_copies, 1).to(tiling.device, self.unet.dtype)
+        """SDXL micro-conditioning of tiles ``indices``, laid out like their UNet input: each sample's
+        ``add_time_ids`` with the tile's offset in latent units added to the crop, as the release sets it."""
+        samples = add_time_ids.shape[0] // cfg_copies
+        offsets = torch.zeros(len(indices), 6, dtype=torch.float32)
+        offsets[:, 2:4] = torch.tensor([tiling.origins[i] for i in indices], dtype=torch.float32)
+        offsets = offsets.repeat_interleave(samples, dim=0).repeat(cfg_copies, 1).to(add_time_ids.device)
+        rows = _tile_major(add_time_ids.float(), len(indices), cfg_copies) + offsets
+        return rows.to(tiling.device, self.unet.dtype)
 
     def _embed_tiles(self, lq_features: torch.Tensor, tiling: LatentTiling, indices: range) -> torch.Tensor:
         """Alignment condition of tiles ``indices``, each embedded on its own crop of the LQ features, as the release
@@ -753,7 +858,7 @@ class FaithDiffSDXLPipeline(
         t: torch.Tensor,
         tiling: LatentTiling,
         batches: list[TileBatch],
-        before_unet: Callable[[range], None] | None = None,
+        before_unet: Callable[[TileBatch], None] | None = None,
     ) -> torch.Tensor:
         """The guided noise prediction for the whole latent: one UNet call per tile batch, both CFG copies together,
         the tiles' predictions blended with Gaussian weights.
@@ -765,20 +870,20 @@ class FaithDiffSDXLPipeline(
             t (`torch.Tensor`): The timestep.
             tiling ([`~faithdiff_pipeline.tiling.LatentTiling`]): The latent tiles.
             batches (`list[TileBatch]`): The UNet calls, from :meth:`prepare_tile_batches`.
-            before_unet (`Callable[[range], None]`, *optional*): Called with each call's tile indices before it
-                runs: an attention-map recorder places what the call's layers attend to by them.
+            before_unet (`Callable[[TileBatch], None]`, *optional*): Called with each call's batch before it runs:
+                an attention-map recording learns from it where the call's rows belong.
         """
         total = torch.zeros_like(latents)
         for batch in batches:
             if before_unet is not None:
-                before_unet(batch.indices)
+                before_unet(batch)
             tiling.accumulate(total, self._guided_noise(tiling.crop(latents, batch.indices), t, batch), batch.indices)
         return total / tiling.weight_sum
 
     def _guided_noise(self, tiles: torch.Tensor, t: torch.Tensor, batch: TileBatch) -> torch.Tensor:
         """The UNet's noise prediction for the latent ``tiles`` of ``batch``, guided (and rescaled) across the CFG
         copies, float32."""
-        cfg_copies = 2 if self.do_classifier_free_guidance else 1
+        cfg_copies = batch.cfg_copies
         model_input = self.scheduler.scale_model_input(torch.cat([tiles] * cfg_copies), t).to(self.unet.dtype)
         with aligned_conv_in(self.unet, self.alignment, batch.condition_embeds):
             noise = self.unet(
@@ -789,7 +894,7 @@ class FaithDiffSDXLPipeline(
                 added_cond_kwargs={"text_embeds": batch.text_embeds, "time_ids": batch.time_ids},
                 return_dict=False,
             )[0].float()
-        if not self.do_classifier_free_guidance:
+        if cfg_copies == 1:
             return noise
         noise_uncond, noise_text = noise.chunk(2)
         noise = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
@@ -806,13 +911,40 @@ class FaithDiffSDXLPipeline(
         num_images_per_prompt: int,
         image_size: tuple[int, int],
         num_steps: int,
-    ) -> contextlib.AbstractContextManager:
-        """What records the attention maps of the denoising loop: ``recorder``'s recording, or nothing."""
+    ) -> contextlib.AbstractContextManager[AttentionRecording | None]:
+        """What records the attention maps of the denoising loop: ``recorder``'s recording, or nothing (`None`)."""
         if recorder is None:
             return contextlib.nullcontext()
         if not isinstance(recorder, AttentionMapRecorder):
             raise TypeError(f"`attention_maps` must be an AttentionMapRecorder, got {type(recorder).__name__}.")
-        return recorder.recording(self, prompt, prompt_2, tiling, num_images_per_prompt, image_size, num_steps)
+        if prompt is None:
+            raise ValueError(
+                "`attention_maps` looks for its words in the prompt text; pass `prompt` instead of `prompt_embeds`."
+            )
+        prompts = self.prompt_tokens(prompt, prompt_2 or prompt)
+        per_sample = [encoded for encoded in prompts for _ in range(num_images_per_prompt)]
+        return recorder.recording(self.unet, per_sample, tiling, image_size, self.vae_scale_factor, num_steps)
+
+    def prompt_tokens(self, prompt: list[str], prompt_2: list[str]) -> list[tuple[PromptTokens, PromptTokens]]:
+        """Each image's prompts as the two text encoders read them: tokenized as
+        [`~FaithDiffSDXLPipeline.encode_prompt`] tokenizes them (textual-inversion tokens expanded, padded and
+        truncated to the tokenizer's length)."""
+        return [
+            tuple(
+                PromptTokens(
+                    text,
+                    tokenizer(
+                        self.maybe_convert_prompt(text, tokenizer),
+                        padding="max_length",
+                        max_length=tokenizer.model_max_length,
+                        truncation=True,
+                    )["input_ids"],
+                    tokenizer,
+                )
+                for tokenizer, text in ((self.tokenizer, first), (self.tokenizer_2, second))
+            )
+            for first, second in zip(prompt, prompt_2)
+        ]
 
     def decode_latents(
         self, latents: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
@@ -841,10 +973,11 @@ class FaithDiffSDXLPipeline(
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @_image_may_come_first
     def __call__(
         self,
-        image: LQImage | list[LQImage] | None = None,
         prompt: str | list[str] | None = None,
+        image: LQImage | list[LQImage] | None = None,
         prompt_2: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
@@ -881,7 +1014,16 @@ class FaithDiffSDXLPipeline(
         r"""
         Restores and upscales low-quality images.
 
+        ``prompt`` and ``image`` come first, in diffusers' order: ``pipe("a photo", photo)`` and
+        ``pipe(prompt, image=photo)``. A first positional argument is the image instead when it cannot be a prompt
+        (it is not a string or a list of strings) or when ``prompt`` is given by keyword, and a second one is then
+        the prompt: ``pipe(photo, prompt="a photo")``, ``pipe("photo.png", prompt="a photo")``, ``pipe(photo)``.
+
         Args:
+            prompt (`str` or `list[str]`, *optional*):
+                Description of each image (the release uses a LLaVA caption). One string applies to every image.
+                When omitted, the pipeline's `captioner` writes one per image; without a captioner the prompt is
+                empty. A given prompt is used as is.
             image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, path, or a list of them):
                 The low-quality input(s), in sRGB. Arrays are ``[H, W, 3]`` (uint8, uint16 as 16-bit, or float in
                 [0, 1]: other values are an error); tensors ``[3, H, W]`` or a batch ``[B, 3, H, W]`` in [0, 1].
@@ -890,10 +1032,6 @@ class FaithDiffSDXLPipeline(
                 colour under transparent pixels replaced by their surroundings' (the result is RGB; writing it with
                 :func:`~faithdiff_pipeline.image_io.save_result` restores alpha, greyscale, bit depth and profile).
                 All images of a batch must have the same size.
-            prompt (`str` or `list[str]`, *optional*):
-                Description of each image (the release uses a LLaVA caption). One string applies to every image.
-                When omitted, the pipeline's `captioner` writes one per image; without a captioner the prompt is
-                empty. A given prompt is used as is.
             prompt_2 (`str` or `list[str]`, *optional*): Prompt for the second text encoder; defaults to ``prompt``.
             negative_prompt (`str` or `list[str]`, *optional*):
                 Negative prompt; defaults to ``""``, encoded as a real empty prompt as the release does.
@@ -936,8 +1074,15 @@ class FaithDiffSDXLPipeline(
                 ``scale``).
             clip_skip (`int`, *optional*): CLIP layers to skip when computing the prompt embeddings.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
-                Called once per step as ``callback(pipe, step, timestep, callback_kwargs)`` with the whole-image
-                tensors named in ``callback_on_step_end_tensor_inputs``; the tensors it returns replace them.
+                Called at the end of each step as ``callback(pipe, step, timestep, callback_kwargs)`` with the
+                whole-image tensors named in ``callback_on_step_end_tensor_inputs``, as in SDXL: ``latents``;
+                ``prompt_embeds`` and ``add_text_embeds``, the unconditional copy first with guidance; and
+                ``add_time_ids``, each sample's micro-conditioning ``(original height, width, crop top, left, target
+                height, width)``, to which each tile's rows add the tile's offset (in latent units) to the crop. The
+                tensors it returns condition the following steps. Setting ``pipe._guidance_scale`` to 1 or less turns
+                guidance off from the next step, which then runs half the UNet batch (diffusers'
+                ``SDXLCFGCutoffCallback`` does this); tensors that still hold both copies then give their conditional
+                copy.
             callback_on_step_end_tensor_inputs (`Sequence[str]`, defaults to `("latents",)`): Tensors given to the
                 callback, among ``_callback_tensor_inputs``.
             attention_maps ([`~faithdiff_pipeline.attention_maps.AttentionMapRecorder`], *optional*): Records
@@ -954,6 +1099,10 @@ class FaithDiffSDXLPipeline(
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs and prepare the LQ images
+        self.check_components(
+            encodes_prompts=prompt_embeds is None or (negative_prompt_embeds is None and guidance_scale > 1),
+            reads_tokens=attention_maps is not None,
+        )
         self.check_inputs(
             image,
             prompt,
@@ -1024,9 +1173,11 @@ class FaithDiffSDXLPipeline(
             )
         )
         add_text_embeds = pooled_prompt_embeds
+        add_time_ids = self.add_time_ids(tuple(lq.padded.shape[-2:]), tile_size, batch_size)
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
             add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds])
+            add_time_ids = torch.cat([add_time_ids, add_time_ids])
 
         # 3. Timesteps, LQ features and initial latents
         timesteps, num_inference_steps = retrieve_timesteps(
@@ -1036,10 +1187,10 @@ class FaithDiffSDXLPipeline(
         lq_features = self.lq_features(padded).repeat_interleave(num_images_per_prompt, dim=0)
         latents = self.prepare_latents(padded, batch_size, start_point, generator, latents)
 
-        # 4. Tiles, and the UNet calls over them with their conditioning, fixed for the whole run
+        # 4. Tiles, and the UNet calls over them with their conditioning, until a step callback changes it
         tiling = self._latent_tiling(latents, tile_size, tile_stride)
         batches = self.prepare_tile_batches(
-            tiling, tile_batch_size, lq_features, prompt_embeds, add_text_embeds, tuple(padded.shape[-2:]), tile_size
+            tiling, tile_batch_size, lq_features, prompt_embeds, add_text_embeds, add_time_ids
         )
         # The batches hold the tiles' condition embeddings; the features they came from would only take memory.
         del lq_features
@@ -1050,7 +1201,7 @@ class FaithDiffSDXLPipeline(
         recording = self._attention_recording(
             attention_maps, prompt, prompt_2, tiling, num_images_per_prompt, lq.size, len(timesteps)
         )
-        with recording, self.progress_bar(total=num_inference_steps) as progress_bar:
+        with recording as attention, self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
@@ -1059,26 +1210,32 @@ class FaithDiffSDXLPipeline(
                     t,
                     tiling,
                     batches,
-                    before_unet=None if attention_maps is None else partial(attention_maps.unet_call, i),
+                    before_unet=None if attention is None else partial(_announce_unet_call, attention, i),
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    available = {
-                        "latents": latents,
+                    conditioning = {
                         "prompt_embeds": prompt_embeds,
                         "add_text_embeds": add_text_embeds,
+                        "add_time_ids": add_time_ids,
                     }
+                    available = {"latents": latents, **conditioning}
                     callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
-                    # Embeddings a callback returns condition the following steps, through the batches.
-                    replaced = (
-                        callback_outputs.pop("prompt_embeds", prompt_embeds),
-                        callback_outputs.pop("add_text_embeds", add_text_embeds),
-                    )
-                    if replaced[0] is not prompt_embeds or replaced[1] is not add_text_embeds:
-                        prompt_embeds, add_text_embeds = replaced
-                        batches = self._with_prompts(batches, prompt_embeds, add_text_embeds)
+                    # Conditioning a callback returns, or guidance it turns on or off, conditions the following steps
+                    # through the batches.
+                    returned = {name: callback_outputs.pop(name, held) for name, held in conditioning.items()}
+                    cfg_copies = 2 if self.do_classifier_free_guidance else 1
+                    changed = any(returned[name] is not held for name, held in conditioning.items())
+                    if changed or cfg_copies != batches[0].cfg_copies:
+                        prompt_embeds, add_text_embeds, add_time_ids = (
+                            _copies_for_guidance(returned[name], name, cfg_copies, batch_size, i)
+                            for name in conditioning
+                        )
+                        batches = self.relayout_tile_batches(
+                            batches, tiling, cfg_copies, prompt_embeds, add_text_embeds, add_time_ids
+                        )
                 progress_bar.update()
 
         # 6. Decode, crop the padding away, colour-fix against the upscaled input
@@ -1126,6 +1283,29 @@ def fp8_linear(module: torch.nn.Module, name: str) -> bool:
     """Which UNet layers float8 compute takes: the linear layers (attention projections, feed-forwards), but not the
     time and micro-conditioning embeddings, whose small inputs float8's scales would crush."""
     return isinstance(module, torch.nn.Linear) and not any(part in name for part in ("time_embedding", "add_embedding"))
+
+
+def _announce_unet_call(recording: AttentionRecording, step: int, batch: TileBatch) -> None:
+    """Tells an attention-map recording which rows of ``batch``'s UNet call at ``step`` to map, and where they go."""
+    recording.unet_call(batch.unet_call(step))
+
+
+def _copies_for_guidance(
+    per_sample: torch.Tensor, name: str, cfg_copies: int, samples: int, step: int
+) -> torch.Tensor:
+    """A step callback's ``prompt_embeds``, ``add_text_embeds`` or ``add_time_ids`` checked against the guidance that
+    follows: one row per sample and CFG copy, the unconditional copy first. With guidance turned off, a tensor that
+    still holds both copies gives its conditional one, the only copy an unguided step uses."""
+    rows = per_sample.shape[0]
+    if rows == cfg_copies * samples:
+        return per_sample
+    if cfg_copies == 1 and rows == 2 * samples:
+        return per_sample[samples:]
+    state = "on (an unconditional copy first, then the conditional one)" if cfg_copies == 2 else "off"
+    raise ValueError(
+        f"`{name}` has {rows} rows after the step callback of step {step}; with guidance {state} the next steps "
+        f"need {cfg_copies * samples} ({cfg_copies} x {samples} samples)."
+    )
 
 
 def _tile_major(per_sample: torch.Tensor, tiles: int, cfg_copies: int) -> torch.Tensor:
