@@ -159,10 +159,10 @@ class SigningCredentials:
         """Signs a 1x1 PNG in memory: C2PA's own checks of the chain (key usages, extended key usages, a chain
         that is not one self-signed certificate) run now rather than after the first restoration."""
         import c2pa
-        import PIL.Image
 
-        image = io.BytesIO()
-        PIL.Image.new("RGB", (1, 1)).save(image, format="PNG")
+        from .image_io import blank_png
+
+        image = io.BytesIO(blank_png())
         # A black pixel that software made: c2pa.created of algorithmic media is what it is.
         created = {"action": "c2pa.created", "digitalSourceType": IPTC_DIGITAL_SOURCE_TYPE + "algorithmicMedia"}
         manifest = {
@@ -202,13 +202,12 @@ def sign_result(
     Raises:
         ValueError: the result or the original cannot be read, or signing fails (the message says why).
     """
-    import PIL.Image
+    from .image_io import media_type as media_type_of
 
     result = Path(result)
     try:
-        with PIL.Image.open(result) as opened:
-            media_type = PIL.Image.MIME.get(opened.format or "")
-    except (OSError, SyntaxError, ValueError) as error:
+        media_type = media_type_of(result)
+    except ValueError as error:
         raise ValueError(f"{os.fspath(result)!r} could not be read as an image: {error}") from error
     if media_type is None:
         raise ValueError(f"{os.fspath(result)!r}: its format has no MIME type C2PA knows.")
@@ -390,10 +389,9 @@ def _original_bytes(original: ImageFile | str | os.PathLike | bytes) -> tuple[by
 
 
 def _media_type_of(data: bytes, name: str) -> str | None:
-    import PIL.Image
+    from .image_io import media_type
 
     try:
-        with PIL.Image.open(io.BytesIO(data)) as opened:
-            return PIL.Image.MIME.get(opened.format or "")
-    except (OSError, SyntaxError, ValueError) as error:
+        return media_type(data)
+    except ValueError as error:
         raise ValueError(f"{name!r}: the original could not be read as an image ({error}).") from error
