@@ -232,3 +232,30 @@ def test_seeds_without_fidelity_is_refused(tmp_path, no_model) -> None:
     _photo(tmp_path / "a.png")
     with pytest.raises(ValueError, match="`seeds` 3 measures the spread of the results: add `fidelity`"):
         restore_files([tmp_path / "a.png"], tmp_path / "out", seeds=3)
+
+
+def test_fidelity_maps_have_the_results_size_and_orientation(tiny_model_dir, tmp_path) -> None:
+    """A phone photo stored turned (EXIF orientation 6): the result is upright, and so is every map, which is the
+    one measured against the upright input."""
+    from faithdiff_pipeline.fidelity import measure_fidelity
+    from faithdiff_pipeline.image_io import read_image
+
+    _photo(tmp_path / "plain.png")
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    with PIL.Image.open(tmp_path / "plain.png") as plain:
+        plain.save(tmp_path / "phone.jpg", exif=exif, quality=98)
+    summary = restore_files([tmp_path / "phone.jpg"], tmp_path / "out", model=str(tiny_model_dir), prompt="x",
+                            steps=2, tile_size=64, device="cpu", dtype="float32", fidelity=True, progress=False)
+    assert summary.done == ["phone.jpg"]
+    restored = read_image(tmp_path / "out" / "phone.png")
+    assert restored.size == (32, 48)  # portrait, as the phone shows it
+    report = measure_fidelity(restored.as_float(), read_image(tmp_path / "phone.jpg").as_float())
+    for name in ("consistency", "added_detail"):
+        with PIL.Image.open(tmp_path / "out" / f"phone_{name}_raw.png") as raw:
+            assert raw.size == restored.size and raw.getexif().get(0x0112, 1) == 1
+            stored = np.asarray(raw, dtype=np.float64) / 65535.0
+        with PIL.Image.open(tmp_path / "out" / f"phone_{name}.png") as heat:
+            assert heat.size == restored.size
+        # Measured on the float result before it was written: within what 8-bit writing moves the map.
+        assert np.abs(stored - report.maps()[name]).mean() < 0.02
