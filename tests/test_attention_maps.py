@@ -250,7 +250,7 @@ def test_explain_writes_the_restored_image_overlays_and_raw_maps(tiny_model_dir,
     out = tmp_path / "maps"
     args = [str(tmp_path / "house.png"), "--words", "house, Tree.", "--prompt", PROMPT, "-o", str(out)]
     assert main([*args, "--model", str(tiny_model_dir), *FAST]) == 0
-    assert "1 explained, 0 failed" in capsys.readouterr().out
+    assert "1 explained, 0 skipped (already explained), 0 failed" in capsys.readouterr().out
     names = ["house.png", "house_house.png", "house_house_map.png", "house_tree.png", "house_tree_map.png"]
     assert sorted(path.name for path in out.iterdir()) == names
     with PIL.Image.open(out / "house.png") as restored:
@@ -297,7 +297,7 @@ def test_explain_reports_an_absent_word_per_image(tiny_model_dir, tmp_path, caps
         (["--words", "cat", "--layers", "up_blocks.*,"], "--layers takes a comma-separated list"),
         (["--words", "cat", "--compile"], "drop --compile"),
         (["--words", "cat", "--caption", "none"], "--caption none leaves no prompt to find --words in"),
-        (["--words", "cat", "--upscale", "0"], "--upscale must be > 0"),
+        (["--words", "cat", "--upscale", "0"], "--upscale must be a finite number > 0"),
     ],
 )
 def test_mistakes_are_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, args, message) -> None:

@@ -98,12 +98,14 @@ def run_local_job(job: LocalJob, notify: Callable[[str], None], progress: bool =
         return summary
     pipe = load_restoration_pipeline(settings, device)
     pipe.set_progress_bar_config(leave=False, desc="steps")
+    # Before the output folder exists: outputs that cannot work with this model (a layer it lacks) leave nothing.
+    call_options = job.outputs.attach(pipe)
     try:
         os.makedirs(job.output_dir, exist_ok=True)
     except OSError as error:
         raise JobFailed(f"output folder {job.output_dir!r} cannot be created: {error.strerror or error}") from error
     remove_leftovers(job.output_dir)
-    worked = restore_jobs(todo, settings, pipe, prompts.known, job.outputs, photos, progress)
+    worked = restore_jobs(todo, settings, pipe, prompts.known, job.outputs, photos, progress, call_options)
     summary.done, summary.failed, summary.seconds = worked.done, summary.failed + worked.failed, worked.seconds
     summary.fidelity = worked.fidelity
     return summary

@@ -163,13 +163,15 @@ def restore_jobs(
     outputs: JobOutputs,
     photos: DecodedPhotos | None = None,
     progress: bool = True,
+    call_options: dict[str, Any] | None = None,
 ) -> Summary:
     """Restores every job and writes its outputs; an image that fails is listed in the summary and the run goes on.
-    Jobs with local outputs only (an engine stages remote files)."""
+    Jobs with local outputs only (an engine stages remote files). ``call_options`` are what ``outputs.attach(pipe)``
+    gave, for a caller that attached them already."""
     from tqdm.auto import tqdm
 
     photos = photos or DecodedPhotos()
-    call_options = outputs.attach(pipe)
+    call_options = outputs.attach(pipe) if call_options is None else call_options
     summary = Summary()
     start = time.perf_counter()
     for job in tqdm(jobs, desc="images", unit="image", disable=not progress):
