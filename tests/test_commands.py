@@ -228,3 +228,28 @@ def test_settings_refuse_mistakes_by_their_flags(tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError) as refused:
         _settings(tmp_path, monkeypatch, "--tile-size", "512", "--tile-stride", "520")
     assert "--tile-stride must be a multiple of 8 between 8 and --tile-size (512)" in as_flags(str(refused.value))
+
+
+def test_the_release_defaults_are_written_once() -> None:
+    """The pipeline's signature, the commands' option table and the settings take the release's values from one
+    module: a literal typed again anywhere would drift."""
+    import inspect
+
+    from faithdiff_pipeline import FaithDiffSDXLPipeline, release_settings
+    from faithdiff_pipeline.application.options import OPTIONS
+
+    signature = inspect.signature(FaithDiffSDXLPipeline.__call__).parameters
+    pairs = {
+        "upscale": ("upscale", release_settings.UPSCALE),
+        "num_inference_steps": ("steps", release_settings.NUM_INFERENCE_STEPS),
+        "guidance_scale": ("guidance", release_settings.GUIDANCE_SCALE),
+        "start_point": ("start_point", release_settings.START_POINT),
+        "tile_size": ("tile_size", release_settings.TILE_SIZE),
+        "tile_batch_size": ("tile_batch_size", release_settings.TILE_BATCH_SIZE),
+        "color_fix": ("color_fix", release_settings.COLOR_FIX),
+        "max_output_pixels": ("max_pixels", release_settings.MAX_OUTPUT_PIXELS),
+    }
+    for argument, (option, value) in pairs.items():
+        assert signature[argument].default == OPTIONS[option].default == value, argument
+    settings = RestorationSettings()
+    assert (settings.upscale, settings.steps, settings.tile_size) == (2.0, 20, 1024)

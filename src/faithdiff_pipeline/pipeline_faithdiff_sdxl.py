@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin, TextualInversionLoaderMixin
@@ -23,28 +23,36 @@ from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
     StableDiffusionXLPipeline,
-    rescale_noise_cfg,
     retrieve_timesteps,
 )
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel, ProcessorMixin
 
-from .alignment import FaithDiffAlignmentModel, aligned_conv_in
-from .attention_maps import AttentionMapRecorder, AttentionRecording, PromptTokens, UNetCall
+from .alignment import FaithDiffAlignmentModel
+from .attention_maps import AttentionMapRecorder, AttentionRecording, PromptTokens
 from .captioning import Captioner
 from .checks import check_integer, check_tile_arguments, is_integer, is_real
 from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
-from .lq_features import FaithDiffLQEncoder, vae_encoder_features
-from .preprocessing import DEFAULT_MAX_OUTPUT_PIXELS, LQImage, as_image_list, check_upscale, prepare_lq_images
+from .latents import decode_latents, start_latents
+from .lq_features import FaithDiffLQEncoder, compute_lq_features
+from . import release_settings as release
+from .preprocessing import LQImage, as_image_list, check_upscale, prepare_lq_images
 from .seeds import initial_seed
-from .tiling import LatentTiling, default_latent_stride, tiled_encode
+from .tiled_denoising import (
+    TileBatch,
+    add_time_ids,
+    build_tile_batches,
+    guided_noise,
+    latent_tiling,
+    relayout_tile_batches,
+    tile_noise,
+)
+from .tiling import LatentTiling
 
 logger = logging.getLogger(__name__)
 
-START_POINTS = ("lr", "noise")
 # UNet layers kept in their dtype when the rest is stored in float8: the norms, the time and micro-conditioning
 # embeddings, and conv_in/conv_out (conv_in is where the alignment adds the LQ condition). The alignment module and
 # the LQ encoder are components of their own and never touched.
@@ -85,47 +93,6 @@ class FaithDiffPipelineOutput(BaseOutput):
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-
-
-@dataclass(frozen=True)
-class TileBatch:
-    """The latent tiles of one UNet call and what the call is conditioned on, which changes only when a step callback
-    changes the conditioning or turns guidance on or off.
-
-    The UNet batch has ``cfg_copies * len(indices) * samples`` rows: each CFG copy (the unconditional one first)
-    holds the tiles one after the other, as :meth:`~faithdiff_pipeline.tiling.LatentTiling.crop` stacks them, and
-    each tile the samples in order. Every tensor here is laid out that way, on the device and in the UNet's dtype.
-
-    Attributes:
-        indices (`range`): The tiles, as indices into the tiling's ``origins``.
-        samples (`int`): Samples per tile (images x ``num_images_per_prompt``).
-        cfg_copies (`int`): 2 with classifier-free guidance (unconditional and conditional copies), else 1.
-        condition_embeds (`torch.Tensor`): The alignment condition, each tile embedded on its own crop of the LQ
-            features, ``[rows, latent_channels, tile_height, tile_width]``.
-        time_ids (`torch.Tensor`): SDXL's micro-conditioning, ``[rows, 6]``.
-        prompt_embeds (`torch.Tensor`): The text encoders' states, ``[rows, tokens, width]``; batches with as many
-            tiles share one tensor.
-        text_embeds (`torch.Tensor`): The pooled text embeddings, ``[rows, width]``; shared like ``prompt_embeds``.
-    """
-
-    indices: range
-    samples: int
-    cfg_copies: int
-    condition_embeds: torch.Tensor
-    time_ids: torch.Tensor
-    prompt_embeds: torch.Tensor
-    text_embeds: torch.Tensor
-
-    def unet_call(self, step: int) -> UNetCall:
-        """The rows of this batch's UNet call at ``step`` that are conditioned on the prompt (the last CFG copy), with
-        the tile and the sample of each: what an attention-map recording needs to place them."""
-        rows = len(self.indices) * self.samples
-        return UNetCall(
-            step=step,
-            rows=range((self.cfg_copies - 1) * rows, self.cfg_copies * rows),
-            tiles=[tile for tile in self.indices for _ in range(self.samples)],
-            samples=list(range(self.samples)) * len(self.indices),
-        )
 
 
 def _image_may_come_first(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -549,8 +516,8 @@ class FaithDiffSDXLPipeline(
             raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
         if max_output_pixels is not None and (not is_integer(max_output_pixels) or max_output_pixels < 1):
             raise ValueError(f"`max_output_pixels` must be a positive integer or None, got {max_output_pixels!r}.")
-        if start_point not in START_POINTS:
-            raise ValueError(f"`start_point` must be one of {START_POINTS}, got {start_point!r}.")
+        if start_point not in release.START_POINTS:
+            raise ValueError(f"`start_point` must be one of {release.START_POINTS}, got {start_point!r}.")
         if color_fix is not None and color_fix not in COLOR_FIXES:
             raise ValueError(f"`color_fix` must be one of {COLOR_FIXES} or None, got {color_fix!r}.")
         if output_type not in OUTPUT_TYPES:
@@ -652,14 +619,8 @@ class FaithDiffSDXLPipeline(
         With VAE tiling enabled (``pipe.vae.enable_tiling()``), the LQ encoder is tiled the same way: the VAE's tile
         size and overlap, tiles blended where they meet.
         """
-        if self.lq_encoder is not None:
-            encode = self.lq_encoder
-        else:
-            encode = partial(vae_encoder_features, self.vae, channels=self.alignment.config.lq_channels)
-        if not getattr(self.vae, "use_tiling", False):
-            return encode(image)
-        return tiled_encode(
-            encode, image, self.vae.tile_sample_min_size, self.vae.tile_overlap_factor, self.vae_scale_factor
+        return compute_lq_features(
+            image, self.lq_encoder, self.vae, self.alignment.config.lq_channels, self.vae_scale_factor
         )
 
     def prepare_latents(
@@ -675,53 +636,16 @@ class FaithDiffSDXLPipeline(
         ``"noise"``: ε · init_noise_sigma. ``"lr"`` (the release's default): the VAE latent of the input, noised by a
         DDPM ``add_noise`` at t = 999 with that same ε · init_noise_sigma.
         """
-        repeats = batch_size // image.shape[0]
-        device = self._execution_device
-        shape = (
+        return start_latents(
+            self.vae,
+            self.scheduler,
+            image,
             batch_size,
-            self.vae.config.latent_channels,
-            image.shape[-2] // self.vae_scale_factor,
-            image.shape[-1] // self.vae_scale_factor,
-        )
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators, expected {batch_size} (images x num_images_per_prompt)."
-            )
-        if latents is None:
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(
-                f"`latents` must have shape {shape} (batch x channels x padded size / 8), got {tuple(latents.shape)}."
-            )
-        else:
-            noise = latents.to(device=device, dtype=torch.float32)
-        noise = noise * self.scheduler.init_noise_sigma
-        if start_point == "noise":
-            return noise
-        image_latents = self._image_latents(image, repeats, generator) * self.vae.config.scaling_factor
-        ddpm = DDPMScheduler.from_config(self.scheduler.config)
-        start = torch.full((batch_size,), ddpm.config.num_train_timesteps - 1, device=device, dtype=torch.long)
-        return ddpm.add_noise(image_latents, noise, start)
-
-    def _image_latents(
-        self, image: torch.Tensor, repeats: int, generator: torch.Generator | list[torch.Generator] | None
-    ) -> torch.Tensor:
-        """The VAE latents of ``image`` (unscaled, float32), each repeated ``repeats`` times, as diffusers' img2img
-        pipelines retrieve them: a sample of the latent distribution, or the latents of a VAE that has none (e.g.
-        ``AutoencoderTiny``)."""
-        device = self._execution_device
-        encoded = self.vae.encode(image.to(device=device, dtype=self.vae.dtype))
-        if hasattr(encoded, "latent_dist"):
-            # The sample drawn in float32 after repeating, one draw per output: the release's numbers exactly.
-            posterior = encoded.latent_dist
-            mean = posterior.mean.float().repeat_interleave(repeats, dim=0)
-            std = posterior.std.float().repeat_interleave(repeats, dim=0)
-            return mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=torch.float32)
-        if hasattr(encoded, "latents"):
-            return encoded.latents.float().repeat_interleave(repeats, dim=0)
-        raise ValueError(
-            f"`vae` ({type(self.vae).__name__}) returned neither `latent_dist` nor `latents` from `encode`; "
-            'use start_point="noise" or a diffusers VAE.'
+            start_point,
+            generator,
+            latents,
+            self._execution_device,
+            self.vae_scale_factor,
         )
 
     def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
@@ -730,16 +654,13 @@ class FaithDiffSDXLPipeline(
 
     def _latent_tiling(self, latents: torch.Tensor, tile_size: int, tile_stride: int | None) -> LatentTiling:
         """The latent tiles of ``tile_size`` pixels, ``tile_stride`` apart (the release's half tile when None)."""
-        tile = tile_size // self.vae_scale_factor
-        stride = default_latent_stride(tile) if tile_stride is None else tile_stride // self.vae_scale_factor
-        return LatentTiling.for_latent(latents.shape[-2], latents.shape[-1], tile, stride, latents.device)
+        return latent_tiling(latents, tile_size, tile_stride, self.vae_scale_factor)
 
     def add_time_ids(self, padded_size: tuple[int, int], tile_size: int, samples: int) -> torch.Tensor:
         """SDXL's micro-conditioning of each sample, ``[samples, 6]`` float32, as the release sets it: original size =
         the padded image, crop = (0, 0), target = the (unclamped) tile size in pixels. Each tile's rows add the tile's
         offset, in latent units as the release has it, to the crop (see :meth:`prepare_tile_batches`)."""
-        row = torch.tensor([[*padded_size, 0, 0, tile_size, tile_size]], dtype=torch.float32)
-        return row.repeat(samples, 1).to(self._execution_device)
+        return add_time_ids(padded_size, tile_size, samples, self._execution_device)
 
     def prepare_tile_batches(
         self,
@@ -768,11 +689,17 @@ class FaithDiffSDXLPipeline(
                 ``prompt_embeds``.
         """
         cfg_copies = 2 if self.do_classifier_free_guidance else 1
-        conditions = [
-            (indices, self._embed_tiles(lq_features, tiling, indices))
-            for indices in tiling.batches(tile_batch_size)
-        ]
-        return self._tile_batches(tiling, conditions, cfg_copies, prompt_embeds, add_text_embeds, add_time_ids)
+        return build_tile_batches(
+            tiling,
+            tile_batch_size,
+            self.alignment,
+            self.unet.dtype,
+            cfg_copies,
+            lq_features,
+            prompt_embeds,
+            add_text_embeds,
+            add_time_ids,
+        )
 
     def relayout_tile_batches(
         self,
@@ -786,71 +713,9 @@ class FaithDiffSDXLPipeline(
         """``batches`` with other conditioning (a step callback's) and ``cfg_copies`` CFG copies, laid out as
         :meth:`prepare_tile_batches` lays them out: guidance turned off mid-run halves every UNet batch from the next
         step on. The tiles' condition embeddings are the same in every copy, so they are reused, not recomputed."""
-        conditions = [
-            (batch.indices, batch.condition_embeds[-len(batch.indices) * batch.samples :]) for batch in batches
-        ]
-        return self._tile_batches(tiling, conditions, cfg_copies, prompt_embeds, add_text_embeds, add_time_ids)
-
-    def _tile_batches(
-        self,
-        tiling: LatentTiling,
-        conditions: list[tuple[range, torch.Tensor]],
-        cfg_copies: int,
-        prompt_embeds: torch.Tensor,
-        add_text_embeds: torch.Tensor,
-        add_time_ids: torch.Tensor,
-    ) -> list[TileBatch]:
-        """Tile batches of the tiles and condition embeddings (one copy) of ``conditions``, with ``cfg_copies`` CFG
-        copies of everything. The condition embeddings are repeated once per copy here, rather than copied at every
-        UNet call."""
-        samples = add_time_ids.shape[0] // cfg_copies
-        prompts = self._tile_major_prompts(
-            prompt_embeds, add_text_embeds, {len(indices) for indices, _ in conditions}, cfg_copies
+        return relayout_tile_batches(
+            batches, tiling, cfg_copies, self.unet.dtype, prompt_embeds, add_text_embeds, add_time_ids
         )
-        return [
-            TileBatch(
-                indices=indices,
-                samples=samples,
-                cfg_copies=cfg_copies,
-                condition_embeds=condition.repeat(cfg_copies, 1, 1, 1),
-                time_ids=self._time_ids(tiling, indices, add_time_ids, cfg_copies),
-                prompt_embeds=prompts[len(indices)][0],
-                text_embeds=prompts[len(indices)][1],
-            )
-            for indices, condition in conditions
-        ]
-
-    def _tile_major_prompts(
-        self, prompt_embeds: torch.Tensor, add_text_embeds: torch.Tensor, tile_counts: set[int], cfg_copies: int
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The prompt and pooled embeddings laid out for a UNet call of each of ``tile_counts`` tiles. They depend
-        only on how many tiles a call has, and the even batches have at most two counts, so these tensors take the
-        memory of two UNet batches however many tiles there are."""
-        dtype = self.unet.dtype
-        return {
-            tiles: (
-                _tile_major(prompt_embeds, tiles, cfg_copies).to(dtype),
-                _tile_major(add_text_embeds, tiles, cfg_copies).to(dtype),
-            )
-            for tiles in sorted(tile_counts)
-        }
-
-    def _time_ids(
-        self, tiling: LatentTiling, indices: range, add_time_ids: torch.Tensor, cfg_copies: int
-    ) -> torch.Tensor:
-        """SDXL micro-conditioning of tiles ``indices``, laid out like their UNet input: each sample's
-        ``add_time_ids`` with the tile's offset in latent units added to the crop, as the release sets it."""
-        samples = add_time_ids.shape[0] // cfg_copies
-        offsets = torch.zeros(len(indices), 6, dtype=torch.float32)
-        offsets[:, 2:4] = torch.tensor([tiling.origins[i] for i in indices], dtype=torch.float32)
-        offsets = offsets.repeat_interleave(samples, dim=0).repeat(cfg_copies, 1).to(add_time_ids.device)
-        rows = _tile_major(add_time_ids.float(), len(indices), cfg_copies) + offsets
-        return rows.to(tiling.device, self.unet.dtype)
-
-    def _embed_tiles(self, lq_features: torch.Tensor, tiling: LatentTiling, indices: range) -> torch.Tensor:
-        """Alignment condition of tiles ``indices``, each embedded on its own crop of the LQ features, as the release
-        does (the embedding's GroupNorm and convolutions see only the tile)."""
-        return torch.cat([self.alignment.embed_condition(tiling.crop(lq_features, [i])) for i in indices])
 
     def predict_noise(
         self,
@@ -883,24 +748,9 @@ class FaithDiffSDXLPipeline(
     def _guided_noise(self, tiles: torch.Tensor, t: torch.Tensor, batch: TileBatch) -> torch.Tensor:
         """The UNet's noise prediction for the latent ``tiles`` of ``batch``, guided (and rescaled) across the CFG
         copies, float32."""
-        cfg_copies = batch.cfg_copies
-        model_input = self.scheduler.scale_model_input(torch.cat([tiles] * cfg_copies), t).to(self.unet.dtype)
-        with aligned_conv_in(self.unet, self.alignment, batch.condition_embeds):
-            noise = self.unet(
-                model_input,
-                t,
-                encoder_hidden_states=batch.prompt_embeds,
-                cross_attention_kwargs=self._cross_attention_kwargs,
-                added_cond_kwargs={"text_embeds": batch.text_embeds, "time_ids": batch.time_ids},
-                return_dict=False,
-            )[0].float()
-        if cfg_copies == 1:
-            return noise
-        noise_uncond, noise_text = noise.chunk(2)
-        noise = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
-        if self.guidance_rescale > 0:
-            noise = rescale_noise_cfg(noise, noise_text, guidance_rescale=self.guidance_rescale)
-        return noise
+        model_input = self.scheduler.scale_model_input(torch.cat([tiles] * batch.cfg_copies), t).to(self.unet.dtype)
+        noise = tile_noise(self.unet, self.alignment, model_input, t, batch, self._cross_attention_kwargs)
+        return guided_noise(noise, batch.cfg_copies, self.guidance_scale, self.guidance_rescale)
 
     def _attention_recording(
         self,
@@ -951,25 +801,7 @@ class FaithDiffSDXLPipeline(
     ) -> torch.Tensor:
         """VAE decode to images in [0, 1], ``[B, 3, H, W]`` float32 (upcasting a float16 VAE that asks for it).
         ``generator`` seeds a VAE whose decoder samples (``ConsistencyDecoderVAE``)."""
-        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
-        vae_dtype = self.vae.dtype
-        if upcast:
-            self.vae.to(dtype=torch.float32)
-        try:
-            config = self.vae.config
-            if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-                mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-                std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-                latents = latents * std / config.scaling_factor + mean
-            else:
-                latents = latents / config.scaling_factor
-            sampled = "generator" in inspect.signature(self.vae.decode).parameters
-            extra = {"generator": generator} if sampled else {}
-            image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False, **extra)[0]
-        finally:
-            if upcast:
-                self.vae.to(dtype=vae_dtype)
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.vae, latents, generator)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -981,18 +813,18 @@ class FaithDiffSDXLPipeline(
         prompt_2: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
-        upscale: float = 2,
-        num_inference_steps: int = 20,
+        upscale: float = release.UPSCALE,
+        num_inference_steps: int = release.NUM_INFERENCE_STEPS,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 5.0,
+        guidance_scale: float = release.GUIDANCE_SCALE,
         guidance_rescale: float = 0.0,
-        start_point: str = "lr",
-        tile_size: int = 1024,
+        start_point: str = release.START_POINT,
+        tile_size: int = release.TILE_SIZE,
         tile_stride: int | None = None,
-        tile_batch_size: int = 4,
-        color_fix: str | None = "adain",
-        max_output_pixels: int | None = DEFAULT_MAX_OUTPUT_PIXELS,
+        tile_batch_size: int = release.TILE_BATCH_SIZE,
+        color_fix: str | None = release.COLOR_FIX,
+        max_output_pixels: int | None = release.MAX_OUTPUT_PIXELS,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -1306,13 +1138,6 @@ def _copies_for_guidance(
         f"`{name}` has {rows} rows after the step callback of step {step}; with guidance {state} the next steps "
         f"need {cfg_copies * samples} ({cfg_copies} x {samples} samples)."
     )
-
-
-def _tile_major(per_sample: torch.Tensor, tiles: int, cfg_copies: int) -> torch.Tensor:
-    """Lays out per-sample conditioning ``[cfg_copies * N, ...]`` for a UNet batch of ``tiles`` tiles: each CFG half
-    holds the tiles one after the other, each tile the N samples in order."""
-    halves = per_sample.chunk(cfg_copies)
-    return torch.cat([half.repeat(tiles, *([1] * (half.ndim - 1))) for half in halves])
 
 
 def _take_the_folders_variant(folder: str, kwargs: dict[str, Any]) -> None:
