@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -12,6 +13,8 @@ from diffusers.models.autoencoders import AutoencoderKL
 from diffusers.models.autoencoders.vae import Encoder
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
+
+from .tiling import tiled_encode
 
 # "mid_block": the release's penultimate features; "last_layer": the encoder's output head (norm, act, conv_out).
 FEATURE_SOURCES = ("mid_block", "last_layer")
@@ -71,6 +74,28 @@ def vae_encoder_features(vae: AutoencoderKL, image: torch.Tensor, channels: int 
     Decorated like ``AutoencoderKL.encode`` so that model CPU offload brings the VAE to the device first.
     """
     return encoder_features(vae.encoder, image, vae_feature_source(vae.config, channels))
+
+
+def compute_lq_features(
+    image: torch.Tensor,
+    lq_encoder: FaithDiffLQEncoder | None,
+    vae: AutoencoderKL,
+    lq_channels: int,
+    vae_scale_factor: int,
+) -> torch.Tensor:
+    """LQ features of ``image`` (``[B, 3, H, W]`` in [-1, 1]): ``lq_encoder``'s output, or without one the output of
+    ``vae.encoder`` that is ``lq_channels`` wide (what the alignment module takes: see :func:`vae_feature_source`).
+
+    With the VAE's tiling enabled (``vae.enable_tiling()``) the encoder runs over tiles of the VAE's tile size and
+    overlap, blended where they meet, so that its memory stays bounded as the VAE's does.
+    """
+    if lq_encoder is not None:
+        encode = lq_encoder
+    else:
+        encode = partial(vae_encoder_features, vae, channels=lq_channels)
+    if not getattr(vae, "use_tiling", False):
+        return encode(image)
+    return tiled_encode(encode, image, vae.tile_sample_min_size, vae.tile_overlap_factor, vae_scale_factor)
 
 
 def _check_feature_source(feature_source: str) -> None:
