@@ -40,15 +40,8 @@ from .lq_features import FaithDiffLQEncoder, compute_lq_features
 from . import release_settings as release
 from .preprocessing import LQImage, as_image_list, check_upscale, prepare_lq_images
 from .seeds import initial_seed
-from .tiled_denoising import (
-    TileBatch,
-    add_time_ids,
-    build_tile_batches,
-    guided_noise,
-    latent_tiling,
-    relayout_tile_batches,
-    tile_noise,
-)
+from . import tiled_denoising
+from .tiled_denoising import TileBatch
 from .tiling import LatentTiling
 
 logger = logging.getLogger(__name__)
@@ -654,13 +647,13 @@ class FaithDiffSDXLPipeline(
 
     def _latent_tiling(self, latents: torch.Tensor, tile_size: int, tile_stride: int | None) -> LatentTiling:
         """The latent tiles of ``tile_size`` pixels, ``tile_stride`` apart (the release's half tile when None)."""
-        return latent_tiling(latents, tile_size, tile_stride, self.vae_scale_factor)
+        return tiled_denoising.latent_tiling(latents, tile_size, tile_stride, self.vae_scale_factor)
 
     def add_time_ids(self, padded_size: tuple[int, int], tile_size: int, samples: int) -> torch.Tensor:
         """SDXL's micro-conditioning of each sample, ``[samples, 6]`` float32, as the release sets it: original size =
         the padded image, crop = (0, 0), target = the (unclamped) tile size in pixels. Each tile's rows add the tile's
         offset, in latent units as the release has it, to the crop (see :meth:`prepare_tile_batches`)."""
-        return add_time_ids(padded_size, tile_size, samples, self._execution_device)
+        return tiled_denoising.add_time_ids(padded_size, tile_size, samples, self._execution_device)
 
     def prepare_tile_batches(
         self,
@@ -689,7 +682,7 @@ class FaithDiffSDXLPipeline(
                 ``prompt_embeds``.
         """
         cfg_copies = 2 if self.do_classifier_free_guidance else 1
-        return build_tile_batches(
+        return tiled_denoising.build_tile_batches(
             tiling,
             tile_batch_size,
             self.alignment,
@@ -713,7 +706,7 @@ class FaithDiffSDXLPipeline(
         """``batches`` with other conditioning (a step callback's) and ``cfg_copies`` CFG copies, laid out as
         :meth:`prepare_tile_batches` lays them out: guidance turned off mid-run halves every UNet batch from the next
         step on. The tiles' condition embeddings are the same in every copy, so they are reused, not recomputed."""
-        return relayout_tile_batches(
+        return tiled_denoising.relayout_tile_batches(
             batches, tiling, cfg_copies, self.unet.dtype, prompt_embeds, add_text_embeds, add_time_ids
         )
 
@@ -749,8 +742,10 @@ class FaithDiffSDXLPipeline(
         """The UNet's noise prediction for the latent ``tiles`` of ``batch``, guided (and rescaled) across the CFG
         copies, float32."""
         model_input = self.scheduler.scale_model_input(torch.cat([tiles] * batch.cfg_copies), t).to(self.unet.dtype)
-        noise = tile_noise(self.unet, self.alignment, model_input, t, batch, self._cross_attention_kwargs)
-        return guided_noise(noise, batch.cfg_copies, self.guidance_scale, self.guidance_rescale)
+        noise = tiled_denoising.tile_noise(
+            self.unet, self.alignment, model_input, t, batch, self._cross_attention_kwargs
+        )
+        return tiled_denoising.guided_noise(noise, batch.cfg_copies, self.guidance_scale, self.guidance_rescale)
 
     def _attention_recording(
         self,
