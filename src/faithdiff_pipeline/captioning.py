@@ -139,6 +139,32 @@ class Captioner:
         return [clean_caption(text) for text in self.raw_captions(images, seed)]
 
 
+def caption_lq_images(
+    model: Any, processor: Any, image: Any, generator: torch.Generator | list[torch.Generator] | None = None
+) -> list[str]:
+    """Prompts for LQ pipeline inputs (``image``: one or a batch, in any form the pipeline takes, before upscaling),
+    written by ``model`` as the release does (see :class:`Captioner`). The sampling is seeded with ``generator``'s
+    initial seed (the first one's, for a list), without advancing it: ``torch.Generator().manual_seed(42)`` captions
+    as ``faithdiff-upscale --seed 42`` does.
+
+    Raises:
+        ValueError: ``model`` or ``processor`` is None.
+    """
+    from diffusers.image_processor import VaeImageProcessor
+
+    from .preprocessing import as_image_list, prepare_lq_images
+    from .seeds import initial_seed
+
+    if model is None or processor is None:
+        raise ValueError("This pipeline has no `captioner`/`captioner_processor`; pass `prompt` or load a captioner.")
+    images = [
+        VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(prepare_lq_images(item, 1).reference))[0]
+        for item in as_image_list(image)
+    ]
+    seed = initial_seed(generator[0] if isinstance(generator, list) else generator)
+    return Captioner(model, processor).caption(images, seed=seed)
+
+
 def load_captioner(
     model_name_or_path: str = RELEASE_CAPTIONER,
     quantization: str | None = None,

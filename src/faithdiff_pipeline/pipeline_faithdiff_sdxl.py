@@ -31,15 +31,14 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .alignment import FaithDiffAlignmentModel
 from .attention_maps import AttentionMapRecorder, AttentionRecording, PromptTokens
-from .captioning import Captioner
+from .captioning import caption_lq_images
 from .checks import check_integer, check_tile_arguments, is_integer, is_real
 from .color_fix import COLOR_FIXES, apply_color_fix
 from .hub import resolve_pipeline_folder
 from .latents import decode_latents, start_latents
 from .lq_features import FaithDiffLQEncoder, compute_lq_features
 from . import release_settings as release
-from .preprocessing import LQImage, as_image_list, check_upscale, prepare_lq_images
-from .seeds import initial_seed
+from .preprocessing import LQImage, check_upscale, prepare_lq_images
 from . import tiled_denoising
 from .tiled_denoising import TileBatch
 from .tiling import LatentTiling
@@ -86,6 +85,16 @@ class FaithDiffPipelineOutput(BaseOutput):
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+def prompts_per_image(prompt: str | list[str] | None, images: int, name: str) -> list[str] | None:
+    """One prompt per image: a single prompt broadcast to every image, a list checked to have one per image (its
+    argument ``name`` names it in errors), None kept."""
+    if prompt is None or isinstance(prompt, str):
+        return None if prompt is None else [prompt] * images
+    if len(prompt) != images:
+        raise ValueError(f"`{name}` has {len(prompt)} entries but {images} images were given; pass one per image.")
+    return list(prompt)
 
 
 def _image_may_come_first(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -573,16 +582,7 @@ class FaithDiffSDXLPipeline(
             f"Restoring images needs {missing}, which this pipeline has as None: load it with them{hint}."
         )
 
-    @staticmethod
-    def _batch_prompts(prompt: str | list[str] | None, batch_size: int, name: str) -> list[str] | None:
-        """Broadcasts one prompt to every image; a list must have one prompt per image."""
-        if prompt is None or isinstance(prompt, str):
-            return None if prompt is None else [prompt] * batch_size
-        if len(prompt) != batch_size:
-            raise ValueError(
-                f"`{name}` has {len(prompt)} entries but {batch_size} images were given; pass one per image."
-            )
-        return list(prompt)
+    _batch_prompts = staticmethod(prompts_per_image)
 
     def caption(
         self, image: LQImage | list[LQImage], generator: torch.Generator | list[torch.Generator] | None = None
@@ -592,17 +592,7 @@ class FaithDiffSDXLPipeline(
         (:func:`~faithdiff_pipeline.captioning.clean_caption`). The sampling is seeded with ``generator``'s initial
         seed, without advancing it: ``torch.Generator().manual_seed(42)`` captions as ``faithdiff-upscale --seed 42``
         and the web demo's seed 42 do."""
-        if self.captioner is None or self.captioner_processor is None:
-            raise ValueError(
-                "This pipeline has no `captioner`/`captioner_processor`; pass `prompt` or load a captioner."
-            )
-        to_pil = self.image_processor.numpy_to_pil
-        images = [
-            to_pil(self.image_processor.pt_to_numpy(prepare_lq_images(item, 1).reference))[0]
-            for item in as_image_list(image)
-        ]
-        seed = initial_seed(generator[0] if isinstance(generator, list) else generator)
-        return Captioner(self.captioner, self.captioner_processor).caption(images, seed=seed)
+        return caption_lq_images(self.captioner, self.captioner_processor, image, generator)
 
     def lq_features(self, image: torch.Tensor) -> torch.Tensor:
         """LQ features of ``image`` (``[B, 3, H, W]`` in [-1, 1]): the LQ encoder's output (its ``feature_source``:
