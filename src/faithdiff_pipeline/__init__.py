@@ -17,6 +17,7 @@ _import_structure = {
     "conversion": ["convert_official_release", "converted_release"],
     "fidelity": ["FidelityReport", "measure_fidelity", "restore_with_seeds"],
     "lq_features": ["FaithDiffLQEncoder", "encoder_mid_block_features"],
+    "modular": ["FaithDiffSDXLAutoBlocks", "FaithDiffSDXLModularPipeline"],
     "pipeline_faithdiff_sdxl": ["FaithDiffPipelineOutput", "FaithDiffSDXLPipeline"],
 }
 _exports = export_table(_import_structure)
@@ -27,6 +28,8 @@ __all__ = [
     "FaithDiffAlignmentModel",
     "FaithDiffLQEncoder",
     "FaithDiffPipelineOutput",
+    "FaithDiffSDXLAutoBlocks",
+    "FaithDiffSDXLModularPipeline",
     "FaithDiffSDXLPipeline",
     "FidelityReport",
     "adain_color_fix",
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
     from .conversion import convert_official_release, converted_release
     from .fidelity import FidelityReport, measure_fidelity, restore_with_seeds
     from .lq_features import FaithDiffLQEncoder, encoder_mid_block_features
+    from .modular import FaithDiffSDXLAutoBlocks, FaithDiffSDXLModularPipeline
     from .pipeline_faithdiff_sdxl import FaithDiffPipelineOutput, FaithDiffSDXLPipeline
 
 

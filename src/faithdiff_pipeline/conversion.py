@@ -584,12 +584,16 @@ def _remove_leftovers(output: Path) -> None:
 
 def _save(pipe: FaithDiffSDXLPipeline, output: Path, variant: str | None) -> None:
     """Saves ``pipe`` to a staging folder beside ``output``, then moves it into place."""
+    from .hub import point_modular_index
+
     output.parent.mkdir(parents=True, exist_ok=True)
     # mkdir, unlike mkdtemp (0700), gives the folder the umask's mode, and the rename keeps it.
     staging = output.with_name(f"{_staging_prefix(output)}{secrets.token_hex(4)}")
     staging.mkdir()
     try:
         pipe.save_pretrained(staging, safe_serialization=True, variant=variant)
+        # The modular index names the folder its components load from: the output, not where it is written first.
+        point_modular_index(staging, str(output.resolve()))
         _give_umask_modes(staging)
         _replace_folder(staging, output)
     except OSError as error:  # named by the user's folder, not by the staging folder written first

@@ -24,9 +24,31 @@ PIPELINE_CODE = "pipeline_faithdiff_sdxl"
 DISTRIBUTION = "faithdiff-pipeline"
 MODEL_INDEX = "model_index.json"
 
+# diffusers' modular pipelines read a folder through these files: the components' loading specs
+# (``ModularPipeline.config_name``) and the blocks' definition (``ModularPipelineBlocks.config_name``), whose
+# ``auto_map`` names a code file at the top of the folder that ``trust_remote_code=True`` runs. Ours imports the blocks
+# from the installed package, as the custom-code files above import the pipeline.
+MODULAR_INDEX = "modular_model_index.json"
+MODULAR_CONFIG = "modular_config.json"
+MODULAR_BLOCKS = "FaithDiffSDXLAutoBlocks"
+# diffusers finds the pipeline class a modular index names in its own namespace alone
+# (diffusers.pipelines.pipeline_loading_utils._get_pipeline_class: getattr(diffusers, _class_name)), so the index names
+# the SDXL class that FaithDiffSDXLModularPipeline extends.
+MODULAR_PIPELINE = "StableDiffusionXLModularPipeline"
+
 # Files every component folder may need besides its weights (configs, tokenizer vocabularies, processors, custom
 # code), and the pipeline's custom-code file, so that a snapshot is a folder plain diffusers loads too.
-_SUPPORT_PATTERNS = [MODEL_INDEX, f"{PIPELINE_CODE}.py", "*/*.json", "*/*.txt", "*/*.model", "*/*.py"]
+_SUPPORT_PATTERNS = [
+    MODEL_INDEX,
+    f"{PIPELINE_CODE}.py",
+    MODULAR_INDEX,
+    MODULAR_CONFIG,
+    "modular_blocks_*.py",
+    "*/*.json",
+    "*/*.txt",
+    "*/*.model",
+    "*/*.py",
+]
 _DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 
 _FOLDER_INSTEAD = "FaithDiffSDXLPipeline.from_pretrained(FOLDER), or `--model FOLDER` on the command line"
@@ -139,8 +161,12 @@ def _one_line(error: BaseException) -> str:
 
 # --- diffusers' custom-code layout ------------------------------------------------------------------------------------
 
+# How plain diffusers loads a folder: the pipeline, or its modular blocks.
+PIPELINE_LOADER = "DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)"
+MODULAR_LOADER = "ModularPipeline.from_pretrained(FOLDER, trust_remote_code=True)"
+
 _CODE_TEMPLATE = '''\
-"""Lets plain diffusers load this folder: `DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)`.
+"""Lets plain diffusers load this folder: `{loader}`.
 
 Written by {distribution}; {class_name} comes from the installed package, which this file only imports.
 """
@@ -164,9 +190,11 @@ def component_code(component: str) -> str:
     return f"faithdiff_{component}"
 
 
-def custom_code_source(class_name: str) -> str:
-    """The text of a custom-code file that hands diffusers our installed ``class_name``."""
-    return _CODE_TEMPLATE.format(package=__package__, class_name=class_name, distribution=DISTRIBUTION)
+def custom_code_source(class_name: str, loader: str = PIPELINE_LOADER) -> str:
+    """The text of a custom-code file that hands diffusers our installed ``class_name``, read by ``loader``."""
+    return _CODE_TEMPLATE.format(
+        package=__package__, class_name=class_name, distribution=DISTRIBUTION, loader=loader
+    )
 
 
 def _exported_class(name: object) -> type | None:
@@ -227,6 +255,110 @@ def installed_index(index: dict[str, Any]) -> dict[str, Any]:
     return index
 
 
+def _installed_library(name: str, entry: list) -> str:
+    """The library of a component entry of ``model_index.json`` as diffusers' modular loader imports it: our own
+    classes from the installed package (whatever layout the index has), other libraries as they are."""
+    library, class_name = entry
+    ours = library == component_code(name) or _is_our_module(library)
+    found = _exported_class(class_name) if ours else None
+    return found.__module__ if found is not None else library
+
+
+def modular_index(
+    index: dict[str, Any], source: str, with_weights: set[str], variant: str | None = None
+) -> dict[str, Any]:
+    """The ``modular_model_index.json`` of a pipeline folder whose ``model_index.json`` is ``index``: each component
+    as diffusers' modular loader reads it (``[library, class, loading spec]``, the spec naming ``source``, a folder or
+    a Hub repository, and the component's subfolder), the pipeline's configuration, the blocks that run the
+    components, and the pipeline class diffusers builds (:data:`MODULAR_PIPELINE`).
+
+    Args:
+        index (`dict`): The folder's ``model_index.json``.
+        source (`str`): Where the components are loaded from.
+        with_weights (`set[str]`): The components that have weights files, which are loaded as ``variant``.
+        variant (`str`, *optional*): The weights variant the folder holds (``"fp16"``), None for full precision.
+    """
+    import diffusers
+
+    modular: dict[str, Any] = {
+        "_class_name": MODULAR_PIPELINE,
+        "_diffusers_version": diffusers.__version__,
+        "_blocks_class_name": MODULAR_BLOCKS,
+    }
+    for name, entry in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(entry, list):
+            modular[name] = entry
+            continue
+        if len(entry) != 2 or None in entry:
+            continue
+        library, class_name = _installed_library(name, entry), entry[1]
+        spec = {
+            "pretrained_model_name_or_path": source,
+            "revision": None,
+            "subfolder": name,
+            "type_hint": [library, class_name],
+            "variant": variant if name in with_weights else None,
+        }
+        modular[name] = [library, class_name, spec]
+    return modular
+
+
+def modular_index_of_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """The modular index of a local pipeline folder: its ``modular_model_index.json``, or for a folder saved before
+    those were written, the one :func:`modular_index` makes of its ``model_index.json``."""
+    folder = Path(folder)
+    if (folder / MODULAR_INDEX).is_file():
+        return json.loads((folder / MODULAR_INDEX).read_text(encoding="utf-8"))
+    index = json.loads((folder / MODEL_INDEX).read_text(encoding="utf-8"))
+    return modular_index(index, str(folder), set(folder_weight_variants(folder)))
+
+
+def write_modular_blocks(folder: str | os.PathLike, blocks: Any) -> None:
+    """Writes the definition of ``blocks`` into ``folder`` with diffusers' ``ModularPipelineBlocks.save_pretrained``
+    (``modular_config.json``, whose ``auto_map`` names the blocks' module) and, for blocks the package exports, that
+    module: a few lines importing them from the installed package. Other blocks get diffusers' file alone; their
+    code is their author's to add."""
+    from .atomic_files import write_text_atomic
+
+    blocks.save_pretrained(folder)
+    class_name = type(blocks).__name__
+    if _exported_class(class_name) is type(blocks):
+        module = blocks.config["auto_map"]["ModularPipelineBlocks"].rsplit(".", 1)[0]
+        write_text_atomic(Path(folder) / f"{module}.py", custom_code_source(class_name, MODULAR_LOADER))
+
+
+def write_modular_definition(folder: str | os.PathLike, variant: str | None = None) -> None:
+    """Lets diffusers' modular pipelines load a folder that ``DiffusionPipeline.save_pretrained`` wrote (and
+    :func:`write_custom_code` completed): FaithDiff's blocks (:func:`write_modular_blocks`) and
+    ``modular_model_index.json`` (:func:`modular_index`, naming the folder itself), written last, once the files it
+    relies on exist. ``variant`` is the weights variant just saved."""
+    from .atomic_files import write_text_atomic
+    from .modular import FaithDiffSDXLAutoBlocks
+
+    folder = Path(folder)
+    write_modular_blocks(folder, FaithDiffSDXLAutoBlocks())
+    index = json.loads((folder / MODEL_INDEX).read_text(encoding="utf-8"))
+    modular = modular_index(index, str(folder.resolve()), set(folder_weight_variants(folder)), variant)
+    write_text_atomic(folder / MODULAR_INDEX, json.dumps(modular, indent=2, sort_keys=True) + "\n")
+
+
+def point_modular_index(folder: str | os.PathLike, source: str) -> None:
+    """Makes the components of a folder's ``modular_model_index.json`` load from ``source`` (the Hub repository the
+    folder is uploaded to, or the folder's final place); a folder without one is left as it is."""
+    from .atomic_files import write_text_atomic
+
+    path = Path(folder) / MODULAR_INDEX
+    if not path.is_file():
+        return
+    modular = json.loads(path.read_text(encoding="utf-8"))
+    for entry in modular.values():
+        if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], dict):
+            entry[2]["pretrained_model_name_or_path"] = source
+    write_text_atomic(path, json.dumps(modular, indent=2, sort_keys=True) + "\n")
+
+
 def upload_pipeline_folder(
     folder: str | os.PathLike,
     repo_id: str | None = None,
@@ -246,6 +378,8 @@ def upload_pipeline_folder(
 
     folder = Path(folder)
     repo_id = create_repo(repo_id or folder.resolve().name, exist_ok=True, private=private, token=token).repo_id
+    # Loaded from the Hub, the components are found where the index points: at this repository.
+    point_modular_index(folder, repo_id)
     card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
     card.save(str(folder / "README.md"))
     return upload_folder(

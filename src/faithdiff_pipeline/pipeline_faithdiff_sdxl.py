@@ -254,13 +254,14 @@ class FaithDiffSDXLPipeline(
         ``push_to_hub=True`` (with ``repo_id``, ``token``, ``private``, ``create_pr``, ``commit_message``) uploads the
         folder once it is complete. Other keyword arguments are those of [`~DiffusionPipeline.save_pretrained`].
         """
-        from .hub import upload_pipeline_folder, write_custom_code
+        from .hub import upload_pipeline_folder, write_custom_code, write_modular_definition
 
         defaults = {"repo_id": None, "token": None, "private": None, "create_pr": False, "commit_message": None}
         # Taken out even without push_to_hub, as diffusers ignores them then.
         push = {key: kwargs.pop(key, default) for key, default in defaults.items()}
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
         write_custom_code(save_directory, type(self))
+        write_modular_definition(save_directory, variant)
         if push_to_hub:
             push["commit_message"] = push["commit_message"] or f"Upload {type(self).__name__}"
             upload_pipeline_folder(save_directory, **push)
