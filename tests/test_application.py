@@ -259,3 +259,21 @@ def test_fidelity_maps_have_the_results_size_and_orientation(tiny_model_dir, tmp
             assert heat.size == restored.size
         # Measured on the float result before it was written: within what 8-bit writing moves the map.
         assert np.abs(stored - report.maps()[name]).mean() < 0.02
+
+
+def test_the_package_has_no_import_cycle_and_no_module_uses_anothers_underscore_names() -> None:
+    """Dependencies run one way (commands on the application layer, that on the library), as the shared checker
+    reads them from the source."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from shared_data import shared_path
+
+    checker = shared_path("tools", "import_graph.py")
+    src = Path(__file__).resolve().parents[1] / "src"
+    result = subprocess.run(
+        [sys.executable, str(checker), str(src), "faithdiff_pipeline"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("0 import cycles, 0 imports of another module's underscore names")

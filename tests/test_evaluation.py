@@ -516,9 +516,9 @@ def test_eval_chooses_device_and_dtype_as_loading_does(monkeypatch, cuda, mps, e
 @pytest.mark.parametrize(
     ("cuda", "mps", "device", "message"),
     [
-        (False, True, "cuda", "`--device` 'cuda' asks for a CUDA GPU, but torch sees none"),
-        (True, False, "mps", "`--device` 'mps' asks for Apple's MPS, which this machine lacks"),
-        (True, True, "gpu0", "`--device` 'gpu0' is not a torch device"),
+        (False, True, "cuda", "--device 'cuda' asks for a CUDA GPU, but torch sees none"),
+        (True, False, "mps", "--device 'mps' asks for Apple's MPS, which this machine lacks"),
+        (True, True, "gpu0", "--device 'gpu0' is not a torch device"),
     ],
 )
 def test_eval_refuses_a_device_it_lacks_in_one_line(tmp_path, monkeypatch, capsys, cuda, mps, device, message) -> None:

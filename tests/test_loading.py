@@ -49,7 +49,7 @@ def test_without_cuda_the_default_is_no_captioner_and_a_way_to_turn_it_on(device
     assert plan.model is None and "no CUDA GPU" in plan.note and "--captioner llava-hf/llava-1.5-13b-hf" in plan.note
     explicit = loading.plan_captioner("some/llava", torch.device(device))
     assert explicit.model == "some/llava" and explicit.precision == ("full" if device == "cpu" else "half")
-    with pytest.raises(ValueError, match="a 4bit captioner needs a CUDA GPU"):
+    with pytest.raises(ValueError, match="`captioner_quantization` '4bit' needs a CUDA GPU"):
         loading.plan_captioner("some/llava", torch.device(device), precision="4bit")
 
 
@@ -251,9 +251,10 @@ def test_preclean_shows_the_captioner_the_cleaned_image_and_restores_the_origina
 
     original_call = FaithDiffSDXLPipeline.__call__
 
-    def spy_call(self, image, *args, **kwargs):
-        seen_by_pipeline.append(np.asarray(image))
-        return original_call(self, image, *args, **kwargs)
+    def spy_call(self, *args, **kwargs):
+        image = kwargs.get("image")  # the photo as read, an ImageFile: decoded once, never again through PIL
+        seen_by_pipeline.append(image.pixels)
+        return original_call(self, *args, **kwargs)
 
     monkeypatch.setattr(Captioner, "raw_captions", spy_raw)
     monkeypatch.setattr(FaithDiffSDXLPipeline, "__call__", spy_call)

@@ -460,6 +460,8 @@ def _train_argv(tmp_path: Path, output: Path, *more: str) -> list[str]:
     return [
         "--stage", "1", "--pretrained-model", str(base), "--output-dir", str(output), "--report-to", "none",
         "--hq-size", "32", "--train-batch-size", "1", "--effective-batch-size", "1", "--validation-steps", "0",
+        # As every training test sets it: accelerate keeps one state per process, and a second precision is refused.
+        "--mixed-precision", "no",
         *more,
     ]  # fmt: skip
 

@@ -577,23 +577,6 @@ def save_image(
     return target
 
 
-def media_type(source: str | os.PathLike | bytes) -> str | None:
-    """The MIME type of the image in the file ``source`` (or in its bytes), read from its header; ``None`` for a
-    format without one. An unreadable image raises ``ValueError``."""
-    try:
-        with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
-            return PIL.Image.MIME.get(opened.format or "")
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"not readable as an image ({error})") from error
-
-
-def blank_png() -> bytes:
-    """A PNG of one black pixel, for checks that need an image and no content."""
-    encoded = io.BytesIO()
-    PIL.Image.new("RGB", (1, 1)).save(encoded, format="PNG")
-    return encoded.getvalue()
-
-
 def result_text(path: str | os.PathLike) -> dict[str, str] | None:
     """The text :func:`save_result` stored with ``text``, or ``None`` when ``path`` is not one of our results."""
     try:

@@ -112,23 +112,23 @@ def check_sixteen_bit(sources: Sequence[str]) -> None:
                          f"{listing(missing)}.")
 
 
-def check_output_dir(output_dir: str) -> None:
-    """A local output folder that is a file, or cannot be created, is refused; it is created only once work starts,
-    so that a job that fails before leaves nothing behind."""
+def check_output_dir(output_dir: str, name: str = "output_dir") -> None:
+    """A local output folder that is a file, or cannot be created, is refused (the message names the setting
+    ``name``); it is created only once work starts, so that a job that fails before leaves nothing behind."""
     if locations.is_uri(output_dir):
         return
     folder = Path(output_dir)
     if folder.exists():
         if not folder.is_dir():
-            raise ValueError(f"`output_dir` {output_dir!r} is a file.")
+            raise ValueError(f"`{name}` {output_dir!r} is a file.")
         return
     parent = folder.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"`output_dir` {output_dir!r} cannot be created: {str(parent)!r} is a file.")
+        raise ValueError(f"`{name}` {output_dir!r} cannot be created: {str(parent)!r} is a file.")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"`output_dir` {output_dir!r} cannot be created: no permission to write in {str(parent)!r}.")
+        raise ValueError(f"`{name}` {output_dir!r} cannot be created: no permission to write in {str(parent)!r}.")
 
 
 def plan_jobs(

@@ -323,10 +323,7 @@ def _check_out(out: Path, inputs: Sequence[tuple[Path, str]], methods: Sequence[
     metrics.csv or results folders), or whose results folder of a method is not ours (holds no settings.json)."""
     from ..application.planning import check_output_dir
 
-    try:
-        check_output_dir(str(out))
-    except ValueError as error:
-        raise ValueError(str(error).replace("`output_dir`", "`out`")) from error
+    check_output_dir(str(out), "out")
     for folder, role in inputs:
         if out.resolve() == folder.resolve():
             raise ValueError(
@@ -403,14 +400,8 @@ def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.devic
     """The device and dtype of a run, chosen by :mod:`faithdiff_pipeline.loading` as faithdiff-upscale and the web
     demo choose them: ``"auto"`` (or ``None``) falls back from CUDA to MPS to the CPU, and to float16 on a GPU,
     float32 on the CPU."""
-    try:
-        resolved = loading.resolve_device(device)
-    except ValueError as error:
-        raise ValueError(str(error).replace("`device`", "`--device`")) from error
-    try:
-        return resolved, loading.resolve_dtype(dtype, resolved)
-    except ValueError as error:
-        raise ValueError(str(error).replace("`dtype`", "`--dtype`")) from error
+    resolved = loading.resolve_device(device)
+    return resolved, loading.resolve_dtype(dtype, resolved)
 
 
 def _load_methods(run: Run) -> None:

@@ -281,10 +281,7 @@ def check_set_dir(set_dir: Path, inputs: Sequence[Path], outputs: Sequence[str] 
     the set would write over them, and replacing it would delete them."""
     from ..application.planning import check_output_dir
 
-    try:
-        check_output_dir(str(set_dir))
-    except ValueError as error:
-        raise ValueError(str(error).replace("`output_dir`", "`set_dir`")) from error
+    check_output_dir(str(set_dir), "set_dir")
     for source in inputs:
         clashes = [name for name in outputs if overlaps(set_dir / name, source)]
         if clashes:

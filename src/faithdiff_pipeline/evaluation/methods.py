@@ -269,10 +269,7 @@ def read_results_settings(folder: Path) -> dict[str, Any] | None:
     from ..application.planning import check_output_dir
 
     path = folder / SETTINGS_NAME
-    try:
-        check_output_dir(str(folder))
-    except ValueError as error:
-        raise ValueError(str(error).replace("`output_dir`", "results folder")) from error
+    check_output_dir(str(folder), "results folder")
     if not path.exists():
         if folder.is_dir() and any(folder.iterdir()):
             raise ValueError(

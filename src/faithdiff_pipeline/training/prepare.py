@@ -277,10 +277,7 @@ def _check_output_folder(output: Path) -> None:
     (a folder of the user's: nothing in it is ever written over), or whose ``dataset.json`` is not ours."""
     from ..application.planning import check_output_dir
 
-    try:
-        check_output_dir(str(output))
-    except ValueError as error:
-        raise ValueError(str(error).replace("`output_dir`", "`output`")) from error
+    check_output_dir(str(output), "output")
     path = output / SETTINGS_NAME
     if not path.exists():
         if output.is_dir() and any(output.iterdir()):
