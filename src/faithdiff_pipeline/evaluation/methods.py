@@ -20,6 +20,7 @@ from ..image_io import image_size, read_image
 from .datasets import ImagePair, PairedSet, format_names, list_images, missing_names
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 SETTINGS_NAME = "settings.json"
@@ -126,8 +127,8 @@ class ComputedMethod(EvaluationMethod):
         return [p for p in context.dataset.pairs if context.overwrite or not self.results[p.name].is_file()]
 
     @abstractmethod
-    def restore(self, pair: ImagePair) -> PIL.Image.Image:
-        """The result of one image of the set."""
+    def restore(self, pair: ImagePair) -> PIL.Image.Image | np.ndarray:
+        """The result of one image of the set: an 8-bit RGB image, or float ``[H, W, 3]`` in [0, 1]."""
 
 
 class LanczosMethod(ComputedMethod):
@@ -191,24 +192,21 @@ class FaithDiffMethod(ComputedMethod):
             raise ValueError(f"`--method faithdiff={self.source}` could not be loaded: {reason}") from error
         self.pipeline.set_progress_bar_config(disable=True)
 
-    def restore(self, pair: ImagePair) -> PIL.Image.Image:
-        import torch
-
+    def restore(self, pair: ImagePair) -> np.ndarray:
+        """The restored LQ image of ``pair``, as faithdiff-upscale restores a photo (the application layer's
+        :func:`~faithdiff_pipeline.application.restoring.restore_photo`), float ``[H, W, 3]`` in [0, 1]."""
+        from ..application.restoring import restore_photo
+        from ..application.settings import RestorationSettings
         from ..captioning import read_caption
 
         settings = self.settings
         prompt = read_caption(pair.lq) if settings["captions"] == "sidecar" else settings["prompt"]
         if prompt is None:
             raise ValueError(f"no caption sidecar {pair.lq.with_suffix('.json').name} beside the LQ image")
-        return self.pipeline(
-            read_image(pair.lq).pipeline_input(),
-            prompt=prompt,
-            upscale=settings["upscale"],
-            num_inference_steps=settings["steps"],
-            tile_size=settings["tile_size"],
-            generator=torch.Generator("cpu").manual_seed(settings["seed"]),
-            output_type="pil",
-        ).images[0]
+        restoration = RestorationSettings(
+            upscale=settings["upscale"], steps=settings["steps"], tile_size=settings["tile_size"], seed=settings["seed"]
+        )
+        return restore_photo(read_image(pair.lq), prompt, restoration, self.pipeline)
 
 
 class FolderMethod(EvaluationMethod):
