@@ -60,7 +60,8 @@ def start_latents(
     )
     if isinstance(generator, list) and len(generator) != batch_size:
         raise ValueError(
-            f"`generator` is a list of {len(generator)} generators, expected {batch_size} (images x num_images_per_prompt)."
+            f"`generator` is a list of {len(generator)} generators, expected {batch_size} "
+            "(images x num_images_per_prompt)."
         )
     if latents is None:
         noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)

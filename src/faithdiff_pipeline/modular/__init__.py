@@ -4,7 +4,11 @@ that runs them (see docs/modular.md).
 Importing this package imports diffusers; ``faithdiff_pipeline`` itself exports its public names lazily.
 """
 
-from .before_denoise import FaithDiffSDXLPrepareLatentsStep, FaithDiffSDXLPrepareTilesStep, FaithDiffSDXLSetTimestepsStep
+from .before_denoise import (
+    FaithDiffSDXLPrepareLatentsStep,
+    FaithDiffSDXLPrepareTilesStep,
+    FaithDiffSDXLSetTimestepsStep,
+)
 from .decoders import FaithDiffSDXLColorFixStep, FaithDiffSDXLPostprocessStep, FaithDiffSDXLVaeDecodeStep
 from .denoise import (
     FaithDiffSDXLDenoiseLoopWrapper,

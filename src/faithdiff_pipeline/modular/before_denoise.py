@@ -144,7 +144,8 @@ class FaithDiffSDXLPrepareTilesStep(ModularPipelineBlocks):
             "Splits the latent into the release's overlapping tiles and lays out the conditioning of each UNet call: "
             "the alignment condition embedded on each tile's crop of the LQ features, the prompt embeddings, and "
             "SDXL's micro-conditioning with each tile's offset. Built once for the whole loop; `lq_features` is "
-            "released from the state afterwards, as FaithDiffSDXLPipeline releases it (the tiles hold what the loop needs)"
+            "released from the state afterwards, as FaithDiffSDXLPipeline releases it (the tiles hold what the loop "
+            "needs)"
         )
 
     @property

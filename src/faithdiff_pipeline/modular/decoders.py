@@ -17,7 +17,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, In
 from .. import release_settings as release
 from ..color_fix import apply_color_fix
 from ..latents import decode_latents
-from .modular_pipeline import MODEL_NAME, OUTPUT_TYPES, REQUIREMENTS
+from .modular_pipeline import MODEL_NAME, OUTPUT_TYPES, REQUIREMENTS, passed_as_none
 
 LATENT = "latent"
 Images = list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -115,7 +115,7 @@ class FaithDiffSDXLColorFixStep(ModularPipelineBlocks):
                 "color_fix",
                 type_hint=str | None,
                 default=release.COLOR_FIX,
-                description=f"One of {release.COLOR_FIXES}, or None.",
+                description=f"One of {release.COLOR_FIXES}, or None for none.",
             ),
             InputParam("num_images_per_prompt", type_hint=int, default=1, description="Restorations per image."),
             _output_type_input(),
@@ -128,9 +128,10 @@ class FaithDiffSDXLColorFixStep(ModularPipelineBlocks):
     @torch.no_grad()
     def __call__(self, components: ModularPipeline, state: PipelineState) -> tuple[ModularPipeline, PipelineState]:
         block_state = self.get_block_state(state)
+        method = None if passed_as_none(state, "color_fix") else block_state.color_fix
         if block_state.output_type != LATENT:
             reference = block_state.lq_reference.repeat_interleave(block_state.num_images_per_prompt, dim=0)
-            block_state.images = apply_color_fix(block_state.images, reference, block_state.color_fix)
+            block_state.images = apply_color_fix(block_state.images, reference, method)
         self.set_block_state(state, block_state)
         return components, state
 
@@ -167,7 +168,7 @@ class FaithDiffSDXLPostprocessStep(ModularPipelineBlocks):
             OutputParam(
                 "images",
                 type_hint=Images,
-                description="The restored images in `output_type` (for 'latent', the final latents at the padded size).",
+                description="The restored images in `output_type` ('latent': the final latents, at the padded size).",
             )
         ]
 

@@ -142,7 +142,7 @@ class FaithDiffSDXLLoopBlendTiles(ModularPipelineBlocks):
 
     @property
     def description(self) -> str:
-        return f"Blends the tiles' guided predictions into one for the whole latent, with Gaussian weights. {_LOOP_NOTE}"
+        return f"Blends the tiles' guided predictions into one of the whole latent, with Gaussian weights. {_LOOP_NOTE}"
 
     @property
     def inputs(self) -> list[InputParam]:

@@ -25,7 +25,14 @@ from ..checks import is_integer
 from ..lq_features import FaithDiffLQEncoder, compute_lq_features
 from ..pipeline_faithdiff_sdxl import prompts_per_image
 from ..preprocessing import LQImage, prepare_lq_images
-from .modular_pipeline import MODEL_NAME, REQUIREMENTS, does_guidance, min_output_size, vae_scale_factor
+from .modular_pipeline import (
+    MODEL_NAME,
+    REQUIREMENTS,
+    does_guidance,
+    min_output_size,
+    passed_as_none,
+    vae_scale_factor,
+)
 
 # The release encodes a missing negative prompt as a real empty prompt, never as zeros.
 EMPTY_PROMPT = ""
@@ -69,7 +76,7 @@ class FaithDiffSDXLImageStep(ModularPipelineBlocks):
                 "max_output_pixels",
                 type_hint=int | None,
                 default=release.MAX_OUTPUT_PIXELS,
-                description="Largest result (width x height) accepted, checked before anything is allocated; None: no limit.",
+                description="Largest result (width x height) accepted, checked before allocating; None: no limit.",
             ),
         ]
 
@@ -94,23 +101,23 @@ class FaithDiffSDXLImageStep(ModularPipelineBlocks):
         ]
 
     @staticmethod
-    def check_inputs(block_state: Any) -> None:
+    def check_inputs(block_state: Any, max_pixels: int | None) -> None:
         if block_state.image is None:
             raise ValueError("`image` is required: the low-quality image (or list of images) to restore.")
-        limit = block_state.max_output_pixels
-        if limit is not None and (not is_integer(limit) or limit < 1):
-            raise ValueError(f"`max_output_pixels` must be a positive integer or None, got {limit!r}.")
+        if max_pixels is not None and (not is_integer(max_pixels) or max_pixels < 1):
+            raise ValueError(f"`max_output_pixels` must be a positive integer or None, got {max_pixels!r}.")
 
     @torch.no_grad()
     def __call__(self, components: ModularPipeline, state: PipelineState) -> tuple[ModularPipeline, PipelineState]:
         block_state = self.get_block_state(state)
-        self.check_inputs(block_state)
+        max_pixels = None if passed_as_none(state, "max_output_pixels") else block_state.max_output_pixels
+        self.check_inputs(block_state, max_pixels)
         prepared = prepare_lq_images(
             block_state.image,
             block_state.upscale,
             multiple=vae_scale_factor(components),
             min_size=min_output_size(components),
-            max_pixels=block_state.max_output_pixels,
+            max_pixels=max_pixels,
         )
         block_state.lq_image = prepared.padded
         block_state.lq_reference = prepared.reference
@@ -155,7 +162,9 @@ class FaithDiffSDXLCaptionStep(ModularPipelineBlocks):
     def intermediate_outputs(self) -> list[OutputParam]:
         return [
             OutputParam(
-                "prompt", type_hint=list[str] | None, description="The captions, one per image (None without a captioner)."
+                "prompt",
+                type_hint=list[str] | None,
+                description="The captions, one per image (None without a captioner).",
             )
         ]
 
@@ -192,7 +201,9 @@ class FaithDiffSDXLPromptStep(ModularPipelineBlocks):
             InputParam("prompt_2", type_hint=str | list[str] | None, description="Prompt of the second text encoder."),
             InputParam("negative_prompt", type_hint=str | list[str] | None, description="The negative prompt."),
             InputParam(
-                "negative_prompt_2", type_hint=str | list[str] | None, description="Negative prompt of the second encoder."
+                "negative_prompt_2",
+                type_hint=str | list[str] | None,
+                description="Negative prompt of the second text encoder.",
             ),
             InputParam(
                 "prompt_embeds", type_hint=torch.Tensor | None, description="Given text embeddings, one per image."
@@ -231,7 +242,8 @@ class FaithDiffSDXLPromptStep(ModularPipelineBlocks):
         if block_state.negative_prompt_embeds is None:
             negative = EMPTY_PROMPT if block_state.negative_prompt is None else block_state.negative_prompt
             block_state.negative_prompt = prompts_per_image(negative, images, "negative_prompt")
-            block_state.negative_prompt_2 = prompts_per_image(block_state.negative_prompt_2, images, "negative_prompt_2")
+            negative_2 = block_state.negative_prompt_2
+            block_state.negative_prompt_2 = prompts_per_image(negative_2, images, "negative_prompt_2")
         self.set_block_state(state, block_state)
         return components, state
 
@@ -316,7 +328,9 @@ class FaithDiffSDXLPromptEmbedsStep(ModularPipelineBlocks):
     @staticmethod
     def check_inputs(block_state: Any) -> None:
         if block_state.pooled_prompt_embeds is None:
-            raise ValueError("`pooled_prompt_embeds` is required with `prompt_embeds` (both come from `encode_prompt`).")
+            raise ValueError(
+                "`pooled_prompt_embeds` is required with `prompt_embeds` (both come from `encode_prompt`)."
+            )
         if block_state.negative_prompt_embeds is not None and block_state.negative_pooled_prompt_embeds is None:
             raise ValueError("`negative_pooled_prompt_embeds` is required with `negative_prompt_embeds`.")
 

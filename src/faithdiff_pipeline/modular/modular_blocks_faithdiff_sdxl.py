@@ -7,7 +7,11 @@ from diffusers.modular_pipelines.modular_pipeline_utils import OutputParam
 from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import StableDiffusionXLInputStep
 from diffusers.modular_pipelines.stable_diffusion_xl.encoders import StableDiffusionXLTextEncoderStep
 
-from .before_denoise import FaithDiffSDXLPrepareLatentsStep, FaithDiffSDXLPrepareTilesStep, FaithDiffSDXLSetTimestepsStep
+from .before_denoise import (
+    FaithDiffSDXLPrepareLatentsStep,
+    FaithDiffSDXLPrepareTilesStep,
+    FaithDiffSDXLSetTimestepsStep,
+)
 from .decoders import FaithDiffSDXLColorFixStep, FaithDiffSDXLPostprocessStep, FaithDiffSDXLVaeDecodeStep
 from .denoise import FaithDiffSDXLDenoiseStep
 from .encoders import (

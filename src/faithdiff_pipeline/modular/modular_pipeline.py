@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusers.modular_pipelines import ComponentsManager, ModularPipeline, ModularPipelineBlocks
+from diffusers.modular_pipelines import ComponentsManager, ModularPipeline, ModularPipelineBlocks, PipelineState
 from diffusers.modular_pipelines.stable_diffusion_xl.modular_pipeline import StableDiffusionXLModularPipeline
 
 from .. import __version__
@@ -35,6 +35,17 @@ def min_output_size(components: ModularPipeline) -> int:
     unet = getattr(components, "unet", None)
     levels = len(unet.config.block_out_channels) if unet is not None else 1
     return vae_scale_factor(components) * 2 ** (levels - 1)
+
+
+def passed_as_none(state: PipelineState, name: str) -> bool:
+    """Whether the call gave input ``name`` as None, where None means something (``color_fix=None``: no colour fix)
+    rather than "the default".
+
+    A block cannot tell from its block state: ``ModularPipelineBlocks.get_block_state`` puts an input's default in
+    place of None, whether None was passed or nothing was. ``ModularPipeline.__call__`` stores the default in the
+    pipeline state for inputs not passed, and a passed None as None, so the state tells them apart.
+    """
+    return name in state.values and state.get(name) is None
 
 
 def does_guidance(components: ModularPipeline, guidance_scale: float) -> bool:
@@ -149,9 +160,8 @@ class FaithDiffSDXLModularPipeline(StableDiffusionXLModularPipeline):
         """
         modular = cls(blocks=blocks, components_manager=components_manager, collection=collection)
         expected = modular._component_specs
-        modular.update_components(
-            **{name: component for name, component in pipeline.components.items() if name in expected and component is not None}
-        )
+        held = {name: component for name, component in pipeline.components.items() if component is not None}
+        modular.update_components(**{name: component for name, component in held.items() if name in expected})
         configs = {name: pipeline.config[name] for name in modular._config_specs if name in pipeline.config}
         modular.update_components(**configs)
         return modular
@@ -180,6 +190,8 @@ class FaithDiffSDXLModularPipeline(StableDiffusionXLModularPipeline):
         defaults = {"repo_id": None, "token": None, "private": None, "create_pr": False, "commit_message": None}
         push = {key: kwargs.pop(key, default) for key, default in defaults.items()}
         kwargs.setdefault("overwrite_modular_index", True)
+        # diffusers splits the folder's name off a string.
+        save_directory = os.fspath(save_directory)
         super().save_pretrained(
             save_directory,
             safe_serialization=safe_serialization,
