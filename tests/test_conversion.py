@@ -94,9 +94,13 @@ def test_repository_model_index_is_the_converted_layout(release, tmp_path) -> No
         "alignment/faithdiff_alignment.py": "FaithDiffAlignmentModel",
         "lq_encoder/faithdiff_lq_encoder.py": "FaithDiffLQEncoder",
     }
-    assert sorted(p.relative_to(output).as_posix() for p in output.rglob("*.py")) == sorted(written)
+    # And the file of diffusers' modular pipelines (tests/test_modular.py loads it with ModularPipeline).
+    modular = {"modular_blocks_faithdiff_sdxl.py": "FaithDiffSDXLAutoBlocks"}
+    assert sorted(p.relative_to(output).as_posix() for p in output.rglob("*.py")) == sorted({**written, **modular})
     for relative, class_name in written.items():
         assert (output / relative).read_text() == hub.custom_code_source(class_name)
+    for relative, class_name in modular.items():
+        assert (output / relative).read_text() == hub.custom_code_source(class_name, hub.MODULAR_LOADER)
 
 
 def test_parity_release_converts_with_sizes_from_tensors(tmp_path) -> None:
