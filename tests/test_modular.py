@@ -552,6 +552,23 @@ def test_a_modular_pipeline_saves_and_loads_again(saved, tmp_path, wide_lq) -> N
     assert torch.equal(restored, saved[1](wide_lq, generator=_seeded(1), **CALL).images)
 
 
+def test_blocks_saved_beside_a_pipeline_that_diffusers_saved(saved, tmp_path, wide_lq) -> None:
+    loaded = ModularPipeline.from_pretrained(saved[0], trust_remote_code=True)
+    loaded.load_components()
+    folder = tmp_path / "resaved"
+    # diffusers saves the components and their index, not the blocks: they are saved beside them.
+    loaded.save_pretrained(str(folder), overwrite_modular_index=True)
+    assert not (folder / "modular_config.json").exists()
+    loaded.blocks.save_pretrained(folder)
+    assert (folder / BLOCKS_CODE).read_text() == hub.custom_code_source("FaithDiffSDXLAutoBlocks", hub.MODULAR_LOADER)
+    again = ModularPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(again.blocks) is FaithDiffSDXLAutoBlocks
+    again.load_components()
+    again.set_progress_bar_config(disable=True)
+    restored = again(image=wide_lq, generator=_seeded(1), output="images", **CALL)
+    assert torch.equal(restored, saved[1](wide_lq, generator=_seeded(1), **CALL).images)
+
+
 def test_an_fp16_folder_names_its_variant(saved, tmp_path) -> None:
     folder = tmp_path / "fp16"
     FaithDiffSDXLPipeline.from_pretrained(saved[0]).to(torch.float16).save_pretrained(folder, variant="fp16")

@@ -315,30 +315,29 @@ def modular_index_of_folder(folder: str | os.PathLike) -> dict[str, Any]:
     return modular_index(index, str(folder), set(folder_weight_variants(folder)))
 
 
-def write_modular_blocks(folder: str | os.PathLike, blocks: Any) -> None:
-    """Writes the definition of ``blocks`` into ``folder`` with diffusers' ``ModularPipelineBlocks.save_pretrained``
-    (``modular_config.json``, whose ``auto_map`` names the blocks' module) and, for blocks the package exports, that
-    module: a few lines importing them from the installed package. Other blocks get diffusers' file alone; their
-    code is their author's to add."""
+def write_blocks_code(folder: str | os.PathLike, blocks_class: type) -> None:
+    """Writes the code file that the ``modular_config.json`` of ``blocks_class`` names: diffusers'
+    ``ModularPipelineBlocks.save_pretrained`` maps the blocks to ``MODULE.CLASS``, MODULE being the last part of the
+    class's module, and loads ``MODULE.py`` from the folder. Ours imports the blocks from the installed package.
+    Blocks the package does not export are left alone: their code is their author's to add."""
     from .atomic_files import write_text_atomic
 
-    blocks.save_pretrained(folder)
-    class_name = type(blocks).__name__
-    if _exported_class(class_name) is type(blocks):
-        module = blocks.config["auto_map"]["ModularPipelineBlocks"].rsplit(".", 1)[0]
+    class_name = blocks_class.__name__
+    if _exported_class(class_name) is blocks_class:
+        module = blocks_class.__module__.rsplit(".", 1)[-1]
         write_text_atomic(Path(folder) / f"{module}.py", custom_code_source(class_name, MODULAR_LOADER))
 
 
 def write_modular_definition(folder: str | os.PathLike, variant: str | None = None) -> None:
     """Lets diffusers' modular pipelines load a folder that ``DiffusionPipeline.save_pretrained`` wrote (and
-    :func:`write_custom_code` completed): FaithDiff's blocks (:func:`write_modular_blocks`) and
+    :func:`write_custom_code` completed): FaithDiff's blocks (``modular_config.json`` and :func:`write_blocks_code`) and
     ``modular_model_index.json`` (:func:`modular_index`, naming the folder itself), written last, once the files it
     relies on exist. ``variant`` is the weights variant just saved."""
     from .atomic_files import write_text_atomic
     from .modular import FaithDiffSDXLAutoBlocks
 
     folder = Path(folder)
-    write_modular_blocks(folder, FaithDiffSDXLAutoBlocks())
+    FaithDiffSDXLAutoBlocks().save_pretrained(folder)
     index = json.loads((folder / MODEL_INDEX).read_text(encoding="utf-8"))
     modular = modular_index(index, str(folder.resolve()), set(folder_weight_variants(folder)), variant)
     write_text_atomic(folder / MODULAR_INDEX, json.dumps(modular, indent=2, sort_keys=True) + "\n")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from diffusers.modular_pipelines import AutoPipelineBlocks, ConditionalPipelineBlocks, SequentialPipelineBlocks
 from diffusers.modular_pipelines.modular_pipeline_utils import OutputParam
 from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import StableDiffusionXLInputStep
@@ -113,3 +116,19 @@ class FaithDiffSDXLAutoBlocks(SequentialPipelineBlocks):
     @property
     def outputs(self) -> list[OutputParam]:
         return [OutputParam.template("images", note="restored, in `output_type`")]
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        r"""
+        Writes ``modular_config.json`` as [`~ConfigMixin.save_config`] does, with the module its ``auto_map`` names
+        beside it: a few lines that import these blocks from the installed package. So
+        ``blocks.save_pretrained(folder)``, diffusers' way of sharing blocks, writes a folder that
+        ``ModularPipeline.from_pretrained(folder, trust_remote_code=True)`` runs, and ``push_to_hub`` uploads both.
+
+        ``save_pretrained`` itself is diffusers': it names the blocks' loader in ``auto_map`` after the class that
+        defines ``save_pretrained``, so overriding it would hide the blocks from ``ModularPipelineBlocks``.
+        """
+        from ..hub import write_blocks_code
+
+        os.makedirs(save_directory, exist_ok=True)
+        write_blocks_code(save_directory, type(self))
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)

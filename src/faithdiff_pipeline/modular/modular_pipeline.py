@@ -185,7 +185,7 @@ class FaithDiffSDXLModularPipeline(StableDiffusionXLModularPipeline):
         ``push_to_hub=True`` (with ``repo_id``, ``token``, ``private``, ``create_pr``, ``commit_message``) uploads the
         folder once it is complete, its index pointing at the repository.
         """
-        from ..hub import upload_pipeline_folder, write_modular_blocks
+        from ..hub import upload_pipeline_folder
 
         defaults = {"repo_id": None, "token": None, "private": None, "create_pr": False, "commit_message": None}
         push = {key: kwargs.pop(key, default) for key, default in defaults.items()}
@@ -199,7 +199,8 @@ class FaithDiffSDXLModularPipeline(StableDiffusionXLModularPipeline):
             max_shard_size=max_shard_size,
             **kwargs,
         )
-        write_modular_blocks(save_directory, self._blocks)
+        # diffusers saves the components and their index, not the blocks that run them.
+        self._blocks.save_pretrained(save_directory)
         _name_diffusers_class(Path(save_directory) / self.config_name)
         if push_to_hub:
             push["commit_message"] = push["commit_message"] or f"Upload {type(self).__name__}"
