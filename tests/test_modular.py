@@ -578,6 +578,12 @@ def test_an_fp16_folder_names_its_variant(saved, tmp_path) -> None:
     modular = FaithDiffSDXLModularPipeline.from_pretrained(folder)
     modular.load_components(dtype=torch.float16)
     assert modular.unet.dtype == torch.float16
+    # A folder with both precisions: the variant asked for.
+    saved[1].save_pretrained(folder)
+    full = FaithDiffSDXLModularPipeline.from_pretrained(folder)
+    assert full.get_component_spec("unet").variant is None
+    half = FaithDiffSDXLModularPipeline.from_pretrained(folder, variant="fp16")
+    assert half.get_component_spec("unet").variant == "fp16"
 
 
 def _push(pipe: FaithDiffSDXLPipeline, folder: Path, root: Path, monkeypatch) -> None:

@@ -116,26 +116,32 @@ class FaithDiffSDXLModularPipeline(StableDiffusionXLModularPipeline):
         modular files were written load too.
 
         As with every modular pipeline, the components are loaded afterwards, with
-        [`~ModularPipeline.load_components`] (e.g. ``pipe.load_components(dtype=torch.float16, variant="fp16")``).
+        [`~ModularPipeline.load_components`] (e.g. ``pipe.load_components(dtype=torch.float16)``).
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): A local folder or a Hub repository id; a
-                repository is downloaded as a snapshot of the small files first (``cache_dir``, ``revision``,
-                ``token``, ``local_files_only`` and ``variant`` apply).
+                repository is downloaded as a snapshot first, with the weights of ``variant`` alone
+                (``cache_dir``, ``revision``, ``token`` and ``local_files_only`` apply).
             components_manager ([`~diffusers.ComponentsManager`], *optional*): Holds the components once loaded.
             collection (`str`, *optional*): Their collection in ``components_manager``.
             workflow (`str`, *optional*): One of the blocks' workflows, to expect only its components.
+            variant (`str`, *optional*): The weights variant to load (``"fp16"``), where the folder holds several.
         """
-        from ..hub import modular_index_of_folder, resolve_pipeline_folder
+        from ..hub import folder_weight_variants, modular_index_of_folder, resolve_pipeline_folder
 
         folder = resolve_pipeline_folder(pretrained_model_name_or_path, kwargs)
-        kwargs.pop("variant", None)
+        index = modular_index_of_folder(folder)
+        variant = kwargs.pop("variant", None)
+        if variant is not None:
+            for name in folder_weight_variants(folder):
+                if isinstance(index.get(name), list):
+                    index[name][2]["variant"] = variant
         return cls(
             pretrained_model_name_or_path=folder,
             components_manager=components_manager,
             collection=collection,
             workflow=workflow,
-            modular_config_dict=modular_index_of_folder(folder),
+            modular_config_dict=index,
             **kwargs,
         )
 
