@@ -155,6 +155,12 @@ def test_the_defaults_are_the_releases() -> None:
     assert {name: defaults[name] for name in expected} == expected
 
 
+def test_the_readme_links_the_modular_guide() -> None:
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "docs" / "modular.md").is_file()
+    assert "(docs/modular.md)" in (root / "README.md").read_text(encoding="utf-8")
+
+
 def test_workflows_drop_the_caption_when_a_prompt_is_given() -> None:
     blocks = FaithDiffSDXLAutoBlocks()
     assert blocks.available_workflows == ["captioned", "prompted", "embeddings"]
