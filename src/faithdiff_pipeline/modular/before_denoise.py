@@ -19,7 +19,7 @@ from ..checks import check_integer, check_tile_arguments
 from ..latents import check_start_point, start_latents
 from ..tiled_denoising import TileBatch
 from ..tiling import LatentTiling
-from .modular_pipeline import MODEL_NAME, REQUIREMENTS, does_guidance, vae_scale_factor
+from .pipeline_facts import MODEL_NAME, REQUIREMENTS, does_guidance, vae_scale_factor
 
 
 class FaithDiffSDXLSetTimestepsStep(StableDiffusionXLSetTimestepsStep):

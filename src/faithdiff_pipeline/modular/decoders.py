@@ -17,7 +17,7 @@ from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, In
 from .. import release_settings as release
 from ..color_fix import apply_color_fix
 from ..latents import decode_latents
-from .modular_pipeline import MODEL_NAME, OUTPUT_TYPES, REQUIREMENTS, passed_as_none
+from .pipeline_facts import MODEL_NAME, OUTPUT_TYPES, REQUIREMENTS, passed_as_none
 
 LATENT = "latent"
 Images = list[PIL.Image.Image] | np.ndarray | torch.Tensor

@@ -20,7 +20,7 @@ from .. import tiled_denoising
 from ..alignment import FaithDiffAlignmentModel
 from ..tiled_denoising import TileBatch
 from ..tiling import LatentTiling
-from .modular_pipeline import MODEL_NAME, REQUIREMENTS
+from .pipeline_facts import MODEL_NAME, REQUIREMENTS
 
 _LOOP_NOTE = "This block is a step of the loop of a LoopSequentialPipelineBlocks (FaithDiffSDXLDenoiseStep)."
 

@@ -25,7 +25,7 @@ from ..checks import is_integer
 from ..lq_features import FaithDiffLQEncoder, compute_lq_features
 from ..pipeline_faithdiff_sdxl import prompts_per_image
 from ..preprocessing import LQImage, prepare_lq_images
-from .modular_pipeline import (
+from .pipeline_facts import (
     MODEL_NAME,
     REQUIREMENTS,
     does_guidance,

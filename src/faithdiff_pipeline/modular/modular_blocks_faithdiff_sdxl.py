@@ -24,7 +24,7 @@ from .encoders import (
     FaithDiffSDXLPromptEmbedsStep,
     FaithDiffSDXLPromptStep,
 )
-from .modular_pipeline import REQUIREMENTS
+from .pipeline_facts import REQUIREMENTS
 
 
 class FaithDiffSDXLAutoCaptionStep(ConditionalPipelineBlocks):
