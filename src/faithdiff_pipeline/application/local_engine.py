@@ -42,7 +42,6 @@ def plan_local_job(
 ) -> LocalJob:
     """Checks and plans a job; every mistake raises ``ValueError`` naming the setting, before any model loads."""
     sources = planning.collect_inputs(inputs)
-    planning.check_sixteen_bit(sources)
     plan = planning.plan_jobs(sources, output_dir, outputs.names, overwrite)
     return LocalJob(settings, os.fspath(output_dir), plan, outputs)
 
@@ -121,7 +120,6 @@ def write_captions(
     if not settings.wants_captions:
         raise ValueError("`captions_only` needs a captioner and `caption` 'auto', without `prompt`.")
     sources = planning.collect_inputs(inputs)
-    planning.check_sixteen_bit(sources)
     share, process_device = process_share([planning.Job(s, (s,)) for s in sources], settings.device)
     device = process_device or loading.resolve_device(settings.device)
     plan = loading.plan_captioner(settings.captioner, device, settings.captioner_quantization)

@@ -85,8 +85,8 @@ def _images_of(pattern: str) -> list[str]:
 def collect_inputs(patterns: Sequence[str | os.PathLike]) -> list[str]:
     """The image locations of files, folders (their images, not their subfolders) and glob patterns, each once, in
     order; local paths made absolute. Our own results are left out of folders and patterns, so that a rerun never
-    takes a job's outputs for inputs. Raises ``ValueError`` when an input is missing, not an image, or gives no
-    images."""
+    takes a job's outputs for inputs. Raises ``ValueError`` when an input is missing, not an image, gives no
+    images, or is a 16-bit colour image without the extra that reads it at full depth."""
     if isinstance(patterns, (str, os.PathLike)) or not patterns:
         raise ValueError(f"`inputs` must be a non-empty list of files, folders or patterns, got {patterns!r}.")
     found: list[str] = []
@@ -101,10 +101,12 @@ def collect_inputs(patterns: Sequence[str | os.PathLike]) -> list[str]:
                 "not inputs)."
             )
         found += images
-    return list(dict.fromkeys(locations.absolute(image) for image in found))
+    sources = list(dict.fromkeys(locations.absolute(image) for image in found))
+    _check_sixteen_bit(sources)
+    return sources
 
 
-def check_sixteen_bit(sources: Sequence[str]) -> None:
+def _check_sixteen_bit(sources: Sequence[str]) -> None:
     """Refuses 16-bit colour inputs when the extra that reads them at full depth is missing."""
     missing = [s for s in sources if not locations.is_uri(s) and needs_sixteen_bit_extra(s)]
     if missing:

@@ -93,7 +93,6 @@ def run_ray_job(
     check_ray_options(settings, workers, gpus_per_worker)
     output = locations.absolute(locations.as_location(output_dir))
     sources = planning.collect_inputs(inputs)
-    planning.check_sixteen_bit(sources)
     plan = planning.plan_jobs(sources, output, outputs.names, overwrite)
     summary = Summary(skipped=[job.name for job in plan.skipped], pooled=True)
     prompts = captions.read_prompts([job.source for job in plan.todo], settings)
